@@ -1,0 +1,316 @@
+"""The run-folder format: paths, atomic writes, snapshot history and safe reading.
+
+This module imports no keras or tensorflow, so the Flask app and the Bokeh
+server read run folders through it too. Layout of one run folder::
+
+    <run>/
+        <script>.py
+        output.txt                     stdout and stderr of the run
+        status.json                    run state written by the web app's runner
+        images/                        visualization input image(s)
+        networks/<script>.keras        saved by NetworkSaver
+        results/
+            training_progress.txt      "progress accuracy loss" (Appendix D)
+            training_progress_val.txt  "epoch val_accuracy val_loss" (Appendix D)
+            training_progress.tsv      header + every metric per batch, and running averages
+            training_progress_val.tsv  header + every validation metric per epoch
+            input_images.pickle        {image name: uint8 (H, W, C) as fed to the model}
+            <technique>.pickle         latest snapshot for the newest image (Appendix D)
+            per_image/<image>/<technique>.pickle   latest snapshot for every image
+            history/<technique>/index.jsonl        one JSON line of tags per snapshot
+            history/<technique>/<step>.pickle      {"tags": {...}, "images": {image: result},
+                                                    "info": {image: {...}}}
+
+Pickles are replaced atomically (temporary file in the same folder, then
+``os.replace``). Text tables and the history index are append-only: each row is
+appended with a single ``write`` of a complete line, and readers ignore an
+unterminated last line, so a reader never sees half a row, even after a kill.
+"""
+import io
+import json
+import os
+import pickle
+import tempfile
+import time
+
+RESULTS_DIR = "results"
+IMAGES_DIR = "images"
+NETWORKS_DIR = "networks"
+OUTPUT_FILE = "output.txt"
+STATUS_FILE = "status.json"
+INPUT_IMAGES_FILE = "input_images.pickle"
+PER_IMAGE_DIR = "per_image"
+HISTORY_DIR = "history"
+HISTORY_INDEX = "index.jsonl"
+RUN_DIR_ENV = "VISUALIZER_RUN_DIR"
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
+
+
+class UnsafePickleError(pickle.UnpicklingError):
+    """A results file holds something other than numpy arrays and plain containers."""
+
+
+def resolve_run_dir(file_folder):
+    """The run folder for a script: ``VISUALIZER_RUN_DIR`` when set, else ``file_folder``.
+
+    The folder is created if it does not exist, so a script also runs outside
+    the web tool.
+    """
+    run_dir = os.environ.get(RUN_DIR_ENV) or file_folder
+    if not run_dir:
+        raise ValueError("file_folder must be a folder path, e.g. os.path.dirname(__file__)")
+    run_dir = os.path.abspath(run_dir)
+    os.makedirs(run_dir, exist_ok=True)
+    return run_dir
+
+
+def results_dir(run_dir):
+    return os.path.join(run_dir, RESULTS_DIR)
+
+
+def results_path(run_dir, file_name):
+    return os.path.join(run_dir, RESULTS_DIR, file_name)
+
+
+def images_dir(run_dir):
+    return os.path.join(run_dir, IMAGES_DIR)
+
+
+def networks_dir(run_dir):
+    return os.path.join(run_dir, NETWORKS_DIR)
+
+
+def output_path(run_dir):
+    return os.path.join(run_dir, OUTPUT_FILE)
+
+
+def status_path(run_dir):
+    return os.path.join(run_dir, STATUS_FILE)
+
+
+def history_dir(run_dir, file_name):
+    return os.path.join(run_dir, RESULTS_DIR, HISTORY_DIR, _stem(file_name))
+
+
+def per_image_path(run_dir, image_name, file_name):
+    return os.path.join(run_dir, RESULTS_DIR, PER_IMAGE_DIR, image_name, file_name)
+
+
+def _stem(file_name):
+    return os.path.splitext(file_name)[0]
+
+
+# --- writing -----------------------------------------------------------------
+
+def atomic_write_bytes(path, data):
+    """Replace ``path`` with ``data`` so that readers see the old or the new file, never half."""
+    folder = os.path.dirname(path)
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.basename(path))
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+
+
+def atomic_write_pickle(path, obj):
+    atomic_write_bytes(path, pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL))
+
+
+def atomic_write_json(path, obj):
+    atomic_write_bytes(path, json.dumps(obj).encode("utf-8"))
+
+
+def append_line(path, line):
+    """Append one complete line with a single write, so readers never see half a row."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    data = (line.rstrip("\n") + "\n").encode("utf-8")
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    try:
+        os.write(fd, data)
+    finally:
+        os.close(fd)
+
+
+def append_row(path, columns, values):
+    """Append a tab-separated row to a table file, writing the header line first if new."""
+    if not os.path.exists(path):
+        append_line(path, "\t".join(columns))
+    append_line(path, "\t".join(_format_value(v) for v in values))
+
+
+def _format_value(value):
+    return repr(float(value)) if isinstance(value, float) else str(value)
+
+
+def write_input_images(run_dir, images_by_name):
+    """Store the images as fed to the model: {image name: uint8 (H, W, C)}."""
+    atomic_write_pickle(results_path(run_dir, INPUT_IMAGES_FILE), dict(images_by_name))
+
+
+def write_snapshot(run_dir, file_name, results_by_image, newest_image, tags, info_by_image=None):
+    """Write one snapshot of a technique.
+
+    Args:
+        run_dir: the run folder.
+        file_name: the technique's results file, e.g. ``"saliency_maps.pickle"``.
+        results_by_image: {image name: result in the technique's Appendix D format}.
+        newest_image: the image whose result becomes ``results/<file_name>``.
+        tags: {"stage", "epoch", "batch", "step"}; "time" is added.
+        info_by_image: optional {image name: small dict} shown beside the result
+            (for example the predicted class and its confidence).
+
+    The history file is written first and the index line last, so an index
+    entry always points to a complete file.
+    """
+    info_by_image = info_by_image or {}
+    tags = dict(tags, time=time.time())
+    folder = history_dir(run_dir, file_name)
+    snapshot_file = "%09d.pickle" % int(tags["stage"])
+    atomic_write_pickle(os.path.join(folder, snapshot_file),
+                        {"tags": tags, "images": results_by_image, "info": info_by_image})
+    for image_name, result in results_by_image.items():
+        atomic_write_pickle(per_image_path(run_dir, image_name, file_name), result)
+    atomic_write_pickle(results_path(run_dir, file_name), results_by_image[newest_image])
+    append_line(os.path.join(folder, HISTORY_INDEX), json.dumps(dict(tags, file=snapshot_file)))
+
+
+def write_run_status(run_dir, state, exit_code=None, message=None):
+    atomic_write_json(status_path(run_dir), {"state": state, "exit_code": exit_code,
+                                             "message": message, "time": time.time()})
+
+
+# --- reading -----------------------------------------------------------------
+
+class _RestrictedUnpickler(pickle.Unpickler):
+    """Allows numpy arrays, numpy scalars/dtypes and plain Python containers only."""
+
+    _ALLOWED = {
+        ("numpy", "ndarray"), ("numpy", "dtype"),
+        ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
+        ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer"),
+        ("builtins", "list"), ("builtins", "tuple"), ("builtins", "dict"), ("builtins", "set"),
+        ("builtins", "frozenset"), ("builtins", "str"), ("builtins", "bytes"),
+        ("builtins", "int"), ("builtins", "float"), ("builtins", "complex"), ("builtins", "bool"),
+        ("collections", "OrderedDict"), ("_codecs", "encode"),
+    }
+
+    def find_class(self, module, name):
+        if (module, name) in self._ALLOWED:
+            return super().find_class(module, name)
+        # numpy scalar and dtype classes, e.g. numpy.dtypes.UInt8DType or numpy.float32
+        if module in ("numpy", "numpy.dtypes") and (name.endswith("DType") or _is_numpy_scalar(name)):
+            return super().find_class(module, name)
+        raise UnsafePickleError(
+            "refused to load %s.%s: results files may hold only numpy arrays and plain containers"
+            % (module, name))
+
+
+def _is_numpy_scalar(name):
+    import numpy
+    cls = getattr(numpy, name, None)
+    return isinstance(cls, type) and issubclass(cls, numpy.generic)
+
+
+def safe_loads(data):
+    """Unpickle bytes with the restricted unpickler; raises UnsafePickleError."""
+    return _RestrictedUnpickler(io.BytesIO(data)).load()
+
+
+def safe_load(path):
+    with open(path, "rb") as f:
+        return _RestrictedUnpickler(f).load()
+
+
+def read_latest(run_dir, file_name, image_name=None):
+    """The latest result of a technique (for ``image_name``, else the newest image), or None."""
+    path = (per_image_path(run_dir, image_name, file_name) if image_name
+            else results_path(run_dir, file_name))
+    try:
+        return safe_load(path)
+    except FileNotFoundError:
+        return None
+
+
+def read_input_images(run_dir):
+    try:
+        return safe_load(results_path(run_dir, INPUT_IMAGES_FILE))
+    except FileNotFoundError:
+        return {}
+
+
+def read_complete_lines(path, offset=0):
+    """Complete lines of ``path`` from byte ``offset``: (lines, new offset).
+
+    An unterminated last line (a row being written) is left for the next call.
+    """
+    try:
+        with open(path, "rb") as f:
+            f.seek(offset)
+            data = f.read()
+    except FileNotFoundError:
+        return [], offset
+    end = data.rfind(b"\n") + 1
+    lines = data[:end].decode("utf-8", errors="replace").splitlines()
+    return lines, offset + end
+
+
+def read_table(path, offset=0):
+    """New rows of a tab-separated table written by ``append_row``.
+
+    Returns (columns, rows, new offset); rows are lists of floats. Call first
+    with offset 0 (which also returns the header), then with the returned offset.
+    """
+    lines, new_offset = read_complete_lines(path, offset)
+    columns = None
+    if offset == 0 and lines:
+        columns, lines = lines[0].split("\t"), lines[1:]
+    rows = [[float(v) for v in line.split("\t")] for line in lines if line]
+    return columns, rows, new_offset
+
+
+def read_history_index(run_dir, file_name, offset=0):
+    """Tags of the snapshots written since byte ``offset``: (list of dicts, new offset)."""
+    lines, new_offset = read_complete_lines(
+        os.path.join(history_dir(run_dir, file_name), HISTORY_INDEX), offset)
+    return [json.loads(line) for line in lines if line], new_offset
+
+
+def read_snapshot(run_dir, file_name, entry):
+    """The snapshot an index entry points to: {"tags", "images", "info"}."""
+    return safe_load(os.path.join(history_dir(run_dir, file_name), os.path.basename(entry["file"])))
+
+
+def read_run_status(run_dir):
+    try:
+        with open(status_path(run_dir), encoding="utf-8") as f:
+            return json.load(f)
+    except (FileNotFoundError, ValueError):
+        return None
+
+
+def list_images(run_dir):
+    """Visualization images in ``images/``, oldest first (the last one is the newest)."""
+    folder = images_dir(run_dir)
+    try:
+        names = [n for n in os.listdir(folder)
+                 if n.lower().endswith(IMAGE_EXTENSIONS) and not n.startswith(".")]
+    except FileNotFoundError:
+        return []
+    return sorted(names, key=lambda n: (os.path.getmtime(os.path.join(folder, n)), n))
+
+
+def file_mtime(path):
+    """Modification time in ns, or None; dashboards use it to reload only changed files."""
+    try:
+        return os.stat(path).st_mtime_ns
+    except FileNotFoundError:
+        return None
