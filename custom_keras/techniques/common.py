@@ -1,0 +1,91 @@
+"""Small pieces the techniques share: layer lookup, pre-softmax scores, scaling to uint8."""
+import contextlib
+
+import keras
+import numpy as np
+
+
+def get_layer(model, layer_no, argument="layer_no"):
+    """``model.layers[layer_no]`` with a clear error naming the argument."""
+    if not isinstance(layer_no, (int, np.integer)) or isinstance(layer_no, bool):
+        raise TypeError("%s must be an int index into model.layers, got %r" % (argument, layer_no))
+    if not 0 <= layer_no < len(model.layers):
+        raise ValueError("%s=%d is out of range: the model has layers 0..%d (%s)" % (
+            argument, layer_no, len(model.layers) - 1,
+            ", ".join("%d: %s" % (i, l.name) for i, l in enumerate(model.layers))))
+    return model.layers[layer_no]
+
+
+def is_softmax(activation):
+    return activation is keras.activations.softmax or getattr(activation, "__name__", "") == "softmax"
+
+
+def _is_softmax_layer(layer):
+    """A layer whose only job is softmax: keras.layers.Softmax or Activation('softmax')."""
+    return isinstance(layer, keras.layers.Softmax) or (
+        isinstance(layer, keras.layers.Activation) and is_softmax(layer.activation))
+
+
+@contextlib.contextmanager
+def _linear_activation(layer):
+    """Temporarily replace a layer's softmax activation by the identity.
+
+    Keras layers read ``self.activation`` when they are called, so a score
+    function called (or traced) inside this context yields pre-softmax values
+    while sharing the layer's variables with the training model.
+    """
+    if layer is None:
+        yield
+        return
+    original = layer.activation
+    layer.activation = keras.activations.linear
+    try:
+        yield
+    finally:
+        layer.activation = original
+
+
+class LayerScore:
+    """Images -> output of ``model.layers[layer_no]``, pre-softmax where that output is a softmax.
+
+    Handles softmax inside the layer (``Dense(10, activation="softmax")``) and
+    softmax as its own layer (then the score is that layer's input). The
+    sub-model is built once and shares the trained model's variables.
+
+    Args:
+        model: a built Keras model (Sequential or Functional).
+        layer_no: index into ``model.layers``.
+    """
+
+    def __init__(self, model, layer_no):
+        self.layer = get_layer(model, layer_no)
+        self._swap = None
+        if _is_softmax_layer(self.layer):
+            output = self.layer.input
+        else:
+            output = self.layer.output
+            if is_softmax(getattr(self.layer, "activation", None)):
+                self._swap = self.layer
+        self.model = keras.Model(model.inputs, output)
+
+    def __call__(self, images, training=False):
+        with _linear_activation(self._swap):
+            return self.model(images, training=training)
+
+
+def to_uint8(array):
+    """Scale an array to 0..255 by its own minimum and maximum (a constant array becomes 0)."""
+    array = np.asarray(array, dtype=np.float64)
+    low, high = np.min(array), np.max(array)
+    if not np.isfinite(low) or not np.isfinite(high) or high <= low:
+        return np.zeros(array.shape, dtype=np.uint8)
+    return np.round((array - low) * (255.0 / (high - low))).astype(np.uint8)
+
+
+def scale_by_max(array):
+    """Scale a non-negative array to 0..255 by its maximum (all zeros stay zeros)."""
+    array = np.asarray(array, dtype=np.float64)
+    high = np.max(array) if array.size else 0.0
+    if not np.isfinite(high) or high <= 0:
+        return np.zeros(array.shape, dtype=np.uint8)
+    return np.round(np.clip(array, 0, None) * (255.0 / high)).astype(np.uint8)
