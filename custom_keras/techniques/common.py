@@ -16,6 +16,11 @@ def get_layer(model, layer_no, argument="layer_no"):
     return model.layers[layer_no]
 
 
+def model_inputs(model):
+    """The model's input tensor (or list, for several), for building sub-models without warnings."""
+    return model.inputs[0] if len(model.inputs) == 1 else model.inputs
+
+
 def is_softmax(activation):
     return activation is keras.activations.softmax or getattr(activation, "__name__", "") == "softmax"
 
@@ -66,7 +71,7 @@ class LayerScore:
             output = self.layer.output
             if is_softmax(getattr(self.layer, "activation", None)):
                 self._swap = self.layer
-        self.model = keras.Model(model.inputs, output)
+        self.model = keras.Model(model_inputs(model), output)
 
     def __call__(self, images, training=False):
         with _linear_activation(self._swap):
