@@ -94,3 +94,34 @@ def scale_by_max(array):
     if not np.isfinite(high) or high <= 0:
         return np.zeros(array.shape, dtype=np.uint8)
     return np.round(np.clip(array, 0, None) * (255.0 / high)).astype(np.uint8)
+
+
+def check_images(model, images, argument="images"):
+    """``images`` as float32 (N, ...) matching the model's single input, or a clear error.
+
+    Args:
+        model: a built Keras model with one input.
+        images: array-like batch of images, already preprocessed for the model.
+        argument: the argument name to use in error messages.
+
+    Returns:
+        The images as a float32 numpy array.
+    """
+    try:
+        inputs = model.inputs
+    except (AttributeError, ValueError):
+        raise ValueError("the model is not built yet: give it an Input, call model.build(input_shape) "
+                         "or train it on data first") from None
+    if len(inputs) != 1:
+        raise ValueError("the model has %d inputs; the visualizations need a model with one image input"
+                         % len(inputs))
+    expected = tuple(inputs[0].shape)
+    try:
+        images = np.asarray(images, dtype=np.float32)
+    except (TypeError, ValueError):
+        raise TypeError("%s must be a numeric array of shape (N,) + %s" % (argument, expected[1:])) from None
+    if images.ndim != len(expected) or images.shape[0] == 0 or any(
+            want is not None and want != got for want, got in zip(expected[1:], images.shape[1:])):
+        raise ValueError("%s must have shape (N,) + %s with N >= 1 to fit the model's input, got %s"
+                         % (argument, expected[1:], images.shape))
+    return images
