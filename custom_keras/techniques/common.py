@@ -96,6 +96,19 @@ def scale_by_max(array):
     return np.round(np.clip(array, 0, None) * (255.0 / high)).astype(np.uint8)
 
 
+def single_input(model):
+    """The input tensor of a built model with one input, or a clear error."""
+    try:
+        inputs = model.inputs
+    except (AttributeError, ValueError):
+        raise ValueError("the model is not built yet: give it an Input, call model.build(input_shape) "
+                         "or train it on data first") from None
+    if len(inputs) != 1:
+        raise ValueError("the model has %d inputs; the visualizations need a model with one image input"
+                         % len(inputs))
+    return inputs[0]
+
+
 def check_images(model, images, argument="images"):
     """``images`` as float32 (N, ...) matching the model's single input, or a clear error.
 
@@ -107,15 +120,7 @@ def check_images(model, images, argument="images"):
     Returns:
         The images as a float32 numpy array.
     """
-    try:
-        inputs = model.inputs
-    except (AttributeError, ValueError):
-        raise ValueError("the model is not built yet: give it an Input, call model.build(input_shape) "
-                         "or train it on data first") from None
-    if len(inputs) != 1:
-        raise ValueError("the model has %d inputs; the visualizations need a model with one image input"
-                         % len(inputs))
-    expected = tuple(inputs[0].shape)
+    expected = tuple(single_input(model).shape)
     try:
         images = np.asarray(images, dtype=np.float32)
     except (TypeError, ValueError):
