@@ -1,0 +1,77 @@
+"""``python -m custom_bokeh``: the Bokeh server with one dashboard per registered technique.
+
+Sessions are signed: the server runs with ``sign_sessions=True`` and
+``generate_session_ids=False``, so only pages that the Flask app gave a token
+(``custom_bokeh.auth.embed_script``) open a session. The secret key comes from
+the environment variable ``VISUALIZER_SECRET_KEY``, never from the command line
+(other users could read it from the process list).
+"""
+import argparse
+import importlib
+import os
+import signal
+import sys
+
+from bokeh.server.server import Server
+
+from custom_bokeh.dashboard import RunApplication
+from custom_keras import registry
+
+SECRET_KEY_ENV = "VISUALIZER_SECRET_KEY"
+DEFAULT_STORAGE_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                   "user_storage")
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m custom_bokeh", description=__doc__.split("\n")[0])
+    parser.add_argument("--port", type=int, default=5006, help="port to listen on (default 5006)")
+    parser.add_argument("--address", default="127.0.0.1",
+                        help="address to listen on (default 127.0.0.1)")
+    parser.add_argument("--allow-websocket-origin", action="append", default=[],
+                        metavar="HOST:PORT",
+                        help="a page origin allowed to open sessions, e.g. 127.0.0.1:5000 "
+                             "(repeatable; default: the server's own address)")
+    parser.add_argument("--storage-dir", default=os.environ.get("VISUALIZER_STORAGE",
+                                                                DEFAULT_STORAGE_DIR),
+                        help="the folder holding every user's runs (default: VISUALIZER_STORAGE "
+                             "or <repo>/user_storage)")
+    return parser.parse_args(argv)
+
+
+def make_applications(storage_dir, secret_key):
+    """{"/<key>": application} for every technique in the registry."""
+    return {"/" + technique.key: RunApplication(
+                importlib.import_module("custom_bokeh." + technique.key).make_document,
+                storage_dir, secret_key)
+            for technique in registry.TECHNIQUES}
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    secret_key = os.environ.get(SECRET_KEY_ENV)
+    if not secret_key:
+        sys.exit("python -m custom_bokeh: set the environment variable %s to the installation's "
+                 "secret key (the Flask app signs dashboard sessions with the same key)"
+                 % SECRET_KEY_ENV)
+    if not os.path.isdir(args.storage_dir):
+        sys.exit("python -m custom_bokeh: --storage-dir %r is not a folder" % args.storage_dir)
+    server = Server(make_applications(os.path.abspath(args.storage_dir), secret_key),
+                    port=args.port, address=args.address,
+                    allow_websocket_origin=args.allow_websocket_origin or None,
+                    sign_sessions=True, secret_key=secret_key.encode("utf-8"),
+                    generate_session_ids=False)
+    server.start()
+
+    def stop(signum, frame):
+        server.io_loop.add_callback_from_signal(server.io_loop.stop)
+
+    signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGTERM, stop)
+    print("Bokeh dashboards at http://%s:%d/ (%s)" % (
+        args.address, server.port, ", ".join(t.key for t in registry.TECHNIQUES)), flush=True)
+    server.io_loop.start()
+    server.stop()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,98 @@
+"""Signed, short-lived session tokens that bind a Bokeh session to one user's run.
+
+The Flask app calls ``embed_script``: it mints a JWT (Bokeh's own token format,
+signed with the installation's secret key) whose payload carries the user id
+and the run folder relative to the storage folder, and uses the whole token as
+the Bokeh session id. The Bokeh server runs with ``sign_sessions=True`` and
+``generate_session_ids=False``, so it refuses (403) any session id that the
+secret key did not sign; ``verify_token`` then checks the payload (expiry, run
+belongs to the user, run inside the storage folder). No user or file name
+travels as a plain query argument. This module imports no keras.
+"""
+import calendar
+import datetime
+import os
+
+from bokeh.embed import server_session
+from bokeh.util.token import (check_token_signature, generate_jwt_token, generate_session_id,
+                              get_token_payload)
+
+
+class InvalidToken(ValueError):
+    """A session token that is unsigned, forged, expired or names a run it may not open."""
+
+
+def make_token(secret_key, user_id, run_rel_dir, expiration_s=300):
+    """A signed token for one user's run, valid for ``expiration_s`` seconds.
+
+    Args:
+        secret_key: the installation's secret key (str or bytes).
+        user_id: the id of the logged-in user who owns the run.
+        run_rel_dir: the run folder relative to the storage folder, e.g. ``"3/mnist_digits"``.
+        expiration_s: seconds within which the session must be opened; an open
+            session keeps working after that.
+    """
+    if not secret_key:
+        raise ValueError("secret_key must be a non-empty string")
+    _check_run_rel_dir(user_id, run_rel_dir)
+    session_id = generate_session_id(secret_key=_as_bytes(secret_key), signed=True)
+    return generate_jwt_token(session_id, secret_key=_as_bytes(secret_key), signed=True,
+                              extra_payload={"user_id": user_id, "run": run_rel_dir},
+                              expiration=int(expiration_s))
+
+
+def embed_script(bokeh_url, secret_key, technique_key, user_id, run_rel_dir, expiration_s=300):
+    """The ``<script>`` HTML that embeds one technique's dashboard for one user's run.
+
+    Args:
+        bokeh_url: the Bokeh server address as the browser reaches it, e.g. ``"http://127.0.0.1:5006"``.
+        secret_key: the installation's secret key, the same the Bokeh server was started with.
+        technique_key: the registry key of the technique, i.e. the Bokeh app path.
+        user_id: the id of the logged-in user who owns the run.
+        run_rel_dir: the run folder relative to the storage folder, e.g. ``"3/mnist_digits"``.
+        expiration_s: seconds within which the page must open the session.
+    """
+    token = make_token(secret_key, user_id, run_rel_dir, expiration_s)
+    return server_session(session_id=token, url="%s/%s" % (bokeh_url.rstrip("/"), technique_key))
+
+
+def verify_token(token, secret_key, storage_dir):
+    """The run folder a token grants, or ``InvalidToken`` saying why not.
+
+    Args:
+        token: the session id the page opened the session with.
+        secret_key: the secret key the server signs with.
+        storage_dir: the folder that holds every user's runs.
+    """
+    if not token:
+        raise InvalidToken("no session token")
+    try:
+        signed = check_token_signature(token, secret_key=_as_bytes(secret_key), signed=True)
+        payload = get_token_payload(token) if signed else None
+    except ValueError:  # not base64/JSON at all
+        signed = False
+    if not signed:
+        raise InvalidToken("the session token is not signed by this server")
+    now = calendar.timegm(datetime.datetime.now(tz=datetime.timezone.utc).timetuple())
+    if now >= payload.get("session_expiry", 0):
+        raise InvalidToken("the session token has expired; reload the page")
+    user_id, run_rel_dir = payload.get("user_id"), payload.get("run")
+    _check_run_rel_dir(user_id, run_rel_dir, InvalidToken)
+    storage_dir = os.path.realpath(storage_dir)
+    run_dir = os.path.realpath(os.path.join(storage_dir, run_rel_dir))
+    if os.path.dirname(os.path.dirname(run_dir)) != storage_dir:
+        raise InvalidToken("the session token names a run outside the storage folder")
+    return run_dir
+
+
+def _check_run_rel_dir(user_id, run_rel_dir, error=ValueError):
+    """A run must be ``<user_id>/<script>``: one level below the user's own folder."""
+    parts = run_rel_dir.split("/") if isinstance(run_rel_dir, str) else []
+    if (len(parts) != 2 or parts[0] != str(user_id) or parts[1] in ("", ".", "..")
+            or "\\" in run_rel_dir):
+        raise error("run_rel_dir must be '<user_id>/<script>' of user %r, got %r"
+                    % (user_id, run_rel_dir))
+
+
+def _as_bytes(secret_key):
+    return secret_key.encode("utf-8") if isinstance(secret_key, str) else secret_key

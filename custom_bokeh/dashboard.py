@@ -1,0 +1,298 @@
+"""The live machinery that every technique dashboard shares.
+
+``open_run`` checks the signed session token and finds the run folder;
+``image_dashboard`` turns a ``render`` function of one snapshot technique into
+a live page: a slider over the snapshot history (following the newest by
+default), a play button, an image choice, and a periodic callback that reads
+only new history lines, redraws only when a file changed and stops once the
+run has ended. Results files are read with the restricted unpickler; a refused
+file is reported on the page, never executed. This module imports no keras.
+"""
+import os
+import pickle
+
+from bokeh.application import Application
+from bokeh.application.handlers import FunctionHandler
+from bokeh.layouts import column, row
+from bokeh.models import Div, Select, Slider, Toggle
+from tornado.web import HTTPError
+
+from custom_bokeh.auth import InvalidToken, verify_token
+from custom_keras import storage
+
+ENDED_STATES = ("finished", "failed", "stopped")
+POLL_MS = 250
+PLAY_MS = 600
+_MESSAGE_STYLES = {"font-size": "14px", "padding": "8px 12px", "border-radius": "4px",
+                   "background-color": "#f4f6f8", "color": "#222", "white-space": "pre-wrap"}
+_ERROR_STYLES = dict(_MESSAGE_STYLES, **{"background-color": "#fdecea", "color": "#8a1c12"})
+
+
+class RunApplication(Application):
+    """A technique app that opens a session only for a valid signed run token.
+
+    Args:
+        make_document: the app's ``make_document(doc)``.
+        storage_dir: the folder that holds every user's runs.
+        secret_key: the secret key the server signs sessions with.
+    """
+
+    def __init__(self, make_document, storage_dir, secret_key):
+        super().__init__(FunctionHandler(make_document))
+        self.storage_dir = storage_dir
+        self.secret_key = secret_key
+
+    def process_request(self, request):
+        """Refuses (403) a session whose token is expired or names a run it may not open."""
+        token = request.headers.get("Bokeh-Session-Id") or request.query_arguments.get(
+            "bokeh-session-id", [b""])[0].decode("utf-8", "replace")
+        try:
+            verify_token(token, self.secret_key, self.storage_dir)
+        except InvalidToken as error:
+            raise HTTPError(403, reason=str(error))
+        return super().process_request(request)
+
+
+def open_run(doc):
+    """The run folder this session may show, or None after putting the reason on the page.
+
+    The session id is the token that ``auth.embed_script`` signed; it is checked
+    again here (signature, expiry, owner, inside the storage folder) so that no
+    path into a session skips the check.
+
+    Args:
+        doc: the session's document.
+    """
+    context = doc.session_context
+    server_context = getattr(context, "server_context", None)
+    application_context = getattr(server_context, "application_context", None)
+    application = getattr(application_context, "application", None)
+    if not isinstance(application, RunApplication):
+        doc.add_root(message_div("This dashboard opens only from a file page of the visualizer.",
+                                 error=True))
+        return None
+    try:
+        return verify_token(context.id, application.secret_key, application.storage_dir)
+    except InvalidToken as error:
+        doc.add_root(message_div("Access refused: %s." % error, error=True))
+        return None
+
+
+def message_div(text="", error=False):
+    """A text box for notices; text is shown as text, never as HTML."""
+    return Div(text=text, render_as_text=True, visible=bool(text),
+               styles=_ERROR_STYLES if error else _MESSAGE_STYLES)
+
+
+def show_message(div, text, error=False):
+    div.text = text
+    div.styles = _ERROR_STYLES if error else _MESSAGE_STYLES
+    div.visible = bool(text)
+
+
+def run_has_ended(run_dir):
+    """True once the web app's runner has recorded that the run finished, failed or stopped."""
+    status = storage.read_run_status(run_dir)
+    return bool(status) and status.get("state") in ENDED_STATES
+
+
+def no_data_text(technique, ended):
+    if ended:
+        return ("The run ended without %s results. Register the technique in your script with:\n%s"
+                % (technique.title.lower(), technique.register_call))
+    return "No data yet. Register the technique in your script with:\n%s" % technique.register_call
+
+
+def snapshot_label(entry, position, count):
+    """E.g. "Stage 3 · epoch 1, batch 30 · snapshot 4 of 11" (epochs counted from 1, as Keras prints)."""
+    epoch = entry.get("epoch")
+    return "Stage %s \u00b7 epoch %s, batch %s \u00b7 snapshot %d of %d" % (
+        entry.get("stage"), epoch + 1 if isinstance(epoch, int) else epoch, entry.get("batch"),
+        position + 1, count)
+
+
+def image_dashboard(doc, technique, render):
+    """Fills ``doc`` with the live dashboard of a snapshot technique.
+
+    Args:
+        doc: the session's document.
+        technique: the technique's ``registry.Technique``.
+        render: ``render(result, info, input_image, image_name)`` returning the
+            Bokeh layout of one snapshot for one image.
+    """
+    doc.title = technique.title
+    run_dir = open_run(doc)
+    if run_dir is not None:
+        ImageDashboard(run_dir, technique, render).attach(doc)
+
+
+class ImageDashboard:
+    """The live view of one snapshot technique in one run folder.
+
+    Args:
+        run_dir: the run folder.
+        technique: the technique's ``registry.Technique``.
+        render: ``render(result, info, input_image, image_name)`` -> Bokeh layout.
+
+    ``layout`` is the page; ``update()`` is the periodic callback (reads new
+    history lines, redraws when something changed, stops once the run ended).
+    """
+
+    def __init__(self, run_dir, technique, render):
+        self.run_dir = run_dir
+        self.technique = technique
+        self.render = render
+        self.entries = []
+        self.follow_latest = True
+        self._index_offset = 0
+        self._shown_key = None
+        self._snapshot_cache = (None, None, None)
+        self._choosing_image = False
+        self._ended = False
+        self._input_images, self._input_images_mtime = {}, None
+        self._doc = self._poll_callback = self._play_callback = None
+
+        self.message = message_div()
+        self.label = Div(text="", render_as_text=True, styles={"font-size": "14px"})
+        self.slider = Slider(start=0, end=1, value=0, step=1, title="Snapshot", width=360,
+                             visible=False)
+        self.play = Toggle(label="Play", width=80, visible=False)
+        self.image_select = Select(title="Image", options=[], width=220, visible=False)
+        self.content = column()
+        self.layout = column(self.message, row(self.slider, self.play, self.image_select),
+                             self.label, self.content)
+        self.slider.on_change("value", self._on_slider)
+        self.image_select.on_change("value", self._on_image)
+        self.play.on_change("active", self._on_play)
+        self.update()
+
+    def attach(self, doc):
+        """Adds the page to ``doc`` and starts polling unless the run has already ended."""
+        self._doc = doc
+        doc.add_root(self.layout)
+        if not self._ended:
+            self._poll_callback = doc.add_periodic_callback(self.update, POLL_MS)
+
+    def update(self):
+        """Reads new history entries, shows the newest when following, stops after the run ended."""
+        self._ended = run_has_ended(self.run_dir)  # read before the index: no entry is missed
+        if self._index_was_replaced():
+            self.entries, self._index_offset, self._shown_key = [], 0, None
+            self.follow_latest = True
+        new_entries, self._index_offset = storage.read_history_index(
+            self.run_dir, self.technique.results_file, self._index_offset)
+        if new_entries:
+            self.entries.extend(new_entries)
+            count = len(self.entries)
+            self.slider.update(end=max(count - 1, 1), visible=count > 1)
+            self.play.visible = count > 1
+            if self.follow_latest:
+                self.slider.value = count - 1  # fires _on_slider only when the value changes
+        self.show()
+        if self._ended and self._poll_callback is not None:
+            self._doc.remove_periodic_callback(self._poll_callback)
+            self._poll_callback = None
+
+    def show(self):
+        """Renders the chosen snapshot and image, unless exactly that is already shown."""
+        if not self.entries:
+            show_message(self.message, no_data_text(self.technique, self._ended))
+            return
+        position = min(int(self.slider.value), len(self.entries) - 1)
+        entry = self.entries[position]
+        try:
+            snapshot_key, snapshot = self._read_snapshot(entry)
+            input_images = self._read_input_images()
+        except storage.UnsafePickleError as error:
+            show_message(self.message, "Refused to read a results file: %s" % error, error=True)
+            return
+        except (OSError, EOFError, pickle.UnpicklingError, ValueError) as error:
+            show_message(self.message, "Could not read %s: %s" % (entry["file"], error), error=True)
+            return
+        image_name = self._choose_image(list(snapshot.get("images", {})))
+        key = (snapshot_key, image_name, self._input_images_mtime)
+        if key == self._shown_key:
+            return
+        self._shown_key = key
+        if image_name is None:
+            show_message(self.message, "Snapshot %s holds no image results." % entry["file"],
+                         error=True)
+            return
+        self.label.text = snapshot_label(entry, position, len(self.entries))
+        try:
+            layout = self.render(snapshot["images"][image_name],
+                                 snapshot.get("info", {}).get(image_name, {}),
+                                 input_images.get(image_name), image_name)
+        except Exception as error:  # results are written by user code: report, do not crash
+            show_message(self.message, "Could not show the %s of image %s: %s: %s" % (
+                self.technique.title.lower(), image_name, type(error).__name__, error), error=True)
+            return
+        show_message(self.message, "")
+        self.content.children = [layout]
+
+    def _read_snapshot(self, entry):
+        """(path and mtime, snapshot), read again only when the file changed; errors are kept too."""
+        path = os.path.join(storage.history_dir(self.run_dir, self.technique.results_file),
+                            os.path.basename(entry["file"]))
+        key = (path, storage.file_mtime(path))
+        if self._snapshot_cache[0] != key:
+            try:
+                self._snapshot_cache = (key, storage.read_snapshot(
+                    self.run_dir, self.technique.results_file, entry), None)
+            except (OSError, EOFError, pickle.UnpicklingError, ValueError) as error:
+                self._snapshot_cache = (key, None, error)
+        if self._snapshot_cache[2] is not None:
+            raise self._snapshot_cache[2]
+        return key, self._snapshot_cache[1]
+
+    def _choose_image(self, names):
+        """The selected image if the snapshot has it, else the newest visualization image."""
+        if not names:
+            return None
+        self._choosing_image = True  # setting the Select below must not start another show()
+        try:
+            self.image_select.update(options=names, visible=len(names) > 1)
+            if self.image_select.value not in names:
+                newest = [n for n in storage.list_images(self.run_dir) if n in names]
+                self.image_select.value = newest[-1] if newest else names[-1]
+        finally:
+            self._choosing_image = False
+        return self.image_select.value
+
+    def _read_input_images(self):
+        mtime = storage.file_mtime(storage.results_path(self.run_dir, storage.INPUT_IMAGES_FILE))
+        if mtime != self._input_images_mtime:
+            self._input_images = storage.read_input_images(self.run_dir)
+            self._input_images_mtime = mtime
+        return self._input_images
+
+    def _index_was_replaced(self):
+        """True when the history index shrank (a re-run deleted the previous results)."""
+        index = os.path.join(storage.history_dir(self.run_dir, self.technique.results_file),
+                             storage.HISTORY_INDEX)
+        size = os.path.getsize(index) if os.path.exists(index) else 0
+        return size < self._index_offset
+
+    def _on_slider(self, attr, old, new):
+        self.follow_latest = new >= len(self.entries) - 1
+        self.show()
+
+    def _on_image(self, attr, old, new):
+        if not self._choosing_image:
+            self.show()
+
+    def _on_play(self, attr, old, playing):
+        self.play.label = "Pause" if playing else "Play"
+        if playing:
+            if self.slider.value >= len(self.entries) - 1:
+                self.slider.value = 0
+            self._play_callback = self._doc.add_periodic_callback(self._step, PLAY_MS)
+        elif self._play_callback is not None:
+            self._doc.remove_periodic_callback(self._play_callback)
+            self._play_callback = None
+
+    def _step(self):
+        if self.slider.value < len(self.entries) - 1:
+            self.slider.value += 1
+        else:
+            self.play.active = False
