@@ -1,0 +1,112 @@
+"""Settings of the visualizer, read from environment variables with defaults.
+
+=============================  ==========================================  =====================
+environment variable           default                                     ``app.config`` key
+=============================  ==========================================  =====================
+VISUALIZER_HOST                127.0.0.1                                   HOST
+VISUALIZER_PORT                5000                                        PORT
+VISUALIZER_BOKEH_PORT          5006                                        BOKEH_PORT
+VISUALIZER_BOKEH_URL           http://<HOST>:<BOKEH_PORT> (for browsers)   BOKEH_URL
+VISUALIZER_STORAGE             <repo>/user_storage                         STORAGE_DIR
+VISUALIZER_INSTANCE            <repo>/instance (database, secret key)      INSTANCE_DIR
+VISUALIZER_DATABASE_URL        sqlite:///<INSTANCE_DIR>/visualizer.sqlite  SQLALCHEMY_DATABASE_URI
+VISUALIZER_SECRET_KEY          generated once into <INSTANCE_DIR>/secret_key  SECRET_KEY
+VISUALIZER_MAX_RUNS            2 (concurrent runs)                         MAX_CONCURRENT_RUNS
+VISUALIZER_RUN_MEMORY_MB       none (memory limit of one run)              RUN_MEMORY_MB
+VISUALIZER_RUN_WALL_TIME_S     none (wall-time limit of one run)           RUN_WALL_TIME_S
+VISUALIZER_MAX_UPLOAD_MB       20                                          MAX_CONTENT_LENGTH (bytes)
+=============================  ==========================================  =====================
+"""
+import os
+import secrets
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SECRET_KEY_FILE = "secret_key"
+DATABASE_FILE = "visualizer.sqlite"
+
+
+def settings_from_env(environ=None):
+    """The settings given by environment variables, with defaults.
+
+    Settings that depend on others (BOKEH_URL, SQLALCHEMY_DATABASE_URI,
+    SECRET_KEY) are None unless set; ``complete_settings`` fills them in once
+    overrides (such as a test configuration) are applied.
+
+    Args:
+        environ: mapping of environment variables; ``os.environ`` when None.
+
+    Returns:
+        dict of ``app.config`` keys.
+
+    Raises:
+        ValueError: a numeric variable does not hold a positive number; the
+            message names the variable.
+    """
+    env = os.environ if environ is None else environ
+    upload_mb = _number(env, "VISUALIZER_MAX_UPLOAD_MB", 20)
+    return {
+        "HOST": env.get("VISUALIZER_HOST", "127.0.0.1"),
+        "PORT": _number(env, "VISUALIZER_PORT", 5000),
+        "BOKEH_PORT": _number(env, "VISUALIZER_BOKEH_PORT", 5006),
+        "BOKEH_URL": env.get("VISUALIZER_BOKEH_URL"),
+        "STORAGE_DIR": os.path.abspath(env.get("VISUALIZER_STORAGE",
+                                               os.path.join(REPO_ROOT, "user_storage"))),
+        "INSTANCE_DIR": os.path.abspath(env.get("VISUALIZER_INSTANCE",
+                                                os.path.join(REPO_ROOT, "instance"))),
+        "SQLALCHEMY_DATABASE_URI": env.get("VISUALIZER_DATABASE_URL"),
+        "SECRET_KEY": env.get("VISUALIZER_SECRET_KEY"),
+        "MAX_CONCURRENT_RUNS": _number(env, "VISUALIZER_MAX_RUNS", 2),
+        "RUN_MEMORY_MB": _number(env, "VISUALIZER_RUN_MEMORY_MB", None),
+        "RUN_WALL_TIME_S": _number(env, "VISUALIZER_RUN_WALL_TIME_S", None),
+        "MAX_CONTENT_LENGTH": int(upload_mb * 1024 * 1024),
+    }
+
+
+def complete_settings(settings):
+    """Fill in the settings that derive from others, creating the instance folder.
+
+    Args:
+        settings: dict from ``settings_from_env``, possibly with overrides.
+
+    Returns:
+        the same dict, with BOKEH_URL, SQLALCHEMY_DATABASE_URI and SECRET_KEY set.
+    """
+    os.makedirs(settings["INSTANCE_DIR"], exist_ok=True)
+    if not settings.get("BOKEH_URL"):
+        settings["BOKEH_URL"] = "http://%s:%d" % (settings["HOST"], settings["BOKEH_PORT"])
+    if not settings.get("SQLALCHEMY_DATABASE_URI"):
+        settings["SQLALCHEMY_DATABASE_URI"] = "sqlite:///" + os.path.join(
+            settings["INSTANCE_DIR"], DATABASE_FILE)
+    if not settings.get("SECRET_KEY"):
+        settings["SECRET_KEY"] = load_or_create_secret_key(settings["INSTANCE_DIR"])
+    return settings
+
+
+def load_or_create_secret_key(instance_dir):
+    """The installation's secret key, generated on first use into ``<instance_dir>/secret_key``.
+
+    The file is created with 0600 rights (owner only) and never overwritten.
+    """
+    path = os.path.join(instance_dir, SECRET_KEY_FILE)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        with open(path, encoding="utf-8") as f:
+            return f.read().strip()
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        key = secrets.token_urlsafe(48)
+        f.write(key)
+    return key
+
+
+def _number(env, name, default):
+    raw = env.get(name)
+    if raw is None or raw.strip() == "":
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ValueError("%s must be a number, got %r" % (name, raw)) from None
+    if value <= 0:
+        raise ValueError("%s must be positive, got %r" % (name, raw))
+    return int(value) if value.is_integer() else value

@@ -1,0 +1,105 @@
+"""Database models: users, their scripts, tags and runs (Flask-SQLAlchemy)."""
+import datetime
+import os
+
+from flask_login import UserMixin
+from werkzeug.security import check_password_hash, generate_password_hash
+
+from flask_sqlalchemy import SQLAlchemy
+
+db = SQLAlchemy()
+
+ACTIVE_STATES = ("queued", "running")
+ENDED_STATES = ("finished", "failed", "stopped")
+
+
+def utcnow():
+    """Naive UTC now: the database stores UTC times without a zone."""
+    return datetime.datetime.now(datetime.timezone.utc).replace(tzinfo=None)
+
+
+def utc_from_timestamp(seconds):
+    """Naive UTC time from a Unix timestamp (as the runner reports them), or None."""
+    if seconds is None:
+        return None
+    return datetime.datetime.fromtimestamp(seconds, datetime.timezone.utc).replace(tzinfo=None)
+
+
+script_tags = db.Table(
+    "script_tags",
+    db.Column("script_id", db.Integer, db.ForeignKey("script.id"), primary_key=True),
+    db.Column("tag_id", db.Integer, db.ForeignKey("tag.id"), primary_key=True),
+)
+
+
+class User(UserMixin, db.Model):
+    id = db.Column(db.Integer, primary_key=True)
+    username = db.Column(db.String(20), unique=True, nullable=False)
+    password_hash = db.Column(db.String(256), nullable=False)
+    created_at = db.Column(db.DateTime, nullable=False, default=utcnow)
+    scripts = db.relationship("Script", back_populates="user", cascade="all, delete-orphan")
+
+    def set_password(self, password):
+        self.password_hash = generate_password_hash(password)
+
+    def check_password(self, password):
+        return check_password_hash(self.password_hash, password)
+
+
+class Tag(db.Model):
+    id = db.Column(db.Integer, primary_key=True)
+    name = db.Column(db.String(40), unique=True, nullable=False)
+
+
+class Script(db.Model):
+    """An uploaded training script; its run folder is ``<STORAGE_DIR>/<user_id>/<stem>``."""
+    __table_args__ = (db.UniqueConstraint("user_id", "filename"),)
+    id = db.Column(db.Integer, primary_key=True)
+    user_id = db.Column(db.Integer, db.ForeignKey("user.id"), nullable=False, index=True)
+    filename = db.Column(db.String(255), nullable=False)
+    uploaded_at = db.Column(db.DateTime, nullable=False, default=utcnow)
+    # When the user last looked at one of the script's pages: runs that ended
+    # later are announced in the banner.
+    seen_at = db.Column(db.DateTime, nullable=False, default=utcnow)
+    user = db.relationship("User", back_populates="scripts")
+    tags = db.relationship("Tag", secondary=script_tags, order_by="Tag.name")
+    runs = db.relationship("Run", back_populates="script", order_by="Run.id",
+                           cascade="all, delete-orphan")
+
+    @property
+    def stem(self):
+        return os.path.splitext(self.filename)[0]
+
+    @property
+    def rel_dir(self):
+        """The run folder relative to STORAGE_DIR, e.g. ``"3/mnist_digits"``."""
+        return "%d/%s" % (self.user_id, self.stem)
+
+    @property
+    def last_run(self):
+        return self.runs[-1] if self.runs else None
+
+    @property
+    def is_active(self):
+        return self.last_run is not None and self.last_run.state in ACTIVE_STATES
+
+
+class Run(db.Model):
+    id = db.Column(db.Integer, primary_key=True)
+    script_id = db.Column(db.Integer, db.ForeignKey("script.id"), nullable=False, index=True)
+    state = db.Column(db.String(10), nullable=False, default="queued")
+    exit_code = db.Column(db.Integer)
+    pid = db.Column(db.Integer)
+    message = db.Column(db.Text)
+    created_at = db.Column(db.DateTime, nullable=False, default=utcnow)
+    started_at = db.Column(db.DateTime)
+    ended_at = db.Column(db.DateTime)
+    script = db.relationship("Script", back_populates="runs")
+
+    @property
+    def is_active(self):
+        return self.state in ACTIVE_STATES
+
+    @property
+    def last_change(self):
+        return self.ended_at or self.started_at or self.created_at

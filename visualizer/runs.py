@@ -1,0 +1,234 @@
+"""Runs: run and stop a script, its live output, its images and the technique tabs."""
+import io
+import os
+import shutil
+import warnings
+
+from flask import (Blueprint, abort, current_app, flash, jsonify, redirect, render_template,
+                   request, send_from_directory, url_for)
+from PIL import Image
+from werkzeug.utils import secure_filename
+
+from custom_bokeh.auth import embed_script
+from custom_keras import registry, storage
+from visualizer import run_dir, script_path
+from visualizer.models import Run, db
+from visualizer.scripts import mark_seen, owned_script
+
+bp = Blueprint("runs", __name__, url_prefix="/scripts/<int:script_id>")
+
+OUTPUT_LINES = 50
+# The tail read never goes further back than this, so a huge file without
+# newlines costs no more than this much memory per request.
+MAX_TAIL_BYTES = 256 * 1024
+TAIL_BLOCK_BYTES = 8 * 1024
+
+
+def check_images(uploads):
+    """Verify uploaded visualization images with Pillow before anything is written.
+
+    Args:
+        uploads: werkzeug ``FileStorage`` objects (empty ones are skipped).
+
+    Returns:
+        list of (safe file name, bytes).
+
+    Raises:
+        ValueError: naming the file that is not a readable image, has a file
+            name that is not an image name, or is a decompression bomb.
+    """
+    images = []
+    for upload in uploads:
+        if not upload or not upload.filename:
+            continue
+        name = secure_filename(upload.filename)
+        if not name.lower().endswith(storage.IMAGE_EXTENSIONS):
+            raise ValueError("%s is not an image file name; use one of %s."
+                             % (upload.filename, ", ".join(storage.IMAGE_EXTENSIONS)))
+        data = upload.read()
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", Image.DecompressionBombWarning)
+                with Image.open(io.BytesIO(data)) as image:
+                    image.verify()
+                # verify() leaves the image unusable: open again and decode every pixel.
+                with Image.open(io.BytesIO(data)) as image:
+                    image.load()
+        except (Image.DecompressionBombWarning, Image.DecompressionBombError):
+            raise ValueError("%s has too many pixels (more than %d); use a smaller image."
+                             % (name, Image.MAX_IMAGE_PIXELS)) from None
+        except Exception as error:  # Pillow raises many types for broken files
+            raise ValueError("%s is not a readable image (%s)." % (name, error)) from None
+        if name in (n for n, _ in images):
+            raise ValueError("Two images are named %s; give them different names." % name)
+        images.append((name, data))
+    return images
+
+
+def clear_previous_results(folder, new_images):
+    """Delete what an earlier run left: results, networks, output and status.
+
+    Args:
+        folder: the run folder.
+        new_images: list of (name, bytes) that replace the images, or None to keep them.
+    """
+    for sub in (storage.RESULTS_DIR, storage.NETWORKS_DIR):
+        shutil.rmtree(os.path.join(folder, sub), ignore_errors=True)
+    for name in (storage.OUTPUT_FILE, storage.STATUS_FILE):
+        try:
+            os.remove(os.path.join(folder, name))
+        except FileNotFoundError:
+            pass
+    if new_images is not None:
+        shutil.rmtree(storage.images_dir(folder), ignore_errors=True)
+        os.makedirs(storage.images_dir(folder))
+        # Written in order, so the last one is the newest (see storage.list_images).
+        for index, (name, data) in enumerate(new_images):
+            path = os.path.join(storage.images_dir(folder), name)
+            with open(path, "wb") as f:
+                f.write(data)
+            os.utime(path, ns=(index, index))
+
+
+@bp.route("/run", methods=("POST",))
+def run(script_id):
+    script = owned_script(script_id)
+    overview = url_for("scripts.overview", script_id=script.id)
+    if script.is_active:
+        flash("%s is already %s." % (script.filename, script.last_run.state), "error")
+        return redirect(overview)
+    folder = run_dir(current_app, script)
+    choice = request.form.get("images", "new")
+    try:
+        if choice not in ("new", "keep", "none"):
+            raise ValueError("Choose new image(s), the previous image(s) or no image.")
+        new_images = check_images(request.files.getlist("image")) if choice == "new" else []
+        if choice == "new" and not new_images:
+            raise ValueError("Choose a visualization image to upload, or keep the previous one.")
+        if choice == "keep" and not storage.list_images(folder):
+            raise ValueError("There is no previous image to keep; upload one.")
+    except ValueError as error:
+        flash(str(error), "error")
+        return redirect(overview)
+    clear_previous_results(folder, None if choice == "keep" else new_images)
+    run = Run(script=script, state="queued")
+    db.session.add(run)
+    db.session.commit()
+    try:
+        current_app.extensions["runner"].start(run.id, folder, script_path(current_app, script))
+    except Exception as error:
+        run.state, run.message = "failed", "could not start: %s" % error
+        db.session.commit()
+        flash("%s could not be started: %s" % (script.filename, error), "error")
+        return redirect(overview)
+    flash("%s was queued to run." % script.filename, "success")
+    return redirect(overview)
+
+
+@bp.route("/stop", methods=("POST",))
+def stop(script_id):
+    script = owned_script(script_id)
+    if not script.is_active:
+        flash("%s is not running." % script.filename, "error")
+    else:
+        current_app.extensions["runner"].stop(script.last_run.id)
+        flash("Stopping %s." % script.filename, "success")
+    return redirect(url_for("scripts.overview", script_id=script.id))
+
+
+@bp.route("/output")
+def output(script_id):
+    script = owned_script(script_id)
+    mark_seen(script)
+    path = storage.output_path(run_dir(current_app, script))
+    return render_template("scripts/output.html", script=script, lines=tail_lines(path),
+                           has_output=os.path.isfile(path))
+
+
+@bp.route("/output.json")
+def output_json(script_id):
+    script = owned_script(script_id)
+    return jsonify(lines=tail_lines(storage.output_path(run_dir(current_app, script))),
+                   **_status(script))
+
+
+@bp.route("/status.json")
+def status_json(script_id):
+    """The run state, polled by the script's pages; polling counts as looking at the script."""
+    script = owned_script(script_id)
+    mark_seen(script)
+    return jsonify(**_status(script))
+
+
+def _status(script):
+    run = script.last_run
+    return {"state": run.state if run else None,
+            "exit_code": run.exit_code if run else None,
+            "message": run.message if run else None}
+
+
+@bp.route("/output/download")
+def download_output(script_id):
+    script = owned_script(script_id)
+    folder = run_dir(current_app, script)
+    if not os.path.isfile(storage.output_path(folder)):
+        flash("%s has no output yet; run it first." % script.filename, "error")
+        return redirect(url_for("runs.output", script_id=script.id))
+    return send_from_directory(folder, storage.OUTPUT_FILE, as_attachment=True,
+                               download_name=script.stem + "_output.txt", mimetype="text/plain")
+
+
+@bp.route("/images/<name>")
+def image(script_id, name):
+    script = owned_script(script_id)
+    folder = run_dir(current_app, script)
+    if name not in storage.list_images(folder):
+        abort(404)
+    return send_from_directory(storage.images_dir(folder), name)
+
+
+@bp.route("/techniques/<key>")
+def technique(script_id, key):
+    script = owned_script(script_id)
+    selected = registry.get(key)
+    if selected is None:
+        abort(404)
+    mark_seen(script)
+    has_results = os.path.exists(storage.results_path(run_dir(current_app, script),
+                                                      selected.results_file))
+    bokeh_script = embed_script(current_app.config["BOKEH_URL"], current_app.config["SECRET_KEY"],
+                                selected.key, script.user_id, script.rel_dir)
+    return render_template("scripts/technique.html", script=script, technique=selected,
+                           bokeh_script=bokeh_script, has_results=has_results)
+
+
+def tail_lines(path, count=OUTPUT_LINES):
+    """The last ``count`` lines of a text file, reading only its end.
+
+    A carriage return inside a line (a progress bar redrawn in place) keeps only
+    the text after it, as a terminal would show it.
+
+    Args:
+        path: the file; a missing file has no lines.
+        count: how many lines.
+
+    Returns:
+        list of str.
+    """
+    try:
+        f = open(path, "rb")
+    except FileNotFoundError:
+        return []
+    with f:
+        end = f.seek(0, os.SEEK_END)
+        start, data = end, b""
+        while start > 0 and data.count(b"\n") <= count and end - start < MAX_TAIL_BYTES:
+            start = max(0, start - TAIL_BLOCK_BYTES, end - MAX_TAIL_BYTES)
+            f.seek(start)
+            data = f.read(end - start)
+    lines = data.decode("utf-8", errors="replace").split("\n")
+    if start > 0 and len(lines) > 1:
+        lines = lines[1:]  # the first line is cut off
+    if lines and lines[-1] == "":
+        lines.pop()
+    return [line.rstrip("\r").rsplit("\r", 1)[-1] for line in lines[-count:]]

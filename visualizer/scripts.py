@@ -1,0 +1,248 @@
+"""Scripts: the file list, upload, the Overview tab, tags, delete and the network download."""
+import os
+import re
+import shutil
+
+from flask import (Blueprint, abort, current_app, flash, redirect, render_template, request,
+                   send_file, url_for)
+from flask_login import current_user
+from pygments import highlight
+from pygments.formatters import HtmlFormatter
+from pygments.lexers import PythonLexer
+from werkzeug.utils import secure_filename
+
+from custom_keras import storage
+from visualizer import run_dir, script_path
+from visualizer.models import ENDED_STATES, Script, Tag, db, script_tags, utcnow
+
+bp = Blueprint("scripts", __name__)
+
+MAX_TAG_LENGTH = 40
+SORT_KEYS = {
+    "name": lambda s: s.filename.lower(),
+    "tags": lambda s: " ".join(t.name for t in s.tags).lower(),
+    "uploaded": lambda s: s.uploaded_at,
+    "last_run": lambda s: (s.last_run is not None, s.last_run.last_change if s.last_run else 0),
+}
+
+
+def owned_script(script_id):
+    """The current user's script with this id; 404 for another user's or a missing one."""
+    script = db.session.get(Script, script_id)
+    if script is None or script.user_id != current_user.id:
+        abort(404)
+    return script
+
+
+def mark_seen(script):
+    """Record that the user looked at the script, which clears its banner."""
+    script.seen_at = utcnow()
+    db.session.commit()
+
+
+def unseen_ended_runs(user):
+    """The last runs of the user's scripts that ended after the user last opened the script."""
+    runs = []
+    for script in Script.query.filter_by(user_id=user.id).all():
+        run = script.last_run
+        if (run is not None and run.state in ENDED_STATES and run.ended_at is not None
+                and run.ended_at > script.seen_at):
+            runs.append(run)
+    return runs
+
+
+def parse_tags(text):
+    """Tags from text split on whitespace, in order, without duplicates.
+
+    Raises:
+        ValueError: a tag is longer than MAX_TAG_LENGTH; the message names it.
+    """
+    tags = []
+    for name in text.split():
+        if len(name) > MAX_TAG_LENGTH:
+            raise ValueError("Tag %s... is longer than %d characters."
+                             % (name[:MAX_TAG_LENGTH], MAX_TAG_LENGTH))
+        if name not in tags:
+            tags.append(name)
+    return tags
+
+
+def get_or_create_tags(names):
+    existing = {t.name: t for t in Tag.query.filter(Tag.name.in_(names)).all()} if names else {}
+    return [existing.get(name) or Tag(name=name) for name in names]
+
+
+def delete_orphan_tags():
+    for tag in Tag.query.filter(~Tag.id.in_(db.session.query(script_tags.c.tag_id))):
+        db.session.delete(tag)
+
+
+def check_script_upload(upload):
+    """Check an uploaded training script before anything is written.
+
+    Args:
+        upload: the werkzeug ``FileStorage`` of the form's file field, or None.
+
+    Returns:
+        (file name, source text, warning or None).
+
+    Raises:
+        ValueError: with a message saying what is wrong with the file.
+    """
+    if upload is None or not upload.filename:
+        raise ValueError("Choose a .py file to upload.")
+    filename = secure_filename(upload.filename)
+    stem, extension = os.path.splitext(filename)
+    if extension != ".py" or not stem or not re.fullmatch(r"[A-Za-z0-9_.-]+", stem):
+        raise ValueError("%s is not a Python script: the file name must end in .py and use "
+                         "letters, digits, '_', '-' or '.' only." % upload.filename)
+    data = upload.read()
+    try:
+        source = data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ValueError("%s is not a UTF-8 text file; only Python source can be uploaded."
+                         % filename) from None
+    if "\x00" in source:
+        raise ValueError("%s holds binary data (NUL bytes); only Python source can be uploaded."
+                         % filename)
+    warning = None
+    try:
+        compile(source, filename, "exec", dont_inherit=True)
+    except (SyntaxError, ValueError, RecursionError, MemoryError) as error:
+        warning = "%s was uploaded, but Python cannot parse it: %s. Fix it before running." % (
+            filename, error)
+    return filename, source, warning
+
+
+@bp.route("/")
+def index():
+    query = request.args.get("q", "").strip()
+    sort = request.args.get("sort", "uploaded")
+    if sort not in SORT_KEYS:
+        sort = "uploaded"
+    descending = request.args.get("order", "desc" if sort == "uploaded" else "asc") == "desc"
+    all_scripts = Script.query.filter_by(user_id=current_user.id).all()
+    scripts = [s for s in all_scripts if _matches(s, query.lower())]
+    scripts.sort(key=SORT_KEYS[sort], reverse=descending)
+    return render_template("scripts/index.html", scripts=scripts, has_scripts=bool(all_scripts),
+                           query=query, sort=sort, descending=descending)
+
+
+def _matches(script, query):
+    return (not query or query in script.filename.lower()
+            or any(query in tag.name.lower() for tag in script.tags))
+
+
+@bp.route("/upload", methods=("GET", "POST"))
+def upload():
+    tags_text = ""
+    if request.method == "POST":
+        tags_text = request.form.get("tags", "")
+        try:
+            filename, source, warning = check_script_upload(request.files.get("file"))
+            stem = os.path.splitext(filename)[0]
+            tag_names = parse_tags(tags_text)
+            stem_tag = stem[:MAX_TAG_LENGTH]
+            if stem_tag not in tag_names:
+                tag_names.append(stem_tag)
+            if Script.query.filter_by(user_id=current_user.id, filename=filename).first():
+                raise ValueError("You already have a file named %s; file names must be unique. "
+                                 "Rename the file or delete the old one." % filename)
+        except ValueError as error:
+            flash(str(error), "error")
+            return render_template("scripts/upload.html", tags=tags_text), 400
+        script = Script(user_id=current_user.id, filename=filename,
+                        tags=get_or_create_tags(tag_names))
+        folder = run_dir(current_app, script)
+        # The database is the truth: a folder without a script row is left over and unreachable.
+        shutil.rmtree(folder, ignore_errors=True)
+        os.makedirs(folder)
+        try:
+            with open(script_path(current_app, script), "w", encoding="utf-8", newline="") as f:
+                f.write(source)
+            db.session.add(script)
+            db.session.commit()
+        except BaseException:
+            db.session.rollback()
+            shutil.rmtree(folder, ignore_errors=True)
+            raise
+        flash("%s was uploaded." % filename, "success")
+        if warning:
+            flash(warning, "warning")
+        return redirect(url_for("scripts.overview", script_id=script.id))
+    return render_template("scripts/upload.html", tags=tags_text)
+
+
+@bp.route("/scripts/<int:script_id>")
+def overview(script_id):
+    script = owned_script(script_id)
+    mark_seen(script)
+    folder = run_dir(current_app, script)
+    try:
+        with open(script_path(current_app, script), encoding="utf-8") as f:
+            source = f.read()
+    except FileNotFoundError:
+        source = "# The script file is missing from the storage folder."
+    code = highlight(source, PythonLexer(), HtmlFormatter(linenos="table"))
+    return render_template("scripts/overview.html", script=script, code=code,
+                           has_network=os.path.isfile(_network_path(folder, script)),
+                           images=storage.list_images(folder))
+
+
+@bp.route("/scripts/<int:script_id>/tags", methods=("POST",))
+def add_tags(script_id):
+    script = owned_script(script_id)
+    try:
+        names = parse_tags(request.form.get("tags", ""))
+        if not names:
+            raise ValueError("Type one or more tags, separated by spaces.")
+    except ValueError as error:
+        flash(str(error), "error")
+        return redirect(url_for("scripts.overview", script_id=script.id))
+    current = {t.name for t in script.tags}
+    script.tags.extend(get_or_create_tags([n for n in names if n not in current]))
+    db.session.commit()
+    return redirect(url_for("scripts.overview", script_id=script.id))
+
+
+@bp.route("/scripts/<int:script_id>/tags/<int:tag_id>/remove", methods=("POST",))
+def remove_tag(script_id, tag_id):
+    script = owned_script(script_id)
+    tag = next((t for t in script.tags if t.id == tag_id), None)
+    if tag is None:
+        abort(404)
+    script.tags.remove(tag)
+    delete_orphan_tags()
+    db.session.commit()
+    return redirect(url_for("scripts.overview", script_id=script.id))
+
+
+@bp.route("/scripts/<int:script_id>/delete", methods=("POST",))
+def delete(script_id):
+    script = owned_script(script_id)
+    if script.is_active:
+        flash("%s is running; stop it before deleting it." % script.filename, "error")
+        return redirect(url_for("scripts.overview", script_id=script.id))
+    folder = run_dir(current_app, script)
+    filename = script.filename
+    db.session.delete(script)
+    delete_orphan_tags()
+    db.session.commit()
+    shutil.rmtree(folder, ignore_errors=True)
+    flash("%s and all its data were deleted." % filename, "success")
+    return redirect(url_for("scripts.index"))
+
+
+@bp.route("/scripts/<int:script_id>/network")
+def download_network(script_id):
+    script = owned_script(script_id)
+    path = _network_path(run_dir(current_app, script), script)
+    if not os.path.isfile(path):
+        flash("%s has no saved network yet: run it with callbacks.register_network_saver()."
+              % script.filename, "error")
+        return redirect(url_for("scripts.overview", script_id=script.id))
+    return send_file(path, as_attachment=True, download_name=script.stem + ".keras")
+
+
+def _network_path(folder, script):
+    return os.path.join(storage.networks_dir(folder), script.stem + ".keras")

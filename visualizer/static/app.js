@@ -1,0 +1,52 @@
+// Small page behaviours: dialogs, delete confirmation, live output and run state.
+"use strict";
+
+document.querySelectorAll("[data-open-dialog]").forEach(function (button) {
+  button.addEventListener("click", function () {
+    document.getElementById(button.dataset.openDialog).showModal();
+  });
+});
+
+document.querySelectorAll("[data-close-dialog]").forEach(function (button) {
+  button.addEventListener("click", function () { button.closest("dialog").close(); });
+});
+
+document.querySelectorAll("form[data-confirm]").forEach(function (form) {
+  form.addEventListener("submit", function (event) {
+    if (!window.confirm(form.dataset.confirm)) { event.preventDefault(); }
+  });
+});
+
+// Polls a JSON endpoint every `ms` milliseconds, waiting for each answer before the next.
+function poll(url, ms, onData) {
+  function tick() {
+    fetch(url, {credentials: "same-origin", cache: "no-store"})
+      .then(function (response) { return response.ok ? response.json() : null; })
+      .then(function (data) { if (data) { onData(data); } })
+      .catch(function () {})
+      .finally(function () { setTimeout(tick, ms); });
+  }
+  setTimeout(tick, ms);
+}
+
+var output = document.getElementById("output");
+if (output) {
+  poll(output.dataset.url, 1000, function (data) {
+    var atBottom = output.scrollTop + output.clientHeight >= output.scrollHeight - 4;
+    output.textContent = data.lines.length ? data.lines.join("\n") : "No output yet.";
+    if (atBottom) { output.scrollTop = output.scrollHeight; }
+  });
+}
+
+var header = document.querySelector("[data-status-url]");
+if (header) {
+  var badge = document.getElementById("run-badge");
+  poll(header.dataset.statusUrl, 2000, function (data) {
+    var state = data.state || "";
+    if (state === header.dataset.state) { return; }
+    if (header.hasAttribute("data-reload-on-change")) { window.location.reload(); return; }
+    header.dataset.state = state;
+    badge.className = "badge badge-" + (state || "none");
+    badge.textContent = state ? state.charAt(0).toUpperCase() + state.slice(1) : "";
+  });
+}
