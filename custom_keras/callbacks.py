@@ -1,0 +1,546 @@
+"""Keras callbacks that write training visualizations into the run folder.
+
+Usage (the thesis' Appendix C API)::
+
+    from custom_keras.callbacks import CustomCallbacks
+    callbacks = CustomCallbacks(os.path.dirname(__file__), base_interval=10)
+    callbacks.register_network_saver()
+    callbacks.register_training_progress()
+    callbacks.register_layer_activations()
+    callbacks.register_saliency_maps()
+    callbacks.register_deconvolutional_network(3, feat_map_amount=8)
+    callbacks.register_deep_visualization([(9, 0), (9, 1)], 200, 50, l2_decay=0.0001,
+                                          blur_interval=4, blur_std=1.0)
+    model.fit(x, y, callbacks=callbacks.get_list())
+
+The callbacks hold the schedule and the file output only; the techniques are
+pure functions in ``custom_keras.techniques`` and the file format is
+``custom_keras.storage``. Results go to ``VISUALIZER_RUN_DIR`` when set (the web
+tool sets it), else to the folder given.
+
+Schedule: every visualization runs once before the first batch (stage 0) and
+then after every ``interval`` batches, counting batches across epochs. Each
+snapshot is tagged with ``stage``, ``epoch`` (0-based, as Keras counts),
+``batch`` (batches done in that epoch), ``step`` (batches done in all),
+``progress`` (``step`` in epochs, the training-progress x axis) and ``time``.
+
+Bad arguments raise a ValueError or TypeError naming the argument: at
+registration, or when training begins for what needs the model. A technique
+that fails at one snapshot writes nothing, prints one line to stderr and lets
+training go on.
+"""
+import glob
+import os
+import shutil
+import sys
+import tempfile
+
+import keras
+import numpy as np
+
+from custom_keras import images as visualization_images
+from custom_keras import storage
+from custom_keras.techniques.activations import EXCLUDE_LAYERS, ActivationModel
+from custom_keras.techniques.common import to_uint8
+from custom_keras.techniques.deconvolution import DeconvolutionModel
+from custom_keras.techniques.deep_visualization import (Regularizers, UnitObjective,
+                                                        check_regularizers, gradient_ascent,
+                                                        random_noise_images)
+from custom_keras.techniques.saliency import SaliencyModel
+
+TRAINING_PROGRESS_FILE = "training_progress.txt"
+TRAINING_PROGRESS_VAL_FILE = "training_progress_val.txt"
+TRAINING_PROGRESS_TABLE = "training_progress.tsv"
+TRAINING_PROGRESS_VAL_TABLE = "training_progress_val.tsv"
+# Deep visualization does not use the visualization images; with none in the
+# folder its results are stored under this name.
+NO_IMAGE = "no_image"
+
+
+def _check_interval(interval, argument="interval"):
+    if not isinstance(interval, (int, np.integer)) or isinstance(interval, bool) or interval < 1:
+        raise ValueError("%s must be a whole number of batches >= 1, got %r" % (argument, interval))
+    return int(interval)
+
+
+def _check_function(function, argument):
+    if function is not None and not callable(function):
+        raise TypeError("%s must be a function or None, got %r" % (argument, function))
+    return function
+
+
+def _one_line(error):
+    return "%s: %s" % (type(error).__name__, " ".join(str(error).split()))
+
+
+def _remove_files(paths):
+    for path in paths:
+        try:
+            os.remove(path)
+        except FileNotFoundError:
+            pass
+
+
+def script_name():
+    """The running script's file name without ``.py``, or ``"model"`` when there is none."""
+    main_file = getattr(sys.modules.get("__main__"), "__file__", None) or (sys.argv[0] if sys.argv else "")
+    name = os.path.splitext(os.path.basename(main_file))[0]
+    return name if name and name != "__main__" and not name.startswith("-") else "model"
+
+
+class NetworkSaver(keras.callbacks.Callback):
+    """Saves the model to ``networks/<script>.keras`` after every epoch.
+
+    The file is replaced atomically, so a download never gets half a network.
+
+    Args:
+        file_folder: should always be ``os.path.dirname(__file__)``.
+    """
+
+    def __init__(self, file_folder):
+        super().__init__()
+        self.run_dir = storage.resolve_run_dir(file_folder)
+        self.path = os.path.join(storage.networks_dir(self.run_dir), script_name() + ".keras")
+
+    def on_epoch_end(self, epoch, logs=None):
+        folder = os.path.dirname(self.path)
+        os.makedirs(folder, exist_ok=True)
+        # Keras insists on the .keras suffix, so the temporary name keeps it.
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".keras")
+        os.close(fd)
+        try:
+            self.model.save(tmp, overwrite=True)
+            os.replace(tmp, self.path)
+        except BaseException:
+            _remove_files([tmp])
+            raise
+
+
+class TrainingProgress(keras.callbacks.Callback):
+    """Saves loss and every metric for each batch, and the validation values after each epoch.
+
+    Keras hands callbacks the running average over the epoch so far; this
+    callback derives each batch's own value from it, weighting batches by their
+    number of samples (read from the model's loss tracker), so a smaller last
+    batch is handled exactly. The derivation is exact for metrics that are
+    means over samples (loss, accuracy, mae, ...); for metrics that are not
+    (AUC, precision) the ``_avg`` columns hold what Keras reports.
+
+    Files in ``results/``:
+        training_progress.txt: "progress accuracy loss" per batch (Appendix D);
+            accuracy is ``nan`` when the model has no accuracy metric.
+        training_progress_val.txt: "epoch val_accuracy val_loss" per epoch (1-based).
+        training_progress.tsv: progress, epoch, batch, each metric's batch
+            value, then each metric's running average as ``<metric>_avg``.
+        training_progress_val.tsv: epoch, then every validation metric.
+
+    Progress is ``epoch + batch / batches_per_epoch`` with 0-based epoch and
+    batch, so the first row is 0.0. When Keras does not know the number of
+    batches per epoch (a generator without a length), progress is the count of
+    batches done before this one.
+
+    Args:
+        file_folder: should always be ``os.path.dirname(__file__)``.
+    """
+
+    def __init__(self, file_folder):
+        super().__init__()
+        self.run_dir = storage.resolve_run_dir(file_folder)
+        self._started = False
+        self._step = 0
+
+    def _path(self, file_name):
+        return storage.results_path(self.run_dir, file_name)
+
+    def on_train_begin(self, logs=None):
+        if not self._started:
+            # A new run starts new tables rather than continuing an old run's.
+            _remove_files(self._path(name) for name in (
+                TRAINING_PROGRESS_FILE, TRAINING_PROGRESS_VAL_FILE,
+                TRAINING_PROGRESS_TABLE, TRAINING_PROGRESS_VAL_TABLE))
+            self._started = True
+        self._loss_tracker = next((m for m in self.model.metrics
+                                   if m.name == "loss" and isinstance(m, keras.metrics.Mean)), None)
+        self._metric_names = None
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._epoch = epoch
+        self._previous_averages = {}
+        self._previous_count = 0.0
+        self._batches_done = 0
+
+    def _sample_count(self):
+        """Samples seen in this epoch so far, or None if the model does not say."""
+        if self._loss_tracker is None:
+            return None
+        return float(keras.ops.convert_to_numpy(self._loss_tracker.count))
+
+    def on_train_batch_end(self, batch, logs=None):
+        logs = logs or {}
+        if self._metric_names is None:
+            self._metric_names = [name for name in logs if np.ndim(logs[name]) == 0]
+            self._accuracy_name = next(
+                (name for name in ("accuracy", "acc") if name in self._metric_names),
+                next((name for name in self._metric_names if name.endswith("accuracy")), None))
+        averages = {name: float(logs.get(name, np.nan)) for name in self._metric_names}
+        count = self._sample_count()
+        if count is not None and count > self._previous_count:
+            size, previous = count - self._previous_count, self._previous_count
+        else:
+            # No sample count: take the batches as equally large.
+            count, size, previous = self._batches_done + 1.0, 1.0, float(self._batches_done)
+        values = {name: (count * averages[name]
+                         - previous * self._previous_averages.get(name, 0.0)) / size
+                  for name in self._metric_names}
+        self._previous_averages, self._previous_count = averages, count
+        self._batches_done += 1
+        self._step += 1
+
+        steps = self.params.get("steps") if self.params else None
+        progress = self._epoch + batch / steps if steps else float(self._step - 1)
+        accuracy = values[self._accuracy_name] if self._accuracy_name else np.nan
+        storage.append_line(self._path(TRAINING_PROGRESS_FILE), "%r %r %r" % (
+            progress, float(accuracy), float(values.get("loss", np.nan))))
+        storage.append_row(
+            self._path(TRAINING_PROGRESS_TABLE),
+            ["progress", "epoch", "batch"] + self._metric_names
+            + [name + "_avg" for name in self._metric_names],
+            [progress, self._epoch, batch] + [values[name] for name in self._metric_names]
+            + [averages[name] for name in self._metric_names])
+
+    def on_epoch_end(self, epoch, logs=None):
+        logs = logs or {}
+        val_names = [name for name in logs if name.startswith("val_") and np.ndim(logs[name]) == 0]
+        if not val_names:
+            return
+        val_accuracy = next((logs[name] for name in ("val_accuracy", "val_acc") if name in logs),
+                            next((logs[name] for name in val_names if name.endswith("accuracy")),
+                                 np.nan))
+        storage.append_line(self._path(TRAINING_PROGRESS_VAL_FILE), "%d %r %r" % (
+            epoch + 1, float(val_accuracy), float(logs.get("val_loss", np.nan))))
+        storage.append_row(self._path(TRAINING_PROGRESS_VAL_TABLE), ["epoch"] + val_names,
+                           [epoch + 1] + [float(logs[name]) for name in val_names])
+
+
+class _SnapshotCallback(keras.callbacks.Callback):
+    """Schedule and output shared by the visualizing callbacks.
+
+    A subclass sets ``results_file`` and ``title``, prepares its technique in
+    ``build`` (called when training begins, with the model known) and returns
+    ``(results_by_image, info_by_image)`` from ``compute``.
+
+    Args:
+        file_folder: should always be ``os.path.dirname(__file__)``.
+        interval: compute a snapshot every ``interval`` batches.
+        custom_preprocess: optional function float32 (H, W, C) in 0..255 -> the
+            model's input; replaces the default scaling to [0, 1].
+        custom_postprocess: optional function applied to every output image
+            before it is saved.
+        uses_images: whether the technique needs the visualization images.
+    """
+
+    results_file = None
+    title = None
+
+    def __init__(self, file_folder, interval, custom_preprocess=None, custom_postprocess=None,
+                 uses_images=True):
+        super().__init__()
+        self.run_dir = storage.resolve_run_dir(file_folder)
+        self.interval = _check_interval(interval)
+        self.custom_preprocess = _check_function(custom_preprocess, "custom_preprocess")
+        self.custom_postprocess = _check_function(custom_postprocess, "custom_postprocess")
+        self._loaded_images = visualization_images.load_images(self.run_dir) if uses_images else None
+        self._started = False
+        self._stage = 0
+        self._step = 0
+
+    def on_train_begin(self, logs=None):
+        if self._loaded_images is not None:
+            self.image_names, as_fed, self.inputs = visualization_images.prepare_images(
+                self.model, self._loaded_images, self.custom_preprocess)
+            storage.write_input_images(self.run_dir, as_fed)
+        else:
+            self.image_names, self.inputs = [], None
+        self.build()
+        if not self._started:
+            self._clear_previous_run()
+            self._started = True
+        else:
+            self._stage += 1
+        self._epoch = 0
+        self._snapshot(batch=0)
+
+    def _clear_previous_run(self):
+        """A new run starts a new history rather than mixing with an old run's."""
+        shutil.rmtree(storage.history_dir(self.run_dir, self.results_file), ignore_errors=True)
+        _remove_files([storage.results_path(self.run_dir, self.results_file)] + glob.glob(
+            storage.per_image_path(self.run_dir, "*", self.results_file)))
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._epoch = epoch
+
+    def on_train_batch_end(self, batch, logs=None):
+        self._step += 1
+        if self._step % self.interval == 0:
+            self._stage += 1
+            self._snapshot(batch=batch + 1)
+
+    def _snapshot(self, batch):
+        steps = self.params.get("steps") if self.params else None
+        tags = {"stage": self._stage, "epoch": self._epoch, "batch": batch, "step": self._step,
+                "progress": self._step / steps if steps else float(self._step)}
+        try:
+            results_by_image, info_by_image = self.compute()
+            newest = self.image_names[-1] if self.image_names else NO_IMAGE
+            storage.write_snapshot(self.run_dir, self.results_file, results_by_image, newest,
+                                   tags, info_by_image)
+        except Exception as error:  # a visualization must never stop the training
+            print("[visualizer] %s failed at stage %d: %s" % (self.title, self._stage, _one_line(error)),
+                  file=sys.stderr, flush=True)
+
+    def postprocess(self, image):
+        """An output image as uint8: ``custom_postprocess`` if given, then scaled unless already uint8."""
+        if self.custom_postprocess is not None:
+            image = np.asarray(self.custom_postprocess(image))
+        return image if image.dtype == np.uint8 else to_uint8(image)
+
+    def build(self):
+        raise NotImplementedError
+
+    def compute(self):
+        raise NotImplementedError
+
+
+class LayerActivations(_SnapshotCallback):
+    """Saves the output of every layer, except the excluded ones, for each visualization image.
+
+    ``results/layer_activations.pickle``: ``[("Layer 1: conv2d", uint8 (filters, H, W)),
+    ("Layer 6: dense", uint8 (units,)), ...]``.
+
+    Args:
+        file_folder: should always be ``os.path.dirname(__file__)``.
+        exclude_layers: tuple of Keras layer classes not to show; the default
+            excludes InputLayer, Dropout and Flatten.
+        custom_preprocess: optional function applied to each visualization image
+            (float32 (H, W, C) in 0..255) instead of scaling to [0, 1].
+        interval: compute the activations every ``interval`` batches.
+    """
+
+    results_file = "layer_activations.pickle"
+    title = "layer activations"
+
+    def __init__(self, file_folder, exclude_layers=EXCLUDE_LAYERS, custom_preprocess=None,
+                 interval=10):
+        super().__init__(file_folder, interval, custom_preprocess)
+        self.exclude_layers = exclude_layers
+
+    def build(self):
+        self._activations = ActivationModel(self.model, self.exclude_layers)
+
+    def compute(self):
+        return dict(zip(self.image_names, self._activations(self.inputs))), {}
+
+
+class SaliencyMaps(_SnapshotCallback):
+    """Saves the saliency map of each visualization image for its predicted class.
+
+    ``results/saliency_maps.pickle``: uint8 (H, W, 1); each snapshot's history
+    also holds the predicted class and its confidence per image.
+
+    Args:
+        file_folder: should always be ``os.path.dirname(__file__)``.
+        custom_preprocess: optional function applied to each visualization image
+            (float32 (H, W, C) in 0..255) instead of scaling to [0, 1].
+        custom_postprocess: optional function applied to each saliency map
+            (uint8 (H, W, 1)) before it is saved.
+        interval: compute the maps every ``interval`` batches.
+    """
+
+    results_file = "saliency_maps.pickle"
+    title = "saliency maps"
+
+    def __init__(self, file_folder, custom_preprocess=None, custom_postprocess=None, interval=10):
+        super().__init__(file_folder, interval, custom_preprocess, custom_postprocess)
+
+    def build(self):
+        self._saliency = SaliencyModel(self.model)
+
+    def compute(self):
+        maps, classes, confidences = self._saliency(self.inputs)
+        results = {name: self.postprocess(maps[i]) for i, name in enumerate(self.image_names)}
+        info = {name: {"predicted_class": int(classes[i]), "confidence": float(confidences[i])}
+                for i, name in enumerate(self.image_names)}
+        return results, info
+
+
+class DeconvolutionalNetwork(_SnapshotCallback):
+    """Saves deconvolutional-network reconstructions of feature maps of one layer.
+
+    ``results/deconvolutional_network.pickle``: ``[(uint8 (H, W, C), layer_name,
+    feat_map_no), ...]``, for feat_map_amount ordered by descending activation.
+
+    Args:
+        file_folder: should always be ``os.path.dirname(__file__)``.
+        feat_map_layer_no: the layer (index into ``model.layers``) whose feature
+            maps are shown; a convolutional or pooling layer.
+        feat_map_amount: show the N most active feature maps (-1: all of them).
+        feat_map_nos: or show these feature map numbers; give exactly one of
+            feat_map_amount and feat_map_nos.
+        custom_preprocess: optional function applied to each visualization image
+            (float32 (H, W, C) in 0..255) instead of scaling to [0, 1].
+        custom_postprocess: optional function applied to each reconstruction
+            (float32 (H, W, C) in model-input space) before scaling to uint8.
+        custom_keras_model_info: optional hand-built deconvolutional model as
+            ``(deconv_model, layer_map, update_function)`` (thesis Appendix C).
+        interval: compute the reconstructions every ``interval`` batches.
+    """
+
+    results_file = "deconvolutional_network.pickle"
+    title = "deconvolutional network"
+
+    def __init__(self, file_folder, feat_map_layer_no, feat_map_amount=None, feat_map_nos=None,
+                 custom_preprocess=None, custom_postprocess=None, custom_keras_model_info=None,
+                 interval=10):
+        super().__init__(file_folder, interval, custom_preprocess, custom_postprocess)
+        self.feat_map_layer_no = feat_map_layer_no
+        self.feat_map_amount = feat_map_amount
+        self.feat_map_nos = feat_map_nos
+        self.custom_keras_model_info = custom_keras_model_info
+
+    def build(self):
+        # Checks the arguments against the model: a clear error before any batch.
+        self._deconvolution = DeconvolutionModel(
+            self.model, self.feat_map_layer_no, self.feat_map_amount, self.feat_map_nos,
+            self.custom_keras_model_info)
+
+    def compute(self):
+        reconstructions = self._deconvolution(self.inputs)
+        results = {name: [(self.postprocess(image), layer_name, int(feat_map_no))
+                          for image, layer_name, feat_map_no in reconstructions[i]]
+                   for i, name in enumerate(self.image_names)}
+        return results, {}
+
+
+class DeepVisualization(_SnapshotCallback):
+    """Saves synthetic images that maximally activate the chosen units (Yosinski et al.).
+
+    ``results/deep_visualization.pickle``: ``[(uint8 (H, W, C), layer_name,
+    unit_index, loss_value), ...]`` in the order of ``units_to_visualize``.
+    The technique does not use the visualization images; its result is stored
+    under every image's name (or ``NO_IMAGE`` when there is none).
+
+    Args:
+        file_folder: should always be ``os.path.dirname(__file__)``.
+        units_to_visualize: list of ``(layer_no, unit_index)``; unit_index is an
+            int for 1-D outputs and a ``(row, col, channel)`` tuple for 3-D ones.
+        learning_rate: step size of the gradient ascent.
+        no_of_iterations: number of gradient-ascent steps.
+        l2_decay: L2 decay per step, in [0, 1]; 0 disables it.
+        blur_interval: blur every this many steps; 0 disables blurring.
+        blur_std: standard deviation of the Gaussian blur; 0 disables it.
+        value_percentile: clip pixels with small absolute value, in [0, 100].
+        norm_percentile: clip pixels with small norm, in [0, 100].
+        contribution_percentile: clip pixels with small contribution, in [0, 100].
+        abs_contribution_percentile: clip pixels with small absolute
+            contribution, in [0, 100].
+        custom_postprocess: optional function applied to each synthetic image
+            (float32 (H, W, C) in model-input space) before scaling to uint8.
+        interval: compute the images every ``interval`` batches.
+    """
+
+    results_file = "deep_visualization.pickle"
+    title = "deep visualization"
+
+    def __init__(self, file_folder, units_to_visualize, learning_rate, no_of_iterations,
+                 l2_decay=0, blur_interval=0, blur_std=0, value_percentile=0, norm_percentile=0,
+                 contribution_percentile=0, abs_contribution_percentile=0,
+                 custom_postprocess=None, interval=10):
+        super().__init__(file_folder, interval, custom_postprocess=custom_postprocess,
+                         uses_images=False)
+        self.regularizers = dict(
+            learning_rate=learning_rate, no_of_iterations=no_of_iterations, l2_decay=l2_decay,
+            blur_interval=blur_interval, blur_std=blur_std, value_percentile=value_percentile,
+            norm_percentile=norm_percentile, contribution_percentile=contribution_percentile,
+            abs_contribution_percentile=abs_contribution_percentile)
+        check_regularizers(**self.regularizers)
+        self.units_to_visualize = units_to_visualize
+
+    def build(self):
+        # The steps of deep_visualization(), with the objective built once: its
+        # compiled gradient function then serves every snapshot.
+        self._objective = UnitObjective(self.model, self.units_to_visualize)
+        self._regularize = Regularizers(**{name: value for name, value in self.regularizers.items()
+                                           if name not in ("learning_rate", "no_of_iterations")})
+        self.image_names = storage.list_images(self.run_dir) or [NO_IMAGE]
+
+    def compute(self):
+        start = random_noise_images(tuple(self.model.inputs[0].shape[1:]),
+                                    len(self._objective.units))
+        images = gradient_ascent(self._objective, start, self.regularizers["learning_rate"],
+                                 self.regularizers["no_of_iterations"], self._regularize)
+        values = self._objective(images)
+        result = [(self.postprocess(image), layer_name, index, float(value))
+                  for image, layer_name, (_, index), value
+                  in zip(images, self._objective.layer_names, self._objective.units, values)]
+        return {name: result for name in self.image_names}, {}
+
+
+class CustomCallbacks:
+    """Registers the callbacks with shared arguments; ``get_list()`` goes to ``model.fit``.
+
+    Args:
+        file_folder: should always be ``os.path.dirname(__file__)``.
+        custom_preprocess: optional function applied to each visualization image
+            (float32 (H, W, C) in 0..255) instead of scaling to [0, 1].
+        custom_postprocess: optional function applied to every output image
+            before it is saved.
+        base_interval: compute the visualizations every this many batches,
+            unless a register call gives its own ``interval``.
+    """
+
+    def __init__(self, file_folder, custom_preprocess=None, custom_postprocess=None,
+                 base_interval=10):
+        self.file_folder = storage.resolve_run_dir(file_folder)
+        self.custom_preprocess = _check_function(custom_preprocess, "custom_preprocess")
+        self.custom_postprocess = _check_function(custom_postprocess, "custom_postprocess")
+        self.base_interval = _check_interval(base_interval, "base_interval")
+        self.callback_list = []
+
+    def get_list(self):
+        """All registered callbacks, for ``model.fit(..., callbacks=...)``."""
+        return self.callback_list
+
+    def _interval(self, interval):
+        return self.base_interval if interval is None else interval
+
+    def register_network_saver(self):
+        self.callback_list.append(NetworkSaver(self.file_folder))
+
+    def register_training_progress(self):
+        self.callback_list.append(TrainingProgress(self.file_folder))
+
+    def register_layer_activations(self, exclude_layers=EXCLUDE_LAYERS, interval=None):
+        self.callback_list.append(LayerActivations(
+            self.file_folder, exclude_layers, self.custom_preprocess, self._interval(interval)))
+
+    def register_saliency_maps(self, interval=None):
+        self.callback_list.append(SaliencyMaps(
+            self.file_folder, self.custom_preprocess, self.custom_postprocess,
+            self._interval(interval)))
+
+    def register_deconvolutional_network(self, feat_map_layer_no, feat_map_amount=None,
+                                         feat_map_nos=None, custom_keras_model_info=None,
+                                         interval=None):
+        self.callback_list.append(DeconvolutionalNetwork(
+            self.file_folder, feat_map_layer_no, feat_map_amount, feat_map_nos,
+            self.custom_preprocess, self.custom_postprocess, custom_keras_model_info,
+            self._interval(interval)))
+
+    def register_deep_visualization(self, units_to_visualize, learning_rate, no_of_iterations,
+                                    l2_decay=0, blur_interval=0, blur_std=0, value_percentile=0,
+                                    norm_percentile=0, contribution_percentile=0,
+                                    abs_contribution_percentile=0, interval=None):
+        self.callback_list.append(DeepVisualization(
+            self.file_folder, units_to_visualize, learning_rate, no_of_iterations, l2_decay,
+            blur_interval, blur_std, value_percentile, norm_percentile, contribution_percentile,
+            abs_contribution_percentile, self.custom_postprocess, self._interval(interval)))
