@@ -155,7 +155,7 @@ def test_other_ranks_are_skipped_with_a_reason():
     with pytest.warns(UserWarning, match="sequence"):
         activation_model = ActivationModel(model)
     assert activation_model.skipped_layers == [
-        ("sequence", "its output has 2 dimensions per image; only (units,) and (H, W, C) are shown")]
+        ("Layer 1: sequence", "its output has 2 dimensions per image; only (units,) and (H, W, C) are shown")]
     result = activation_model(random_images(model, 1))
     assert [name for name, _ in result[0]] == ["Layer 0: conv", "Layer 3: out"]
 
@@ -187,3 +187,20 @@ def test_bad_arguments_get_clear_errors(sequential_model):
     unbuilt = keras.Sequential([keras.layers.Dense(2)])
     with pytest.raises(ValueError, match="not built"):
         ActivationModel(unbuilt)
+
+
+def test_inside_training_follows_each_batch(sequential_model):
+    """Built once before fit and called from a callback, it shows the weights of that moment."""
+    model = keras.models.clone_model(sequential_model)
+    model.compile(optimizer=keras.optimizers.SGD(0.5), loss="categorical_crossentropy")
+    activation_model = ActivationModel(model)
+    image = random_images(model, 1, seed=9)
+    stages = []
+    record = keras.callbacks.LambdaCallback(
+        on_batch_end=lambda batch, logs: stages.append(activation_model(image)[0]))
+    x = random_images(model, 8, seed=10)
+    y = keras.utils.to_categorical(np.arange(8) % 3, 3)
+    model.fit(x, y, batch_size=4, epochs=1, verbose=0, callbacks=[record])
+    assert len(stages) == 2
+    assert any(not np.array_equal(first, last) for (_, first), (_, last) in zip(stages[0], stages[1]))
+    assert_matches_direct(model, [stages[-1]], image)

@@ -183,3 +183,22 @@ def test_bad_arguments_get_clear_errors():
         SaliencyModel(keras.Model(inputs, keras.layers.Conv2D(2, 1)(inputs)))
     with pytest.raises(ValueError, match="not built"):
         SaliencyModel(keras.Sequential([keras.layers.Dense(2)]))
+
+
+def test_inside_training_keeps_the_softmax():
+    """Called from a callback during fit, the maps follow training and the model keeps its softmax."""
+    keras.utils.set_random_seed(5)
+    model = softmax_in_dense()
+    model.compile(optimizer=keras.optimizers.SGD(0.5), loss="categorical_crossentropy")
+    saliency_model = SaliencyModel(model)
+    image = make_images(1, seed=6)
+    maps = []
+    record = keras.callbacks.LambdaCallback(
+        on_batch_end=lambda batch, logs: maps.append(saliency_model(image)[0]))
+    x = make_images(8, seed=7)
+    y = keras.utils.to_categorical(np.arange(8) % CLASSES, CLASSES)
+    history = model.fit(x, y, batch_size=4, epochs=2, verbose=0, callbacks=[record])
+    assert len(maps) == 4 and not np.array_equal(maps[0], maps[-1])
+    np.testing.assert_array_equal(maps[-1], saliency_maps(model, image)[0])
+    np.testing.assert_allclose(probabilities(model, x).sum(axis=-1), 1.0, rtol=1e-5)
+    assert np.isfinite(history.history["loss"]).all()

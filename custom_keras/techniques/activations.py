@@ -19,6 +19,7 @@ layer on one scale, so their brightness can be compared):
   with several outputs have no picture in this format: they are skipped and
   listed, with the reason, in ``ActivationModel.skipped_layers`` (and a
   warning says so once, when the model is built).
+- A layer used at several places in the model shows its first use.
 """
 import warnings
 
@@ -84,11 +85,12 @@ class ActivationModel:
         for layer_no, layer in enumerate(model.layers):
             if isinstance(layer, exclude_layers):
                 continue
+            layer_name = "Layer %d: %s" % (layer_no, layer.name)
             reason = self._reason_to_skip(layer.output)
             if reason:
-                self.skipped_layers.append((layer.name, reason))
+                self.skipped_layers.append((layer_name, reason))
                 continue
-            self.layer_names.append("Layer %d: %s" % (layer_no, layer.name))
+            self.layer_names.append(layer_name)
             outputs.append(layer.output)
         if self.skipped_layers:
             warnings.warn("layer activations skip: " + "; ".join(
