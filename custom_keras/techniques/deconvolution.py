@@ -7,8 +7,8 @@ switches of this image's forward pass, ReLU, and transposed convolution with the
 layer's own filters, strides and padding (biases are not used, as in the paper).
 
 The deconvolutional network is derived automatically for a plain stack of
-``Conv2D``, ``MaxPooling2D`` and ReLU layers (``InputLayer``, ``Dropout`` and
-linear activations pass through). Any other model needs ``custom_keras_model_info``.
+``Conv2D``, ``MaxPooling2D`` and ReLU layers (``Dropout`` and linear activations
+pass through). Any other model needs ``custom_keras_model_info``.
 
 All requested maps of all images go through the reverse pass as ONE batch:
 the (image, map) pairs lie on the batch axis, image-major.
@@ -16,10 +16,11 @@ the (image, map) pairs lie on the batch axis, image-major.
 import keras
 import numpy as np
 
-from custom_keras.techniques.common import get_layer, model_inputs
+from custom_keras.techniques.common import check_images, get_layer, single_input
 
-PASS_THROUGH_LAYERS = (keras.layers.InputLayer, keras.layers.Dropout)
-SUPPORTED_LAYERS = "Conv2D, MaxPooling2D, ReLU/Activation('relu'), Dropout and InputLayer"
+SUPPORTED_LAYERS = ("Conv2D (relu or no activation, no dilation or groups), MaxPooling2D, ReLU (without "
+                    "max_value, negative_slope or threshold), Activation('relu'/'linear') and Dropout, "
+                    "channels_last")
 
 
 def _is_activation(function, name):
@@ -28,7 +29,7 @@ def _is_activation(function, name):
 
 def _reverse_step(layer):
     """How the reverse pass treats ``layer``: "conv", "unpool", "relu" or "pass"; None if unsupported."""
-    if isinstance(layer, PASS_THROUGH_LAYERS):
+    if isinstance(layer, keras.layers.Dropout):
         return "pass"
     if getattr(layer, "data_format", "channels_last") != "channels_last":
         return None
@@ -55,7 +56,7 @@ def _describe(model, layer):
 
 
 def _conv_stack(model, layer):
-    """The layers from the model input up to ``layer``, bottom first.
+    """The layers from the model input (exclusive) up to ``layer`` (not an InputLayer), bottom first.
 
     Follows the chosen layer's inputs back to the model input, so layers that do
     not feed it (other branches, the classifier above) do not matter.
@@ -65,27 +66,19 @@ def _conv_stack(model, layer):
             plain convolutional stack; the message says to pass custom_keras_model_info.
     """
     producers = {id(l.output): l for l in model.layers}
-    model_input = model.inputs[0] if len(model.inputs) == 1 else None
+    model_input = single_input(model)
     stack = []
     current = layer
     while True:
         if _reverse_step(current) is None:
             raise ValueError(
                 "feat_map_layer_no: cannot derive a deconvolutional network automatically: %s "
-                "is below or at the chosen layer, and only %s are supported (Conv2D and ReLU without "
-                "dilation or groups, channels_last). Pass custom_keras_model_info=(deconv_model, "
-                "layer_map, update) for this model." % (_describe(model, current), SUPPORTED_LAYERS))
-        stack.append(current)
-        if isinstance(current, keras.layers.InputLayer):
-            break
-        tensor = current.input
-        if isinstance(tensor, (list, tuple, dict)):
-            raise ValueError(
-                "feat_map_layer_no: cannot derive a deconvolutional network automatically: %s "
-                "below the chosen layer has several inputs (a merge of branches). Pass "
+                "is below or at the chosen layer, and only %s are supported. Pass "
                 "custom_keras_model_info=(deconv_model, layer_map, update) for this model."
-                % _describe(model, current))
-        if model_input is not None and tensor is model_input:
+                % (_describe(model, current), SUPPORTED_LAYERS))
+        stack.append(current)
+        tensor = current.input  # one tensor: every supported layer has a single input
+        if tensor is model_input:
             break
         if id(tensor) not in producers:
             raise ValueError(
@@ -228,7 +221,7 @@ class DeconvolutionModel:
             outputs = [self.layer.output] + [l.input for l in pools]
         else:
             outputs = [self.layer.output]
-        self.forward_model = keras.Model(model_inputs(model), outputs)
+        self.forward_model = keras.Model(single_input(model), outputs)
         self._select = tf.function(self._select_maps, reduce_retracing=True)
         self._reverse = tf.function(self._reverse_stack, reduce_retracing=True)
 
@@ -243,7 +236,7 @@ class DeconvolutionModel:
             feat_map_no), ...]``, ordered by descending maximum activation for
             ``feat_map_amount`` and as given for ``feat_map_nos``.
         """
-        images = np.asarray(images, dtype=np.float32)
+        images = check_images(self.model, images)
         outputs = self.forward_model(images, training=False)
         outputs = outputs if isinstance(outputs, (list, tuple)) else [outputs]
         feature_maps, pool_inputs = outputs[0], list(outputs[1:])
@@ -264,8 +257,7 @@ class DeconvolutionModel:
         shape = (None,) + tuple(images_shape[1:])
         for layer in self.stack:
             shapes.append(tuple(shape[1:]))
-            if not isinstance(layer, keras.layers.InputLayer):
-                shape = layer.compute_output_shape(shape)
+            shape = layer.compute_output_shape(shape)
         return tuple(shapes)
 
     def _select_maps(self, feature_maps):
