@@ -11,7 +11,7 @@ shown from those. Tables are read from a byte offset and new rows are
 import os
 
 from bokeh.layouts import column
-from bokeh.models import ColumnDataSource, HoverTool, Select
+from bokeh.models import ColumnDataSource, DataRange1d, HoverTool, Select
 from bokeh.plotting import figure
 
 from custom_bokeh.dashboard import (POLL_MS, message_div, no_data_text, open_run, run_has_ended,
@@ -47,6 +47,8 @@ class TableReader:
 
     def read(self):
         path = self.tsv_path if os.path.exists(self.tsv_path) else self.txt_path
+        if not os.path.exists(path):
+            return None, [], False
         restarted = self.path is not None and (path != self.path or _size(path) < self.offset)
         if restarted or self.path is None:
             self.path, self.offset = path, 0
@@ -86,6 +88,7 @@ class TrainingProgressDashboard:
         self.batch_source = ColumnDataSource(data={})
         self.val_source = ColumnDataSource(data={})
         self.metrics = []
+        self.x_range = DataRange1d()  # shared: pan and zoom move every plot along the epochs
         self.message = message_div()
         self.metric_select = Select(title="Other metric", options=[], width=260)
         self.metric_select.on_change("value", lambda attr, old, new: self._show_other_metric())
@@ -142,7 +145,8 @@ class TrainingProgressDashboard:
         self.batch_columns = columns
         self.metrics = [c for c in columns if c not in POSITION_COLUMNS]
         self.batch_source.data = {name: [] for name in columns}
-        self.val_source.data = {name: [] for name in ["epoch"] + ["val_" + m for m in self.metrics]}
+        self.val_source.data = {name: [] for name in ["epoch"] + [
+            "val_" + m for m in self.metrics if not m.endswith("_avg")]}
         self.val_file_columns = []
         self.validation.path = None
         accuracy = next((m for m in self.metrics if m == "accuracy"),
@@ -150,28 +154,21 @@ class TrainingProgressDashboard:
                              None))
         main = [m for m in (accuracy, "loss") if m in self.metrics]
         others = [m for m in self.metrics if m not in main]
-        first = None
-        figures = []
-        for metric in main:
-            fig = self._metric_figure(metric, first.x_range if first else None)
-            first = first or fig
-            figures.append(fig)
         self.metric_select.update(options=others, value=others[0] if others else "")
-        self._shared_x_range = first.x_range if first else None
-        self.content.children = figures + ([self.metric_select, self.other_figure] if others else [])
+        self.content.children = ([self._metric_figure(m) for m in main]
+                                 + ([self.metric_select, self.other_figure] if others else []))
         self._show_other_metric()
 
     def _show_other_metric(self):
         metric = self.metric_select.value
         if metric in self.metrics:
-            self.other_figure.children = [self._metric_figure(metric, self._shared_x_range)]
+            self.other_figure.children = [self._metric_figure(metric)]
 
-    def _metric_figure(self, metric, x_range):
+    def _metric_figure(self, metric):
         """One metric per batch as a line, its validation value per epoch as green circles."""
-        options = {"x_range": x_range} if x_range is not None else {}
         fig = figure(title="Batch %s" % metric.replace("_", " "), height=260,
                      sizing_mode="stretch_width", tools=TOOLS, active_scroll="wheel_zoom",
-                     x_axis_label="epoch", y_axis_label=metric, **options)
+                     x_range=self.x_range, x_axis_label="epoch", y_axis_label=metric)
         line = fig.line("progress", metric, source=self.batch_source, color=BATCH_COLOR,
                         line_width=1.5, legend_label="batch")
         fig.add_tools(HoverTool(renderers=[line], mode="vline", tooltips=[
