@@ -2,7 +2,7 @@
 import re
 from urllib.parse import urlsplit
 
-from flask import Blueprint, flash, redirect, render_template, request, url_for
+from flask import Blueprint, flash, redirect, render_template, request, session, url_for
 from flask_login import current_user, login_user, logout_user
 from sqlalchemy import func
 
@@ -82,5 +82,6 @@ def login():
 @bp.route("/logout", methods=("POST",))
 def logout():
     logout_user()
+    session.clear()  # nothing of this user's session (pending messages) is left to the next one
     flash("You are logged out.", "success")
     return redirect(url_for("auth.login"))

@@ -1,0 +1,116 @@
+"""Shared fixtures for the web app tests (after Flask's tutorial app, flaskr).
+
+``app`` is a fresh app with its own database and storage folder under
+``tmp_path`` and a ``FakeRunner`` that records calls instead of spawning
+processes; ``client`` is its test client; ``auth`` creates users and logs in.
+CSRF checks are off here; tests/test_security.py turns them on.
+"""
+import io
+from types import SimpleNamespace
+
+import pytest
+
+from visualizer import create_app, run_dir
+
+
+class FakeRunner:
+    """Records start/stop/reconcile calls; a test feeds state changes with ``apply_run_update``."""
+
+    def __init__(self, reconcile_updates=()):
+        self.started = []
+        self.stopped = []
+        self.reconciled = []
+        self.reconcile_updates = list(reconcile_updates)
+
+    def start(self, run_id, run_dir, script_file):
+        self.started.append((run_id, run_dir, script_file))
+
+    def stop(self, run_id):
+        self.stopped.append(run_id)
+
+    def reconcile(self, records):
+        self.reconciled.append(list(records))
+        return self.reconcile_updates
+
+
+def run_update(run_id, state, exit_code=None, pid=None, started_at=None, ended_at=None,
+               message=None):
+    """A stand-in for ``visualizer.runner.RunUpdate`` with the same fields."""
+    return SimpleNamespace(run_id=run_id, state=state, exit_code=exit_code, pid=pid,
+                           started_at=started_at, ended_at=ended_at, message=message)
+
+
+def make_test_config(tmp_path, **overrides):
+    config = {
+        "TESTING": True,
+        "SECRET_KEY": "test-secret-key",
+        "WTF_CSRF_ENABLED": False,
+        "INSTANCE_DIR": str(tmp_path / "instance"),
+        "STORAGE_DIR": str(tmp_path / "storage"),
+        "SQLALCHEMY_DATABASE_URI": "sqlite:///" + str(tmp_path / "test.sqlite"),
+        "BOKEH_URL": "http://bokeh.test:5006",
+        "RUNNER": FakeRunner(),
+    }
+    config.update(overrides)
+    return config
+
+
+@pytest.fixture
+def app(tmp_path):
+    return create_app(make_test_config(tmp_path))
+
+
+@pytest.fixture
+def client(app):
+    return app.test_client()
+
+
+class AuthActions:
+    def __init__(self, client):
+        self._client = client
+
+    def register(self, username="alice_1", password="password123", confirm=None):
+        return self._client.post("/auth/register", data={
+            "username": username, "password": password,
+            "confirm": password if confirm is None else confirm})
+
+    def login(self, username="alice_1", password="password123", next_url=None):
+        data = {"username": username, "password": password}
+        if next_url is not None:
+            data["next"] = next_url
+        return self._client.post("/auth/login", data=data)
+
+    def register_and_login(self, username="alice_1", password="password123"):
+        self.register(username, password)
+        return self.login(username, password)
+
+    def logout(self):
+        return self._client.post("/auth/logout")
+
+
+@pytest.fixture
+def auth(client):
+    return AuthActions(client)
+
+
+SCRIPT_SOURCE = "print('hello')\n"
+
+
+def upload_script(client, name="mnist_keras.py", source=SCRIPT_SOURCE, tags="", **kwargs):
+    """POST a script upload; ``source`` may be str or bytes."""
+    data = source.encode("utf-8") if isinstance(source, str) else source
+    return client.post("/upload", data={"file": (io.BytesIO(data), name), "tags": tags},
+                       content_type="multipart/form-data", **kwargs)
+
+
+def png_bytes(size=(8, 8), color=128):
+    from PIL import Image
+    buffer = io.BytesIO()
+    Image.new("L", size, color).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def script_folder(app, script_id):
+    from visualizer.models import Script, db
+    with app.app_context():
+        return run_dir(app, db.session.get(Script, script_id))

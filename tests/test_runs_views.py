@@ -1,0 +1,217 @@
+"""Run and stop (with a fake runner), the Output tab and its JSON, images, technique tabs,
+the ended-run banner and reconciling runs at start."""
+import datetime
+import io
+import os
+import time
+
+import pytest
+from conftest import FakeRunner, make_test_config, png_bytes, run_update, script_folder, upload_script
+from markupsafe import escape
+from PIL import Image
+
+from custom_keras import registry
+from visualizer import apply_run_update, create_app
+from visualizer.models import Run, Script, db
+from visualizer.runs import tail_lines
+
+
+@pytest.fixture
+def script(app, client, auth):
+    """Alice is logged in and has uploaded mnist_keras.py (script id 1)."""
+    auth.register_and_login()
+    upload_script(client, "mnist_keras.py")
+    return script_folder(app, 1)
+
+
+def post_run(client, images=(), choice="new"):
+    data = {"images": choice, "image": [(io.BytesIO(d), n) for n, d in images]}
+    return client.post("/scripts/1/run", data=data, content_type="multipart/form-data",
+                       follow_redirects=True)
+
+
+def runs(app):
+    with app.app_context():
+        return [(r.id, r.state) for r in Run.query.order_by(Run.id)]
+
+
+def test_run_saves_image_creates_run_and_calls_runner(app, client, script):
+    response = post_run(client, [("digit.png", png_bytes())])
+    assert "mnist_keras.py was queued to run." in response.get_data(as_text=True)
+    assert runs(app) == [(1, "queued")]
+    assert app.extensions["runner"].started == [
+        (1, script, os.path.join(script, "mnist_keras.py"))]
+    assert os.listdir(os.path.join(script, "images")) == ["digit.png"]
+    assert client.get("/scripts/1/images/digit.png").data == png_bytes()
+
+
+def test_run_again_clears_results_and_keeps_images(app, client, script):
+    post_run(client, [("a.png", png_bytes()), ("b.png", png_bytes(color=9))])
+    apply_run_update(app, run_update(1, "finished", exit_code=0, ended_at=time.time()))
+    for sub in ("results", "networks"):
+        os.makedirs(os.path.join(script, sub))
+    for name in ("output.txt", "status.json"):
+        with open(os.path.join(script, name), "w") as f:
+            f.write("old")
+    page = client.get("/scripts/1").get_data(as_text=True)
+    assert "Running again deletes the previous results" in page
+    assert 'value="keep" checked' in page and "/scripts/1/images/b.png" in page
+    post_run(client, choice="keep")
+    assert runs(app) == [(1, "finished"), (2, "queued")]
+    assert sorted(os.listdir(script)) == ["images", "mnist_keras.py"]
+    assert sorted(os.listdir(os.path.join(script, "images"))) == ["a.png", "b.png"]
+
+
+def test_run_without_image(app, client, script):
+    post_run(client, choice="none")
+    assert runs(app) == [(1, "queued")]
+
+
+def make_bomb():
+    buffer = io.BytesIO()
+    Image.new("1", (Image.MAX_IMAGE_PIXELS // 1000 + 1, 1001)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("images, choice, message", [
+    ([("digit.png", b"\x89PNG\r\n\x1a\nnot really")], "new", "digit.png is not a readable image"),
+    ([("digit.png", png_bytes()[:-20])], "new", "digit.png is not a readable image"),
+    ([("digit.exe", png_bytes())], "new", "digit.exe is not an image file name"),
+    ([("bomb.png", make_bomb())], "new", "bomb.png has too many pixels"),
+    ([], "new", "Choose a visualization image to upload"),
+    ([], "keep", "There is no previous image to keep"),
+    ([], "maybe", "Choose new image(s), the previous image(s) or no image."),
+])
+def test_run_refuses_bad_images_and_writes_nothing(app, client, script, images, choice, message):
+    response = post_run(client, images, choice)
+    assert message in response.get_data(as_text=True)
+    assert runs(app) == [] and app.extensions["runner"].started == []
+    assert os.listdir(script) == ["mnist_keras.py"]
+
+
+def test_run_refused_while_running(app, client, script):
+    post_run(client, choice="none")
+    apply_run_update(app, run_update(1, "running", pid=1234, started_at=time.time()))
+    response = post_run(client, choice="none")
+    assert "mnist_keras.py is already running." in response.get_data(as_text=True)
+    assert runs(app) == [(1, "running")]
+
+
+def test_runner_failure_marks_run_failed(app, client, script):
+    def refuse(*args):
+        raise OSError("no slot")
+    app.extensions["runner"].start = refuse
+    response = post_run(client, choice="none")
+    assert "could not be started: no slot" in response.get_data(as_text=True)
+    assert runs(app) == [(1, "failed")]
+
+
+def test_stop_calls_runner(app, client, script):
+    response = client.post("/scripts/1/stop", follow_redirects=True)
+    assert "mnist_keras.py is not running." in response.get_data(as_text=True)
+    post_run(client, choice="none")
+    page = client.get("/scripts/1").get_data(as_text=True)
+    assert "/scripts/1/stop" in page and 'data-open-dialog="run-dialog"' not in page
+    client.post("/scripts/1/stop")
+    assert app.extensions["runner"].stopped == [1]
+
+
+def test_run_update_is_written_and_shown(app, client, script):
+    post_run(client, choice="none")
+    started = time.time()
+    apply_run_update(app, run_update(1, "running", pid=4321, started_at=started))
+    assert client.get("/scripts/1/status.json").get_json() == {
+        "state": "running", "exit_code": None, "message": None}
+    assert '<span class="badge badge-running">Running</span>' in client.get("/").get_data(as_text=True)
+    apply_run_update(app, run_update(1, "failed", exit_code=1, started_at=started,
+                                     ended_at=started + 5, message="exit code 1"))
+    with app.app_context():
+        run = db.session.get(Run, 1)
+        assert (run.state, run.exit_code, run.pid, run.message) == ("failed", 1, None, "exit code 1")
+        assert (run.ended_at - run.started_at).total_seconds() == pytest.approx(5, abs=1e-3)
+
+
+def test_banner_announces_run_that_ended_elsewhere_until_opened(app, client, script):
+    post_run(client, choice="none")
+    with app.app_context():  # the user last looked at the script a minute ago
+        script_row = db.session.get(Script, 1)
+        script_row.seen_at -= datetime.timedelta(minutes=1)
+        db.session.commit()
+    apply_run_update(app, run_update(1, "finished", exit_code=0, ended_at=time.time() - 30))
+    page = client.get("/upload").get_data(as_text=True)
+    assert 'class="banner banner-finished"' in page and "mnist_keras.py</a>\n      finished" in page
+    client.get("/scripts/1")
+    assert "banner-finished" not in client.get("/upload").get_data(as_text=True)
+
+
+def write_output(folder, text):
+    with open(os.path.join(folder, "output.txt"), "w", newline="") as f:
+        f.write(text)
+
+
+def test_output_json_returns_last_50_lines(client, script):
+    assert client.get("/scripts/1/output.json").get_json()["lines"] == []
+    write_output(script, "".join("line %d\n" % i for i in range(200)))
+    data = client.get("/scripts/1/output.json").get_json()
+    assert data["lines"] == ["line %d" % i for i in range(150, 200)]
+    page = client.get("/scripts/1/output").get_data(as_text=True)
+    assert "line 199" in page and "line 149\n" not in page and "Download full output" in page
+
+
+def test_tail_lines_reads_the_end_of_a_big_file(tmp_path):
+    path = tmp_path / "output.txt"
+    row = "x" * 99 + "\n"
+    with open(path, "w") as f:
+        f.write(row * 30000)  # 3 MB
+        f.write("epoch 1/2 [==   ] 10%\repoch 1/2 [=====] 100%\nlast line without newline")
+    lines = tail_lines(str(path))
+    assert len(lines) == 50
+    assert lines[-2:] == ["epoch 1/2 [=====] 100%", "last line without newline"]
+    assert lines[0] == "x" * 99
+    with open(path, "w") as f:
+        f.write("y" * 1_000_000)  # one huge line: only its end is read
+    assert tail_lines(str(path)) == ["y" * (256 * 1024)]
+    assert tail_lines(str(tmp_path / "missing.txt")) == []
+
+
+def test_download_output(client, script):
+    response = client.get("/scripts/1/output/download", follow_redirects=True)
+    assert "mnist_keras.py has no output yet" in response.get_data(as_text=True)
+    write_output(script, "all\nof\nit\n")
+    response = client.get("/scripts/1/output/download")
+    assert response.data == b"all\nof\nit\n"
+    assert "filename=mnist_keras_output.txt" in response.headers["Content-Disposition"]
+
+
+def test_image_route_serves_only_listed_images(client, script):
+    assert client.get("/scripts/1/images/digit.png").status_code == 404
+    assert client.get("/scripts/1/images/..%2Fmnist_keras.py").status_code == 404
+
+
+def test_every_technique_has_a_tab_with_an_embedded_session(client, script):
+    page = client.get("/scripts/1").get_data(as_text=True)
+    for technique in registry.TECHNIQUES:
+        assert "/scripts/1/techniques/%s" % technique.key in page
+        tab = client.get("/scripts/1/techniques/%s" % technique.key).get_data(as_text=True)
+        assert technique.title in tab and str(escape(technique.description)) in tab
+        assert "http://bokeh.test:5006/%s/autoload.js" % technique.key in tab
+        assert "No results yet" in tab
+    assert client.get("/scripts/1/techniques/nope").status_code == 404
+
+
+def test_create_app_reconciles_open_runs(tmp_path):
+    config = make_test_config(tmp_path)
+    app = create_app(config)
+    with app.app_context():
+        from visualizer.models import User
+        user = User(username="alice_1", password_hash="x")
+        script = Script(user=user, filename="train.py")
+        db.session.add_all([Run(script=script, state="running", pid=77),
+                            Run(script=script, state="finished"), Run(script=script, state="queued")])
+        db.session.commit()
+    runner = FakeRunner([run_update(1, "failed", message="the process vanished")])
+    app = create_app(dict(config, RUNNER=runner))
+    folder = os.path.join(config["STORAGE_DIR"], "1", "train")
+    assert runner.reconciled == [[(1, "running", 77, folder, os.path.join(folder, "train.py")),
+                                  (3, "queued", None, folder, os.path.join(folder, "train.py"))]]
+    assert runs(app) == [(1, "failed"), (2, "finished"), (3, "queued")]
