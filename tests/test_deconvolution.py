@@ -425,3 +425,42 @@ def test_layers_off_the_path_to_the_chosen_layer_do_not_matter():
     check_deconvolution_args(model, 2, feat_map_amount=-1)  # one branch: input -> conv -> conv
     result = deconvolution(model, np.ones((1, 8, 8, 1), np.float32), 2, feat_map_amount=-1)[0]
     assert [r[0].shape for r in result] == [(8, 8, 1), (8, 8, 1)]
+
+
+def test_fully_convolutional_model_takes_any_image_size():
+    model = keras.Sequential([
+        keras.Input((None, None, 2)),
+        keras.layers.Conv2D(3, 3, padding="same", activation="relu"),
+        keras.layers.MaxPooling2D(2),
+        keras.layers.Conv2D(2, 3, strides=2, activation="relu"),
+    ])
+    _randomize(model, 6)
+    deconv = DeconvolutionModel(model, 2, feat_map_nos=[1, 0])
+    for size in (11, 16):
+        image = _images(size, count=1, seed=size)
+        for reconstruction, _, map_no in deconv(image)[0]:
+            assert reconstruction.shape == (size, size, 2)
+            assert _close(reconstruction, np_deconvolution(model.layers, image[0], map_no)[0])
+
+
+def test_custom_update_must_return_a_pair_or_none():
+    model = _two_conv_model()
+    info = (*_hand_made_deconv(model), lambda current_model: "new model")
+    with pytest.raises(TypeError, match=r"custom_keras_model_info: update\(model\) must return"):
+        deconvolution(model, np.ones((1, 8, 8, 1), np.float32), 1, feat_map_amount=1,
+                      custom_keras_model_info=info)
+
+
+def test_works_inside_model_fit():
+    model = relu_inside_model("same", 13)
+    model.compile(optimizer="sgd", loss="categorical_crossentropy")
+    image = _images(13, count=1)
+    deconv = DeconvolutionModel(model, 3, feat_map_amount=2)
+    seen = []
+    callback = keras.callbacks.LambdaCallback(on_train_batch_end=lambda batch, logs: seen.append(deconv(image)))
+    x = _images(13, count=8, seed=3)
+    y = keras.utils.to_categorical(np.arange(8) % 3, 3)
+    model.fit(x, y, batch_size=4, epochs=1, verbose=0, callbacks=[callback])
+    assert len(seen) == 2
+    for reconstruction, _, map_no in seen[-1][0]:
+        assert _close(reconstruction, np_deconvolution(_stack(model, 3), image[0], map_no)[0])

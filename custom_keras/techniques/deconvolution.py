@@ -90,7 +90,7 @@ def _conv_stack(model, layer):
     return stack[::-1]
 
 
-def _check_custom_info(model, feat_map_layer_no, custom_keras_model_info):
+def _check_custom_info(feat_map_layer_no, custom_keras_model_info):
     """Check the thesis' (deconv keras model, layer map dict, update function) tuple."""
     if not isinstance(custom_keras_model_info, tuple) or len(custom_keras_model_info) != 3:
         raise TypeError(
@@ -171,7 +171,7 @@ def check_deconvolution_args(model, feat_map_layer_no, feat_map_amount=None, fea
     if custom_keras_model_info is None:
         _conv_stack(model, layer)
     else:
-        _check_custom_info(model, feat_map_layer_no, custom_keras_model_info)
+        _check_custom_info(feat_map_layer_no, custom_keras_model_info)
     _check_selection(layer, feat_map_amount, feat_map_nos)
 
 
@@ -300,7 +300,7 @@ class DeconvolutionModel:
                 if _is_activation(layer.activation, "relu"):
                     signal = tf.nn.relu(signal)
                 signal = tf.nn.conv2d_transpose(
-                    signal, tf.convert_to_tensor(layer.kernel), output_shape=[pairs] + list(input_shape),
+                    signal, tf.cast(layer.kernel, signal.dtype), output_shape=[pairs] + list(input_shape),
                     strides=layer.strides, padding=layer.padding.upper())
             elif step == "unpool":
                 signal = self._unpool(signal, pool_inputs[self._pool_index[id(layer)]], layer, per_image)
@@ -328,6 +328,9 @@ class DeconvolutionModel:
         deconv_model, layer_map, update = self.custom_info
         updated = update(self.model)
         if updated is not None:
+            if not isinstance(updated, tuple) or len(updated) != 2:
+                raise TypeError("custom_keras_model_info: update(model) must return (deconv_model, "
+                                "layer_map) or None, got %r" % (updated,))
             deconv_model, layer_map = updated
             _check_deconv_model(deconv_model, layer_map, self.feat_map_layer_no)
             self.custom_info = (deconv_model, layer_map, update)
