@@ -1,0 +1,472 @@
+"""The callback library: files, schedule, derived per-batch values, bad input, failures, kills."""
+import glob
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import keras
+import numpy as np
+import pytest
+from PIL import Image
+
+from custom_keras import storage
+from custom_keras.callbacks import (CustomCallbacks, DeepVisualization, SaliencyMaps,
+                                    TrainingProgress)
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TECHNIQUE_FILES = ("layer_activations.pickle", "saliency_maps.pickle",
+                   "deconvolutional_network.pickle", "deep_visualization.pickle")
+
+
+@pytest.fixture(autouse=True)
+def _fresh_session(monkeypatch):
+    monkeypatch.delenv(storage.RUN_DIR_ENV, raising=False)
+    keras.backend.clear_session()  # layer names start again at "conv2d", "dense"
+
+
+def write_images(run_dir, names=("a.png", "b.png")):
+    """Grey 8x8 images, plus an RGB 16x16 one when asked for by a name ending in _rgb.png."""
+    os.makedirs(os.path.join(run_dir, "images"), exist_ok=True)
+    rng = np.random.default_rng(0)
+    for i, name in enumerate(names):
+        if name.endswith("_rgb.png"):
+            image = Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8), "RGB")
+        else:
+            image = Image.fromarray(rng.integers(0, 256, (8, 8), dtype=np.uint8), "L")
+        path = os.path.join(run_dir, "images", name)
+        image.save(path)
+        os.utime(path, (1000 + i, 1000 + i))  # the last name is the newest image
+
+
+def tiny_model(metrics=("accuracy",)):
+    """Layers: 0 input, 1 conv, 2 pool, 3 flatten, 4 dense softmax."""
+    inputs = keras.Input((8, 8, 1))
+    x = keras.layers.Conv2D(4, (3, 3), activation="relu")(inputs)
+    x = keras.layers.MaxPooling2D((2, 2))(x)
+    x = keras.layers.Flatten()(x)
+    outputs = keras.layers.Dense(3, activation="softmax")(x)
+    model = keras.Model(inputs, outputs)
+    model.compile(optimizer="adam", loss="categorical_crossentropy", metrics=list(metrics))
+    return model
+
+
+def tiny_data(samples=40, seed=0):
+    rng = np.random.default_rng(seed)
+    x = rng.random((samples, 8, 8, 1), dtype=np.float32)
+    y = keras.utils.to_categorical(rng.integers(0, 3, samples), 3)
+    return x, y
+
+
+def register_all(callbacks):
+    callbacks.register_network_saver()
+    callbacks.register_training_progress()
+    callbacks.register_layer_activations()
+    callbacks.register_saliency_maps()
+    callbacks.register_deconvolutional_network(2, feat_map_amount=2)
+    callbacks.register_deep_visualization([(4, 0), (4, 2), (1, (2, 3, 1))], learning_rate=10,
+                                          no_of_iterations=3, l2_decay=0.0001, blur_interval=2,
+                                          blur_std=0.5)
+
+
+def history(run_dir, file_name):
+    return storage.read_history_index(run_dir, file_name)[0]
+
+
+def read_rows(path):
+    with open(path) as f:
+        return [line.split() for line in f]
+
+
+def test_all_callbacks_write_appendix_d_files(tmp_path):
+    run_dir = str(tmp_path)
+    write_images(run_dir, ("a.png", "b.png", "c_rgb.png"))
+    callbacks = CustomCallbacks(run_dir, base_interval=3)
+    register_all(callbacks)
+    model = tiny_model()
+    x, y = tiny_data()
+    # 40 samples / 8 = 5 batches per epoch, 2 epochs = 10 batches.
+    model.fit(x, y, batch_size=8, epochs=2, validation_data=tiny_data(16, seed=1),
+              callbacks=callbacks.get_list(), verbose=0)
+
+    activations = storage.read_latest(run_dir, "layer_activations.pickle")
+    assert [name for name, _ in activations] == [
+        "Layer 1: conv2d", "Layer 2: max_pooling2d", "Layer 4: dense"]
+    assert [(a.dtype, a.shape) for _, a in activations] == [
+        (np.uint8, (4, 6, 6)), (np.uint8, (4, 3, 3)), (np.uint8, (3,))]
+
+    saliency = storage.read_latest(run_dir, "saliency_maps.pickle")
+    assert saliency.dtype == np.uint8 and saliency.shape == (8, 8, 1)
+
+    deconvolution = storage.read_latest(run_dir, "deconvolutional_network.pickle")
+    assert len(deconvolution) == 2
+    for image, layer_name, feat_map_no in deconvolution:
+        assert image.dtype == np.uint8 and image.shape == (8, 8, 1)
+        assert layer_name == "max_pooling2d" and isinstance(feat_map_no, int) and 0 <= feat_map_no < 4
+
+    deep = storage.read_latest(run_dir, "deep_visualization.pickle")
+    assert [(layer_name, unit) for _, layer_name, unit, _ in deep] == [
+        ("dense", 0), ("dense", 2), ("conv2d", (2, 3, 1))]
+    for image, _, _, loss_value in deep:
+        assert image.dtype == np.uint8 and image.shape == (8, 8, 1)
+        assert isinstance(loss_value, float)
+
+    # One snapshot at stage 0 and one every 3 batches: 1 + floor(10 / 3).
+    for file_name in TECHNIQUE_FILES:
+        entries = history(run_dir, file_name)
+        assert [e["stage"] for e in entries] == [0, 1, 2, 3]
+        assert [(e["epoch"], e["batch"], e["step"]) for e in entries] == [
+            (0, 0, 0), (0, 3, 3), (1, 1, 6), (1, 4, 9)]
+        assert [e["progress"] for e in entries] == pytest.approx([0.0, 0.6, 1.2, 1.8])
+        snapshot = storage.read_snapshot(run_dir, file_name, entries[-1])
+        assert sorted(snapshot["images"]) == ["a.png", "b.png", "c_rgb.png"]
+        for image_name in ("a.png", "b.png", "c_rgb.png"):
+            assert os.path.exists(storage.per_image_path(run_dir, image_name, file_name))
+
+    # Every image is visualized: per-image results differ, the newest is the latest file.
+    per_image = {name: storage.read_latest(run_dir, "saliency_maps.pickle", name)
+                 for name in ("a.png", "b.png", "c_rgb.png")}
+    assert not np.array_equal(per_image["a.png"], per_image["b.png"])
+    np.testing.assert_array_equal(per_image["c_rgb.png"], saliency)
+    info = storage.read_snapshot(run_dir, "saliency_maps.pickle",
+                                 history(run_dir, "saliency_maps.pickle")[-1])["info"]
+    assert set(info["a.png"]) == {"predicted_class", "confidence"}
+    assert info["a.png"]["predicted_class"] in (0, 1, 2)
+    assert 0 < info["a.png"]["confidence"] <= 1
+
+    # The RGB 16x16 image is fed as grey 8x8, uint8 before scaling.
+    inputs = storage.read_input_images(run_dir)
+    assert sorted(inputs) == ["a.png", "b.png", "c_rgb.png"]
+    assert all(a.dtype == np.uint8 and a.shape == (8, 8, 1) for a in inputs.values())
+    expected = np.asarray(Image.open(os.path.join(run_dir, "images", "a.png")))[..., np.newaxis]
+    np.testing.assert_array_equal(inputs["a.png"], expected)
+
+    rows = read_rows(storage.results_path(run_dir, "training_progress.txt"))
+    assert len(rows) == 10 and all(len(row) == 3 for row in rows)
+    assert [float(row[0]) for row in rows] == pytest.approx(
+        [0.0, 0.2, 0.4, 0.6, 0.8, 1.0, 1.2, 1.4, 1.6, 1.8])
+    assert all(0 <= float(row[1]) <= 1 and float(row[2]) > 0 for row in rows)
+    val_rows = read_rows(storage.results_path(run_dir, "training_progress_val.txt"))
+    assert [row[0] for row in val_rows] == ["1", "2"] and all(len(row) == 3 for row in val_rows)
+
+    # Named after the running script (here pytest's), without temporary files left over.
+    [network] = os.listdir(os.path.join(run_dir, "networks"))
+    saved = keras.saving.load_model(os.path.join(run_dir, "networks", network))
+    np.testing.assert_allclose(saved.predict(x, verbose=0), model.predict(x, verbose=0), atol=1e-6)
+
+
+def test_interval_overrides_base_interval(tmp_path):
+    run_dir = str(tmp_path)
+    write_images(run_dir)
+    callbacks = CustomCallbacks(run_dir, base_interval=3)
+    callbacks.register_saliency_maps(interval=4)
+    callbacks.register_layer_activations()
+    x, y = tiny_data()
+    tiny_model().fit(x, y, batch_size=8, epochs=2, callbacks=callbacks.get_list(), verbose=0)
+    assert [e["step"] for e in history(run_dir, "saliency_maps.pickle")] == [0, 4, 8]
+    assert [e["step"] for e in history(run_dir, "layer_activations.pickle")] == [0, 3, 6, 9]
+
+
+def test_per_batch_values_are_derived_exactly_with_a_smaller_last_batch(tmp_path):
+    """With the learning rate 0 every batch's own loss can be computed directly."""
+    rng = np.random.default_rng(0)
+    x = rng.random((22, 3), dtype=np.float32)
+    y = rng.random((22, 1), dtype=np.float32)
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(1)])
+    model.compile(optimizer=keras.optimizers.SGD(learning_rate=0.0), loss="mse",
+                  metrics=["mae", keras.metrics.RootMeanSquaredError(name="rmse")])
+    progress = TrainingProgress(str(tmp_path))
+    history_ = model.fit(x, y, batch_size=8, epochs=2, shuffle=False, callbacks=[progress],
+                         verbose=0)
+
+    columns, rows, _ = storage.read_table(storage.results_path(str(tmp_path),
+                                                               "training_progress.tsv"))
+    assert columns == ["progress", "epoch", "batch", "loss", "mae", "rmse",
+                       "loss_avg", "mae_avg", "rmse_avg"]
+    table = {name: np.array([row[i] for row in rows]) for i, name in enumerate(columns)}
+    predictions = model.predict(x, verbose=0)
+    batches = [slice(0, 8), slice(8, 16), slice(16, 22)]  # the last batch has 6 samples
+    loss = [np.mean((predictions[b] - y[b]) ** 2) for b in batches] * 2
+    mae = [np.mean(np.abs(predictions[b] - y[b])) for b in batches] * 2
+    np.testing.assert_allclose(table["loss"], loss, rtol=1e-4)
+    np.testing.assert_allclose(table["mae"], mae, rtol=1e-4)
+    np.testing.assert_allclose(table["progress"], [0, 1 / 3, 2 / 3, 1, 4 / 3, 5 / 3], rtol=1e-9)
+    # The sample-weighted mean of the derived values is Keras' epoch average.
+    sizes = np.array([8, 8, 6])
+    for epoch in range(2):
+        epoch_losses = table["loss"][3 * epoch:3 * epoch + 3]
+        np.testing.assert_allclose(np.sum(epoch_losses * sizes) / 22,
+                                   history_.history["loss"][epoch], rtol=1e-4)
+        assert table["loss_avg"][3 * epoch + 2] == pytest.approx(history_.history["loss"][epoch],
+                                                                 rel=1e-6)
+
+    # No accuracy metric: the Appendix D accuracy column is nan.
+    rows = read_rows(storage.results_path(str(tmp_path), "training_progress.txt"))
+    assert all(row[1] == "nan" for row in rows)
+    np.testing.assert_allclose([float(row[2]) for row in rows], loss, rtol=1e-4)
+    assert not os.path.exists(storage.results_path(str(tmp_path), "training_progress_val.txt"))
+
+
+def test_validation_tables_record_every_validation_metric(tmp_path):
+    model = tiny_model(metrics=("accuracy", "mse"))
+    x, y = tiny_data()
+    fit = model.fit(x, y, batch_size=8, epochs=2, validation_data=tiny_data(16, seed=1),
+                    callbacks=[TrainingProgress(str(tmp_path))], verbose=0)
+    columns, rows, _ = storage.read_table(storage.results_path(str(tmp_path),
+                                                               "training_progress_val.tsv"))
+    assert columns == ["epoch", "val_accuracy", "val_loss", "val_mse"]
+    assert [row[0] for row in rows] == [1, 2]
+    np.testing.assert_allclose([row[3] for row in rows], fit.history["val_mse"], rtol=1e-6)
+    val_rows = read_rows(storage.results_path(str(tmp_path), "training_progress_val.txt"))
+    np.testing.assert_allclose([[float(v) for v in row[1:]] for row in val_rows],
+                               np.transpose([fit.history["val_accuracy"], fit.history["val_loss"]]),
+                               rtol=1e-6)
+    columns, _, _ = storage.read_table(storage.results_path(str(tmp_path), "training_progress.tsv"))
+    assert {"accuracy", "loss", "mse", "accuracy_avg", "loss_avg", "mse_avg"} <= set(columns)
+
+
+def test_sequential_model_with_custom_pre_and_postprocess(tmp_path):
+    """Sequential models have no InputLayer in model.layers: layer 0 is the first conv."""
+    run_dir = str(tmp_path)
+    write_images(run_dir)
+    seen = []
+
+    def preprocess(image):
+        seen.append((image.dtype, float(image.max())))
+        return image / 127.5 - 1
+
+    model = keras.Sequential([keras.Input((8, 8, 1)), keras.layers.Conv2D(2, (3, 3)),
+                              keras.layers.Flatten(), keras.layers.Dense(3, activation="softmax")])
+    model.compile(optimizer="adam", loss="categorical_crossentropy")
+    callbacks = CustomCallbacks(run_dir, custom_preprocess=preprocess,
+                                custom_postprocess=lambda image: 255 - image, base_interval=5)
+    callbacks.register_layer_activations()
+    callbacks.register_saliency_maps()
+    callbacks.register_deconvolutional_network(0, feat_map_nos=[1])
+    x, y = tiny_data()
+    model.fit(x, y, batch_size=8, epochs=1, callbacks=callbacks.get_list(), verbose=0)
+    assert seen[0][0] == np.float32 and 1 < seen[0][1] <= 255
+    assert [name for name, _ in storage.read_latest(run_dir, "layer_activations.pickle")] == [
+        "Layer 0: conv2d", "Layer 2: dense"]
+    [(image, layer_name, feat_map_no)] = storage.read_latest(run_dir,
+                                                             "deconvolutional_network.pickle")
+    assert (image.dtype, image.shape, layer_name, feat_map_no) == (np.uint8, (8, 8, 1), "conv2d", 1)
+    # The postprocess inverts the saliency map, so its maximum (255) became 0.
+    assert storage.read_latest(run_dir, "saliency_maps.pickle").min() == 0
+
+
+# --- bad input ---------------------------------------------------------------
+
+def fit_with(run_dir, register):
+    callbacks = CustomCallbacks(run_dir, base_interval=2)
+    register(callbacks)
+    x, y = tiny_data(16)
+    tiny_model().fit(x, y, batch_size=8, epochs=1, callbacks=callbacks.get_list(), verbose=0)
+
+
+@pytest.mark.parametrize("register, argument", [
+    (lambda c: c.register_deconvolutional_network(9, feat_map_amount=1), "feat_map_layer_no"),
+    (lambda c: c.register_deconvolutional_network(3, feat_map_amount=1), "feat_map_layer_no"),
+    (lambda c: c.register_deconvolutional_network(1), "feat_map_amount"),
+    (lambda c: c.register_deconvolutional_network(1, feat_map_nos=[7]), "feat_map_nos"),
+    (lambda c: c.register_deep_visualization([(4, 3)], 1, 2), "units_to_visualize"),
+    (lambda c: c.register_deep_visualization([(12, 0)], 1, 2), "units_to_visualize"),
+    (lambda c: c.register_layer_activations(exclude_layers=("Dropout",)), "exclude_layers"),
+])
+def test_bad_arguments_for_the_model_fail_before_any_batch(tmp_path, register, argument):
+    run_dir = str(tmp_path)
+    write_images(run_dir)
+    callbacks = CustomCallbacks(run_dir)
+    register(callbacks)
+    callbacks.register_training_progress()
+    x, y = tiny_data(16)
+    with pytest.raises((ValueError, TypeError), match=argument):
+        tiny_model().fit(x, y, batch_size=8, callbacks=callbacks.get_list(), verbose=0)
+    assert not os.path.exists(storage.results_path(run_dir, "training_progress.txt"))
+
+
+@pytest.mark.parametrize("register, argument", [
+    (lambda c: c.register_saliency_maps(interval=0), "interval"),
+    (lambda c: c.register_layer_activations(interval=2.5), "interval"),
+    (lambda c: c.register_deep_visualization([(4, 0)], 1, 2, l2_decay=2), "l2_decay"),
+    (lambda c: c.register_deep_visualization([(4, 0)], 1, 0), "no_of_iterations"),
+    (lambda c: c.register_deep_visualization([(4, 0)], -1, 2), "learning_rate"),
+])
+def test_bad_arguments_fail_at_registration(tmp_path, register, argument):
+    write_images(str(tmp_path))
+    with pytest.raises((ValueError, TypeError), match=argument):
+        register(CustomCallbacks(str(tmp_path)))
+
+
+def test_bad_callback_wrapper_arguments(tmp_path):
+    with pytest.raises(ValueError, match="base_interval"):
+        CustomCallbacks(str(tmp_path), base_interval=0)
+    with pytest.raises(TypeError, match="custom_preprocess"):
+        CustomCallbacks(str(tmp_path), custom_preprocess="scale")
+
+
+def test_no_image_fails_at_registration(tmp_path):
+    callbacks = CustomCallbacks(str(tmp_path))
+    with pytest.raises(ValueError, match="no visualization image.*images"):
+        callbacks.register_saliency_maps()
+    # Deep visualization does not use the images.
+    callbacks.register_deep_visualization([(4, 0)], 1, 2)
+
+
+def test_unreadable_image_fails_at_registration(tmp_path):
+    write_images(str(tmp_path))
+    with open(os.path.join(str(tmp_path), "images", "broken.png"), "wb") as f:
+        f.write(b"not a png at all")
+    with pytest.raises(ValueError, match="broken.png.*cannot be read"):
+        CustomCallbacks(str(tmp_path)).register_layer_activations()
+
+
+def test_preprocess_with_the_wrong_shape_fails_before_any_batch(tmp_path):
+    write_images(str(tmp_path))
+    callbacks = CustomCallbacks(str(tmp_path), custom_preprocess=lambda image: image[:4])
+    callbacks.register_saliency_maps()
+    x, y = tiny_data(16)
+    with pytest.raises(ValueError, match="custom_preprocess"):
+        tiny_model().fit(x, y, batch_size=8, callbacks=callbacks.get_list(), verbose=0)
+
+
+def test_model_without_image_input_fails_before_any_batch(tmp_path):
+    write_images(str(tmp_path))
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(1)])
+    model.compile(optimizer="sgd", loss="mse")
+    with pytest.raises(ValueError, match="model: .*one image input"):
+        model.fit(np.zeros((4, 3)), np.zeros((4, 1)), verbose=0,
+                  callbacks=[SaliencyMaps(str(tmp_path))])
+
+
+# --- failures during training ------------------------------------------------
+
+def test_a_failing_snapshot_writes_nothing_and_training_goes_on(tmp_path, capfd):
+    run_dir = str(tmp_path)
+    write_images(run_dir)
+    calls = []
+
+    def postprocess(image):
+        calls.append(1)
+        if len(calls) == 3:  # the first image of stage 1; the second image is never reached
+            raise RuntimeError("disk\nfull")
+        return image
+
+    callbacks = CustomCallbacks(run_dir, custom_postprocess=postprocess, base_interval=2)
+    callbacks.register_saliency_maps()
+    callbacks.register_training_progress()
+    x, y = tiny_data()
+    fit = tiny_model().fit(x, y, batch_size=8, epochs=1, callbacks=callbacks.get_list(), verbose=0)
+
+    assert len(fit.history["loss"]) == 1
+    errors = [line for line in capfd.readouterr().err.splitlines() if "[visualizer]" in line]
+    assert errors == ["[visualizer] saliency maps failed at stage 1: RuntimeError: disk full"]
+    entries = history(run_dir, "saliency_maps.pickle")
+    assert [e["stage"] for e in entries] == [0, 2]
+    assert sorted(os.listdir(storage.history_dir(run_dir, "saliency_maps.pickle"))) == [
+        "000000000.pickle", "000000002.pickle", "index.jsonl"]
+    assert len(read_rows(storage.results_path(run_dir, "training_progress.txt"))) == 5
+
+
+def test_a_new_run_starts_a_new_history(tmp_path):
+    run_dir = str(tmp_path)
+    write_images(run_dir)
+    x, y = tiny_data(16)
+    for _ in range(2):
+        callbacks = CustomCallbacks(run_dir, base_interval=1)
+        callbacks.register_saliency_maps()
+        callbacks.register_training_progress()
+        tiny_model().fit(x, y, batch_size=8, callbacks=callbacks.get_list(), verbose=0)
+    assert [e["stage"] for e in history(run_dir, "saliency_maps.pickle")] == [0, 1, 2]
+    assert len(read_rows(storage.results_path(run_dir, "training_progress.txt"))) == 2
+
+
+def test_deep_visualization_without_images_uses_no_image_key(tmp_path):
+    callback = DeepVisualization(str(tmp_path), [(4, 1)], 1, 2, interval=100)
+    x, y = tiny_data(16)
+    tiny_model().fit(x, y, batch_size=8, callbacks=[callback], verbose=0)
+    [(image, layer_name, unit, _)] = storage.read_latest(str(tmp_path), "deep_visualization.pickle")
+    assert (image.shape, layer_name, unit) == ((8, 8, 1), "dense", 1)
+    entry = history(str(tmp_path), "deep_visualization.pickle")[0]
+    assert list(storage.read_snapshot(str(tmp_path), "deep_visualization.pickle", entry)["images"]) \
+        == ["no_image"]
+
+
+KILLED_SCRIPT = textwrap.dedent("""
+    import os
+    import keras
+    import numpy as np
+    from custom_keras.callbacks import CustomCallbacks
+
+    inputs = keras.Input((16, 16, 1))
+    x = keras.layers.Conv2D(8, (3, 3), activation="relu")(inputs)
+    x = keras.layers.MaxPooling2D((2, 2))(x)
+    x = keras.layers.Flatten()(x)
+    outputs = keras.layers.Dense(4, activation="softmax")(x)
+    model = keras.Model(inputs, outputs)
+    model.compile(optimizer="adam", loss="categorical_crossentropy", metrics=["accuracy"])
+    callbacks = CustomCallbacks(os.path.dirname(os.path.abspath(__file__)), base_interval=1)
+    callbacks.register_network_saver()
+    callbacks.register_training_progress()
+    callbacks.register_layer_activations()
+    callbacks.register_saliency_maps()
+    callbacks.register_deconvolutional_network(2, feat_map_amount=4)
+    callbacks.register_deep_visualization([(4, u) for u in range(4)], 5, 20, blur_interval=2,
+                                          blur_std=0.5)
+    rng = np.random.default_rng(0)
+    x = rng.random((64, 16, 16, 1), dtype=np.float32)
+    y = keras.utils.to_categorical(rng.integers(0, 4, 64), 4)
+    print("training", flush=True)
+    model.fit(x, y, batch_size=4, epochs=1000, verbose=0, callbacks=callbacks.get_list())
+""")
+
+
+def check_run_folder_is_readable(run_dir):
+    """Every latest file, per-image file, history snapshot and table loads completely."""
+    pickles = glob.glob(os.path.join(run_dir, "results", "**", "*.pickle"), recursive=True)
+    assert pickles
+    for path in pickles:  # glob skips the ".tmp-" files a kill may leave behind
+        storage.safe_load(path)
+    for file_name in TECHNIQUE_FILES:
+        for entry in history(run_dir, file_name):
+            storage.read_snapshot(run_dir, file_name, entry)
+    for table in ("training_progress.tsv", "training_progress_val.tsv"):
+        storage.read_table(storage.results_path(run_dir, table))
+    columns, rows, _ = storage.read_table(storage.results_path(run_dir, "training_progress.tsv"))
+    assert all(len(row) == len(columns) for row in rows)
+    lines, _ = storage.read_complete_lines(storage.results_path(run_dir, "training_progress.txt"))
+    assert all(len([float(v) for v in line.split()]) == 3 for line in lines)
+    for network in glob.glob(os.path.join(run_dir, "networks", "*.keras")):
+        keras.saving.load_model(network)
+
+
+def test_a_run_killed_mid_snapshot_leaves_every_latest_file_readable(tmp_path):
+    run_dir = str(tmp_path)
+    write_images(run_dir, ("a.png", "b_rgb.png"))
+    script = os.path.join(run_dir, "killed.py")
+    with open(script, "w") as f:
+        f.write(KILLED_SCRIPT)
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONPATH=ROOT)
+    env.pop(storage.RUN_DIR_ENV, None)
+    rng = random.Random(1)
+    for attempt in range(5):
+        process = subprocess.Popen([sys.executable, script], cwd=run_dir, env=env,
+                                   stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        index = os.path.join(storage.history_dir(run_dir, "deep_visualization.pickle"),
+                             storage.HISTORY_INDEX)
+        deadline = time.time() + 120
+        # Snapshots follow each other without a pause (interval 1), so a random
+        # moment after the first ones lands inside one with high probability.
+        while time.time() < deadline and process.poll() is None and (
+                not os.path.exists(index) or len(history(run_dir, "deep_visualization.pickle")) < 2):
+            time.sleep(0.05)
+        assert process.poll() is None, process.stdout.read().decode()
+        time.sleep(rng.uniform(0.0, 1.5))
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+        check_run_folder_is_readable(run_dir)
+    assert json.loads(open(index).readline())["stage"] == 0
