@@ -200,6 +200,7 @@ class ImageDashboard:
             return
         position = min(int(self.slider.value), len(self.entries) - 1)
         entry = self.entries[position]
+        self.label.text = snapshot_label(entry, position, len(self.entries))
         try:
             snapshot_key, snapshot = self._read_snapshot(entry)
             input_images = self._read_input_images()
@@ -218,7 +219,6 @@ class ImageDashboard:
             show_message(self.message, "Snapshot %s holds no image results." % entry["file"],
                          error=True)
             return
-        self.label.text = snapshot_label(entry, position, len(self.entries))
         try:
             layout = self.render(snapshot["images"][image_name],
                                  snapshot.get("info", {}).get(image_name, {}),
