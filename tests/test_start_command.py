@@ -75,10 +75,15 @@ class Visualizer:
             self.process.kill()
             pytest.fail("the visualizer did not stop on SIGINT:\n" + self.log())
 
-    def kill(self):
+    def stop(self):
+        """Ctrl-C, and SIGKILL if that does not end it."""
         if self.process.poll() is None:
-            self.process.kill()
-            self.process.wait()
+            self.process.send_signal(signal.SIGINT)
+            try:
+                self.process.wait(STOP_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
 
 
 @pytest.fixture
@@ -90,7 +95,7 @@ def start_visualizer(tmp_path):
         return started[-1]
     yield start
     for visualizer in started:
-        visualizer.kill()
+        visualizer.stop()
 
 
 def descendants(pid):
@@ -170,6 +175,21 @@ def test_ctrl_c_stops_running_runs_and_records_it(server_env, start_visualizer):
     assert not [pid for pid in children if process_running(pid)]
     assert not process_running(int(open(child_pid_file).read()))
     assert read_run(server_env) == ("stopped", None, "stopped because the server shut down")
+
+
+def test_killed_visualizer_leaves_no_bokeh_server_behind(server_env, start_visualizer):
+    visualizer = start_visualizer(server_env)
+    visualizer.wait_until_serving()
+    children = descendants(visualizer.process.pid)
+    assert children
+
+    visualizer.process.kill()
+    visualizer.process.wait()
+
+    deadline = time.time() + STOP_TIMEOUT_S
+    while [pid for pid in children if process_running(pid)]:
+        assert time.time() < deadline, "the Bokeh server outlived its killed parent"
+        time.sleep(0.1)
 
 
 def test_taken_port_is_reported_and_exits_non_zero(server_env, start_visualizer):

@@ -6,6 +6,7 @@ Flask app with waitress. Ctrl-C or SIGTERM stops both servers and every running
 run, so no process is left behind. Settings come from the environment
 variables listed in ``visualizer/config.py``.
 """
+import ctypes
 import errno
 import os
 import signal
@@ -22,6 +23,7 @@ from visualizer import config, create_app
 WAITRESS_THREADS = 8
 BOKEH_START_TIMEOUT_S = 60
 BOKEH_STOP_TIMEOUT_S = 10
+PR_SET_PDEATHSIG = 1
 
 
 class StartError(Exception):
@@ -30,18 +32,20 @@ class StartError(Exception):
 
 def main():
     try:
-        settings = config.settings_from_env()
+        settings = config.complete_settings(config.settings_from_env())
         check_port_free(settings["HOST"], settings["PORT"], "VISUALIZER_PORT")
         check_port_free(settings["HOST"], settings["BOKEH_PORT"], "VISUALIZER_BOKEH_PORT")
     except (ValueError, StartError) as error:
         sys.exit("python -m visualizer: %s" % error)
     signal.signal(signal.SIGTERM, _interrupt)
-    app = create_app()
-    runner = app.extensions["runner"]
-    bokeh = None
+    # Started before create_app starts the runner's thread: see start_bokeh.
+    bokeh = start_bokeh(settings)
+    runner = None
     try:
+        app = create_app()
+        runner = app.extensions["runner"]
         server = _create_server(app)
-        bokeh = start_bokeh(app.config)
+        wait_for_bokeh(bokeh, settings)
         print("Training visualizer: open http://%s:%d/ in a browser (dashboards served from %s). "
               "Ctrl-C stops it." % (_client_host(app.config["HOST"]), app.config["PORT"],
                                     app.config["BOKEH_URL"]), flush=True)
@@ -54,9 +58,9 @@ def main():
         pass  # interrupted while starting
     finally:
         # Runs are in their own process groups: without this they would be orphaned.
-        runner.shutdown(stop_runs=True)
-        if bokeh is not None:
-            stop_process(bokeh)
+        if runner is not None:
+            runner.shutdown(stop_runs=True)
+        stop_process(bokeh)
     print("Training visualizer stopped.", flush=True)
 
 
@@ -103,10 +107,10 @@ def websocket_origins(settings):
 
 
 def start_bokeh(settings):
-    """Starts ``python -m custom_bokeh`` and waits until it accepts connections.
+    """Starts ``python -m custom_bokeh``; it gets SIGTERM if this process dies.
 
-    Raises:
-        StartError: it exited or did not answer within BOKEH_START_TIMEOUT_S.
+    Call it while this process has a single thread: the parent-death signal is
+    set between fork and exec, which is safe only then.
     """
     command = [sys.executable, "-m", "custom_bokeh", "--port", str(settings["BOKEH_PORT"]),
                "--address", settings["HOST"], "--storage-dir", settings["STORAGE_DIR"]]
@@ -114,7 +118,21 @@ def start_bokeh(settings):
         command += ["--allow-websocket-origin", origin]
     # The secret key goes by environment: other users can read a process's argv.
     env = dict(os.environ, VISUALIZER_SECRET_KEY=settings["SECRET_KEY"])
-    bokeh = subprocess.Popen(command, env=env, cwd=config.REPO_ROOT)  # -m finds it in cwd
+    return subprocess.Popen(command, env=env, cwd=config.REPO_ROOT,  # -m finds it in cwd
+                            preexec_fn=_terminate_with_parent)
+
+
+def _terminate_with_parent():
+    """Linux prctl(PR_SET_PDEATHSIG, SIGTERM): no Bokeh server outlives a killed visualizer."""
+    ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+def wait_for_bokeh(bokeh, settings):
+    """Waits until the Bokeh server accepts connections.
+
+    Raises:
+        StartError: it exited or did not answer within BOKEH_START_TIMEOUT_S.
+    """
     address = (_client_host(settings["HOST"]), settings["BOKEH_PORT"])
     deadline = time.time() + BOKEH_START_TIMEOUT_S
     while time.time() < deadline:
@@ -123,10 +141,9 @@ def start_bokeh(settings):
                              "message above)" % bokeh.returncode)
         try:
             socket.create_connection(address, timeout=1).close()
-            return bokeh
+            return
         except OSError:
             time.sleep(0.2)
-    stop_process(bokeh)
     raise StartError("the Bokeh server did not answer on %s:%d within %d s"
                      % (address + (BOKEH_START_TIMEOUT_S,)))
 

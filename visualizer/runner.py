@@ -9,7 +9,7 @@ How a local run works:
 
 - The run is ``sys.executable -u <script_file>`` with the run folder as working
   directory, its stdout and stderr in ``<run_dir>/output.txt``. It is started by a
-  tiny wrapper (this file run as a program), ``[python, runner.py, script]``,
+  tiny wrapper (this file run as a program, ``python -P runner.py <script>``),
   which waits for the script and writes its exit code into ``status.json``. So
   even when the server is down while a run ends, the next start-up learns the
   real outcome.
