@@ -339,6 +339,28 @@ def test_reconcile_reports_how_a_run_ended_while_the_server_was_down(tmp_path, r
     assert updates == [RunUpdate(5, "finished", 0, None, None, updates[0].ended_at, None)]
 
 
+@pytest.mark.parametrize("database_state", ["queued", "running"])
+def test_reconcile_finds_a_run_that_started_just_before_the_server_died(tmp_path, runners,
+                                                                        database_state):
+    # The runner reports 'running' and the pid a moment after the start; a server
+    # killed in between leaves a database without them (no pid, maybe still 'queued').
+    run_dir, script = write_script(tmp_path, "just_started", WAIT_FOR_RELEASE.format(
+        release=str(tmp_path / "release")))
+    before_restart = runners()
+    before_restart.start(1, run_dir, script)
+    pid = Recorder(before_restart).wait_for(1, "running").pid
+    before_restart.shutdown(stop_runs=False)
+
+    after_restart = runners()
+    update, = after_restart.reconcile([(1, database_state, None, run_dir, script)])
+
+    assert (update.state, update.pid) == ("running", pid)
+    assert after_restart.poll() == []  # adopted, not started a second time
+    (tmp_path / "release").touch()
+    assert Recorder(after_restart).wait_for(1, "finished").exit_code == 0
+    assert read_output(run_dir) == "started\n"
+
+
 def test_adopted_run_can_be_stopped(tmp_path, runners):
     run_dir, script = write_script(tmp_path, "adopted", CHILD_SCRIPT.format(ignore_term=False))
     before_restart = runners()

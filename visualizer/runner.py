@@ -220,12 +220,17 @@ class LocalRunner(Runner):
             for run_id, state, pid, run_dir, script_file in records:
                 run_dir = os.path.abspath(run_dir)
                 run = _Run(run_id, run_dir, os.path.join(run_dir, script_file))
-                if state == QUEUED:
+                if state == QUEUED and not _has_started(run_dir):
                     self._queue.append(run)
-                elif pid and _is_run_process(pid, run_dir):
-                    self._adopt(run, pid)
                 else:
-                    self._settle_vanished(run)
+                    # The database learns a run's pid a moment after it starts:
+                    # without a (valid) one, look for the run's process by its folder.
+                    if not (pid and _is_run_process(pid, run_dir)):
+                        pid = _find_run_leader(run_dir)
+                    if pid:
+                        self._adopt(run, pid)
+                    else:
+                        self._settle_vanished(run)
                 updates.append(run.update(self._message_of(run)))
             self._start_queued()
         return updates
@@ -471,6 +476,24 @@ def _is_run_process(pid, run_dir):
         return False
     expected = ("%s=%s" % (storage.RUN_DIR_ENV, run_dir)).encode()
     return expected in environ
+
+
+def _has_started(run_dir):
+    """Whether the run of ``run_dir`` got past 'queued'.
+
+    The web app deletes status.json before it queues a run, and the runner writes
+    'running' there before the process starts; so any later state means this run
+    started, even if the database (updated a moment later) still calls it queued.
+    """
+    return (storage.read_run_status(run_dir) or {}).get("state") not in (None, QUEUED)
+
+
+def _find_run_leader(run_dir):
+    """The pid of the live wrapper (group leader) running in ``run_dir``, or None."""
+    for pid, fields in _all_processes().items():
+        if int(fields[2]) == pid and _is_run_process(pid, run_dir):
+            return pid
+    return None
 
 
 def _all_processes():
