@@ -215,3 +215,34 @@ def test_create_app_reconciles_open_runs(tmp_path):
     assert runner.reconciled == [[(1, "running", 77, folder, os.path.join(folder, "train.py")),
                                   (3, "queued", None, folder, os.path.join(folder, "train.py"))]]
     assert runs(app) == [(1, "failed"), (2, "finished"), (3, "queued")]
+
+
+def test_real_runner_runs_and_stops_a_script(tmp_path):
+    """The LocalRunner built by create_app writes its state changes into the database."""
+    app = create_app(make_test_config(tmp_path, RUNNER=None))
+    client = app.test_client()
+    try:
+        client.post("/auth/register", data={"username": "alice_1", "password": "password123",
+                                            "confirm": "password123"})
+        client.post("/auth/login", data={"username": "alice_1", "password": "password123"})
+        upload_script(client, "quick.py", "for i in range(60):\n    print('line', i)\n")
+        upload_script(client, "slow.py", "import time\nprint('waiting', flush=True)\ntime.sleep(60)\n")
+        for script_id in (1, 2):
+            client.post("/scripts/%d/run" % script_id, data={"images": "none"})
+        assert wait_for_state(client, 1, ("finished",))["exit_code"] == 0
+        assert client.get("/scripts/1/output.json").get_json()["lines"] == [
+            "line %d" % i for i in range(10, 60)]
+        wait_for_state(client, 2, ("running",))
+        client.post("/scripts/2/stop")
+        assert wait_for_state(client, 2, ("stopped",))["state"] == "stopped"
+    finally:
+        app.extensions["runner"].shutdown(stop_runs=True)
+
+
+def wait_for_state(client, script_id, states, limit_s=60):
+    deadline = time.time() + limit_s
+    while True:
+        status = client.get("/scripts/%d/status.json" % script_id).get_json()
+        if status["state"] in states or time.time() > deadline:
+            return status
+        time.sleep(0.1)

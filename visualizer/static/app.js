@@ -29,8 +29,16 @@ function poll(url, ms, onData) {
   setTimeout(tick, ms);
 }
 
+// Picking a file in the run dialog selects "upload new image(s)".
+document.querySelectorAll("dialog input[type=file][name=image]").forEach(function (input) {
+  input.addEventListener("change", function () {
+    input.closest("form").querySelector("input[name=images][value=new]").checked = true;
+  });
+});
+
 var output = document.getElementById("output");
 if (output) {
+  output.scrollTop = output.scrollHeight;
   poll(output.dataset.url, 1000, function (data) {
     var atBottom = output.scrollTop + output.clientHeight >= output.scrollHeight - 4;
     output.textContent = data.lines.length ? data.lines.join("\n") : "No output yet.";
