@@ -1,0 +1,69 @@
+"""The optimisation loop of deep visualization: gradient ascent, then regularise."""
+from custom_keras.techniques.deep_visualization.objectives import UnitObjective
+from custom_keras.techniques.deep_visualization.parameterization import random_noise_images
+from custom_keras.techniques.deep_visualization.transforms import Regularizers, check_regularizers
+
+
+def gradient_ascent(objective, images, learning_rate, no_of_iterations, regularizers):
+    """Raise each image's objective: ``x += learning_rate * grad``, then regularise, repeatedly.
+
+    Args:
+        objective: a ``UnitObjective`` (or any object with ``value_and_gradients``).
+        images: float32 start images, one per unit of the objective.
+        learning_rate: step size of the gradient ascent.
+        no_of_iterations: number of steps.
+        regularizers: a ``Regularizers`` (or any callable ``(images, gradients, iteration)``).
+
+    Returns:
+        The optimised images, float32, same shape as ``images``.
+    """
+    for iteration in range(no_of_iterations):
+        _, gradients = objective.value_and_gradients(images)
+        images = images + learning_rate * gradients
+        images = regularizers(images, gradients, iteration)
+    return images
+
+
+def deep_visualization(model, units_to_visualize, learning_rate, no_of_iterations, l2_decay=0,
+                       blur_interval=0, blur_std=0, value_percentile=0, norm_percentile=0,
+                       contribution_percentile=0, abs_contribution_percentile=0, seed=None):
+    """Synthetic images that maximally activate the chosen units (Yosinski et al.).
+
+    All units are optimised together as one batch, one image per unit, from
+    seeded Gaussian noise (``parameterization.START_NOISE_STD``). Output-layer
+    units maximise the pre-softmax score. A regulariser set to 0 is off;
+    Table 2.1 of the thesis lists four useful combinations.
+
+    Args:
+        model: a built Keras model with one input of fixed shape.
+        units_to_visualize: list of ``(layer_no, index)``; ``index`` an int for
+            layers with 1-D output, a ``(row, col, channel)`` tuple for 3-D output.
+        learning_rate: gradient ascent step size (> 0).
+        no_of_iterations: number of steps (int >= 1).
+        l2_decay: in [0, 1]; every step ``x *= (1 - l2_decay)``.
+        blur_interval: blur every this many steps (int >= 0).
+        blur_std: standard deviation of the Gaussian blur (>= 0).
+        value_percentile: zero this percentage of values with the smallest |x|.
+        norm_percentile: zero this percentage of pixels with the smallest norm.
+        contribution_percentile: zero this percentage of pixels with the
+            smallest contribution (sum over channels of x * grad).
+        abs_contribution_percentile: the same with the absolute contribution.
+        seed: int seed of the start noise, or None.
+
+    Returns:
+        List in the order of ``units_to_visualize`` of ``(image float32 (H, W, C)
+        in model-input space, layer_name, unit_index, loss_value)``, where
+        ``loss_value`` is the unit's activation for the final image.
+    """
+    check_regularizers(learning_rate, no_of_iterations, l2_decay, blur_interval, blur_std,
+                       value_percentile, norm_percentile, contribution_percentile,
+                       abs_contribution_percentile)
+    objective = UnitObjective(model, units_to_visualize)
+    regularizers = Regularizers(l2_decay, blur_interval, blur_std, value_percentile,
+                                norm_percentile, contribution_percentile,
+                                abs_contribution_percentile)
+    start = random_noise_images(tuple(model.inputs[0].shape[1:]), len(objective.units), seed)
+    images = gradient_ascent(objective, start, learning_rate, no_of_iterations, regularizers)
+    values = objective(images)
+    return [(image, layer_name, index, float(value)) for image, layer_name, (_, index), value
+            in zip(images, objective.layer_names, objective.units, values)]
