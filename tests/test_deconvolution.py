@@ -6,6 +6,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
+import tensorflow as tf  # noqa: E402
 
 from custom_keras.reference import build_reference_model, load_digits_28  # noqa: E402
 from custom_keras.techniques.deconvolution import (  # noqa: E402
@@ -180,9 +181,12 @@ def test_equals_numpy_zeiler_fergus_for_every_map(builder, padding, size, layer_
     model = builder(padding, size)
     images = _images(size)
     for layer_no in layer_nos:
-        results = deconvolution(model, images, layer_no, feat_map_amount=-1)
-        assert len(results) == len(images)
-        for image, result in zip(images, results):
+        results = deconvolution(model, images, layer_no, feat_map_amount=-1)  # eager
+        compiled = DeconvolutionModel(model, layer_no, feat_map_amount=-1)(images)
+        assert len(results) == len(compiled) == len(images)
+        for image, result, compiled_result in zip(images, results, compiled):
+            assert [no for _, _, no in result] == [no for _, _, no in compiled_result]
+            assert all(_close(a, b) for (a, _, _), (b, _, _) in zip(result, compiled_result))
             maps = model.layers[layer_no].output.shape[-1]
             assert sorted(no for _, _, no in result) == list(range(maps))
             nonzero = 0
@@ -230,14 +234,18 @@ def test_all_pairs_go_through_one_reverse_pass_and_match_single_image_results():
     model = relu_inside_model("same", 13)
     images = _images(13, count=3, seed=9)
     deconv = DeconvolutionModel(model, 3, feat_map_amount=4)
-    reverse, batches = deconv._reverse, []
+    reverse, batches = deconv._reverse_stack, []
 
     def recording_reverse(signal, *args):
-        batches.append(signal.shape)
+        batches.append(tuple(signal.shape))
         return reverse(signal, *args)
 
-    deconv._reverse = recording_reverse
-    together = deconv(images)
+    deconv._reverse_stack = recording_reverse
+    tf.config.run_functions_eagerly(True)  # so that every call, not only tracing, is recorded
+    try:
+        together = deconv(images)
+    finally:
+        tf.config.run_functions_eagerly(False)
     assert batches == [(3 * 4, 4, 4, 5)]
     for image, result in zip(images, together):
         alone = deconvolution(model, image[np.newaxis], 3, feat_map_amount=4)[0]
