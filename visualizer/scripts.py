@@ -35,9 +35,14 @@ def owned_script(script_id):
 
 
 def mark_seen(script):
-    """Record that the user looked at the script, which clears its banner."""
-    script.seen_at = utcnow()
-    db.session.commit()
+    """Record that the user looked at the script, which clears its banner.
+
+    Writes only when a run ended since the last look, so pages that poll cost no writes.
+    """
+    run = script.last_run
+    if run is not None and run.ended_at is not None and run.ended_at > script.seen_at:
+        script.seen_at = utcnow()
+        db.session.commit()
 
 
 def unseen_ended_runs(user):
