@@ -103,17 +103,21 @@ class NetworkSaver(keras.callbacks.Callback):
         self.path = os.path.join(storage.networks_dir(self.run_dir), script_name() + ".keras")
 
     def on_epoch_end(self, epoch, logs=None):
-        folder = os.path.dirname(self.path)
-        os.makedirs(folder, exist_ok=True)
-        # Keras insists on the .keras suffix, so the temporary name keeps it.
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".keras")
-        os.close(fd)
+        tmp = None
         try:
+            folder = os.path.dirname(self.path)
+            os.makedirs(folder, exist_ok=True)
+            # Keras insists on the .keras suffix, so the temporary name keeps it.
+            fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".keras")
+            os.close(fd)
             self.model.save(tmp, overwrite=True)
             os.replace(tmp, self.path)
-        except BaseException:
-            _remove_files([tmp])
-            raise
+        except Exception as error:  # saving must never stop the training
+            print("[visualizer] network saver failed at epoch %d: %s" % (epoch + 1, _one_line(error)),
+                  file=sys.stderr, flush=True)
+        finally:
+            if tmp:
+                _remove_files([tmp])
 
 
 class TrainingProgress(keras.callbacks.Callback):
@@ -278,12 +282,17 @@ class _SnapshotCallback(keras.callbacks.Callback):
 
     def on_epoch_begin(self, epoch, logs=None):
         self._epoch = epoch
+        self._epoch_start_step = self._step
 
     def on_train_batch_end(self, batch, logs=None):
-        self._step += 1
-        if self._step % self.interval == 0:
+        # From the batch index, so that steps_per_execution > 1 (one call for
+        # several batches, the last index possibly past the epoch's end) keeps
+        # the schedule.
+        batches_done = min(batch + 1, self.params.get("steps") or batch + 1)
+        previous, self._step = self._step, self._epoch_start_step + batches_done
+        if self._step // self.interval > previous // self.interval:
             self._stage += 1
-            self._snapshot(batch=batch + 1)
+            self._snapshot(batch=batches_done)
 
     def _snapshot(self, batch):
         steps = self.params.get("steps") if self.params else None

@@ -15,8 +15,8 @@ import pytest
 from PIL import Image
 
 from custom_keras import storage
-from custom_keras.callbacks import (CustomCallbacks, DeepVisualization, SaliencyMaps,
-                                    TrainingProgress)
+from custom_keras.callbacks import (CustomCallbacks, DeepVisualization, NetworkSaver,
+                                    SaliencyMaps, TrainingProgress)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TECHNIQUE_FILES = ("layer_activations.pickle", "saliency_maps.pickle",
@@ -169,6 +169,18 @@ def test_interval_overrides_base_interval(tmp_path):
     tiny_model().fit(x, y, batch_size=8, epochs=2, callbacks=callbacks.get_list(), verbose=0)
     assert [e["step"] for e in history(run_dir, "saliency_maps.pickle")] == [0, 4, 8]
     assert [e["step"] for e in history(run_dir, "layer_activations.pickle")] == [0, 3, 6, 9]
+
+
+def test_schedule_with_several_batches_per_call(tmp_path):
+    """steps_per_execution=2: Keras reports batches 1, 3, 4 of each 5-batch epoch."""
+    run_dir = str(tmp_path)
+    write_images(run_dir)
+    model = tiny_model()
+    model.compile(optimizer="adam", loss="categorical_crossentropy", steps_per_execution=2)
+    x, y = tiny_data()
+    model.fit(x, y, batch_size=8, epochs=2, verbose=0,
+              callbacks=[SaliencyMaps(run_dir, interval=3)])
+    assert [e["step"] for e in history(run_dir, "saliency_maps.pickle")] == [0, 4, 7, 9]
 
 
 def test_per_batch_values_are_derived_exactly_with_a_smaller_last_batch(tmp_path):
@@ -370,6 +382,18 @@ def test_a_failing_snapshot_writes_nothing_and_training_goes_on(tmp_path, capfd)
     assert sorted(os.listdir(storage.history_dir(run_dir, "saliency_maps.pickle"))) == [
         "000000000.pickle", "000000002.pickle", "index.jsonl"]
     assert len(read_rows(storage.results_path(run_dir, "training_progress.txt"))) == 5
+
+
+def test_a_failing_network_save_prints_one_line_and_training_goes_on(tmp_path, capfd):
+    with open(os.path.join(str(tmp_path), "networks"), "w") as f:
+        f.write("a file where the networks folder should be")
+    x, y = tiny_data(16)
+    fit = tiny_model().fit(x, y, batch_size=8, epochs=2, verbose=0,
+                           callbacks=[NetworkSaver(str(tmp_path))])
+    assert len(fit.history["loss"]) == 2
+    errors = [line for line in capfd.readouterr().err.splitlines() if "[visualizer]" in line]
+    assert [e.split(":")[0] for e in errors] == ["[visualizer] network saver failed at epoch 1",
+                                                "[visualizer] network saver failed at epoch 2"]
 
 
 def test_a_new_run_starts_a_new_history(tmp_path):
