@@ -4,7 +4,7 @@ For the chosen layer, every requested feature map keeps only its maximum entry
 (everything else, other maps included, is zeroed) and that signal is mapped back
 to pixel space through the layers below in reverse: max-unpooling with the
 switches of this image's forward pass, ReLU, and transposed convolution with the
-layer's own filters, strides and padding (biases are not used, as in the paper).
+layer's own filters, strides and padding (biases are not used).
 
 The deconvolutional network is derived automatically for a plain stack of
 ``Conv2D``, ``MaxPooling2D`` and ReLU layers (``Dropout`` and linear activations
