@@ -1,0 +1,58 @@
+"""Fixtures of the end-to-end tests: the real servers, users, and Debian's Chromium.
+
+``servers`` is one visualizer started with the README's start command, shared by
+the whole session; tests that kill or restart the servers build their own
+``harness.Servers``. ``browser`` is Debian's Chromium driven by Playwright (never
+a downloaded browser).
+"""
+import os
+
+import pytest
+from playwright.sync_api import sync_playwright
+
+from harness import CHROMIUM, CHROMIUM_ARGS, Servers, WebUser
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: runs real training or restarts servers (still run "
+                                       "by default; deselect with -m 'not slow')")
+
+
+@pytest.fixture(scope="session")
+def playwright():
+    with sync_playwright() as p:
+        yield p
+
+
+@pytest.fixture(scope="session")
+def browser(playwright):
+    if not os.path.exists(CHROMIUM):
+        pytest.fail("Debian's chromium is missing at %s; scripts/test.sh installs it" % CHROMIUM)
+    browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+    yield browser
+    browser.close()
+
+
+@pytest.fixture(scope="session")
+def servers(tmp_path_factory):
+    """One running visualizer for the session: 2 concurrent runs, 2 MB uploads, 2-epoch example."""
+    instance = Servers(tmp_path_factory.mktemp("servers"), VISUALIZER_MAX_RUNS="2",
+                       VISUALIZER_MAX_UPLOAD_MB="2", EPOCHS="2")
+    instance.start()
+    yield instance
+    instance.cleanup()
+
+
+@pytest.fixture
+def make_user(playwright, servers):
+    """Creates and logs in a new user of the session's servers: ``make_user("name")``."""
+    users = []
+
+    def make(username):
+        user = WebUser(playwright, servers, username).register_and_login()
+        users.append(user)
+        return user
+
+    yield make
+    for user in users:
+        user.request.dispose()
