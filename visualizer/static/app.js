@@ -58,3 +58,15 @@ if (header) {
     badge.textContent = state ? state.charAt(0).toUpperCase() + state.slice(1) : "";
   });
 }
+
+// The embedded Bokeh session adds elements beside its <script>; none after a while
+// means the Bokeh server is unreachable, which the page then says.
+var dashboard = document.querySelector(".dashboard");
+if (dashboard) {
+  setTimeout(function () {
+    var loaded = Array.prototype.some.call(dashboard.children, function (child) {
+      return child.tagName !== "SCRIPT";
+    });
+    if (!loaded) { document.getElementById("dashboard-missing").hidden = false; }
+  }, 10000);
+}
