@@ -10,12 +10,12 @@ import pytest  # noqa: E402
 from custom_keras.reference import build_reference_model, load_digits_28  # noqa: E402
 from custom_keras.techniques.common import LayerScore  # noqa: E402
 from custom_keras.techniques.deep_visualization import (  # noqa: E402
-    Regularizers, UnitObjective, check_regularizers, check_units, deep_visualization,
+    DeepVisualizationModel, Regularizers, UnitObjective, check_regularizers, check_units, deep_visualization,
     gradient_ascent, random_noise_images, transforms)
 
 # The thesis' MNIST settings (Section 5): learning rate 200, 50 iterations, Table 2.1 row 3.
-THESIS = dict(learning_rate=200, no_of_iterations=50, l2_decay=0.0001, blur_interval=4,
-              blur_std=1.0)
+TABLE_2_1_ROW_3 = dict(l2_decay=0.0001, blur_interval=4, blur_std=1.0)
+THESIS = dict(learning_rate=200, no_of_iterations=50, **TABLE_2_1_ROW_3)
 CONV_LAYER, DENSE_LAYER, OUTPUT_LAYER = 2, 8, 9
 
 
@@ -115,6 +115,26 @@ def test_same_seed_same_images_and_different_seeds_differ(trained_model):
     second = deep_visualization(trained_model, units, 200, 3, seed=11)
     np.testing.assert_array_equal(first[0][0], second[0][0])
     assert not np.allclose(first[0][0], first[1][0])  # two starts: two variations of one unit
+
+
+def test_deep_visualization_model_built_once_follows_training():
+    keras.utils.set_random_seed(4)
+    model = build_reference_model()
+    visualize = DeepVisualizationModel(model, [(OUTPUT_LAYER, 6), (CONV_LAYER, (3, 4, 5))],
+                                       200, 5, **TABLE_2_1_ROW_3)
+    before = visualize(seed=1)
+    assert before[0][1:3] == (model.layers[OUTPUT_LAYER].name, 6)
+    assert before[1][1:3] == (model.layers[CONV_LAYER].name, (3, 4, 5))
+    assert before[0][3] == pytest.approx(
+        deep_visualization(model, [(OUTPUT_LAYER, 6)], 200, 5, seed=1, **TABLE_2_1_ROW_3)[0][3],
+        rel=1e-3)
+    # Training changes the weights in place; the built objective sees the new ones.
+    output = model.layers[OUTPUT_LAYER]
+    output.kernel.assign(np.zeros(output.kernel.shape, np.float32))
+    output.bias.assign(np.arange(10, dtype=np.float32))
+    after = visualize(seed=1)
+    assert after[0][3] == pytest.approx(6.0)
+    np.testing.assert_allclose(after[1][0], before[1][0], rtol=1e-4, atol=1e-6)
 
 
 # --- regulariser sets of Table 2.1 -------------------------------------------------------
@@ -239,13 +259,11 @@ def test_random_noise_images_are_seeded_per_position():
     ([(9, 1.0)], TypeError, "so the index must be an int"),
     ([(9, True)], TypeError, "so the index must be an int"),
 ])
-def test_check_units_rejects_bad_units(units, error, message):
-    keras.utils.set_random_seed(0)
-    model = build_reference_model()
-    model.layers[2].name  # noqa: B018 - the messages name the layer
+def test_check_units_rejects_bad_units(trained_model, units, error, message):
     with pytest.raises(error) as raised:
-        check_units(model, units)
-    assert message.replace("conv2d_1", model.layers[2].name) in str(raised.value)
+        check_units(trained_model, units)
+    # Keras numbers layer names per process; the message names the layer.
+    assert message.replace("conv2d_1", trained_model.layers[2].name) in str(raised.value)
 
 
 def test_check_units_accepts_good_units(trained_model):

@@ -24,6 +24,38 @@ def gradient_ascent(objective, images, learning_rate, no_of_iterations, regulari
     return images
 
 
+class DeepVisualizationModel:
+    """Deep visualization of fixed units and settings, built once and run many times.
+
+    The objective and its compiled gradient function are built once and share
+    the model's weights, so a callback can call this after every few batches
+    of training. Arguments as ``deep_visualization``.
+    """
+
+    def __init__(self, model, units_to_visualize, learning_rate, no_of_iterations, l2_decay=0,
+                 blur_interval=0, blur_std=0, value_percentile=0, norm_percentile=0,
+                 contribution_percentile=0, abs_contribution_percentile=0):
+        check_regularizers(learning_rate, no_of_iterations, l2_decay, blur_interval, blur_std,
+                           value_percentile, norm_percentile, contribution_percentile,
+                           abs_contribution_percentile)
+        self.objective = UnitObjective(model, units_to_visualize)
+        self.regularizers = Regularizers(l2_decay, blur_interval, blur_std, value_percentile,
+                                         norm_percentile, contribution_percentile,
+                                         abs_contribution_percentile)
+        self.learning_rate = learning_rate
+        self.no_of_iterations = no_of_iterations
+        self.input_shape = tuple(model.inputs[0].shape[1:])
+
+    def __call__(self, seed=None):
+        """The list of ``(image, layer_name, unit_index, loss_value)``; see ``deep_visualization``."""
+        start = random_noise_images(self.input_shape, len(self.objective.units), seed)
+        images = gradient_ascent(self.objective, start, self.learning_rate,
+                                 self.no_of_iterations, self.regularizers)
+        values = self.objective(images)
+        return [(image, layer_name, index, float(value)) for image, layer_name, (_, index), value
+                in zip(images, self.objective.layer_names, self.objective.units, values)]
+
+
 def deep_visualization(model, units_to_visualize, learning_rate, no_of_iterations, l2_decay=0,
                        blur_interval=0, blur_std=0, value_percentile=0, norm_percentile=0,
                        contribution_percentile=0, abs_contribution_percentile=0, seed=None):
@@ -55,15 +87,7 @@ def deep_visualization(model, units_to_visualize, learning_rate, no_of_iteration
         in model-input space, layer_name, unit_index, loss_value)``, where
         ``loss_value`` is the unit's activation for the final image.
     """
-    check_regularizers(learning_rate, no_of_iterations, l2_decay, blur_interval, blur_std,
-                       value_percentile, norm_percentile, contribution_percentile,
-                       abs_contribution_percentile)
-    objective = UnitObjective(model, units_to_visualize)
-    regularizers = Regularizers(l2_decay, blur_interval, blur_std, value_percentile,
-                                norm_percentile, contribution_percentile,
-                                abs_contribution_percentile)
-    start = random_noise_images(tuple(model.inputs[0].shape[1:]), len(objective.units), seed)
-    images = gradient_ascent(objective, start, learning_rate, no_of_iterations, regularizers)
-    values = objective(images)
-    return [(image, layer_name, index, float(value)) for image, layer_name, (_, index), value
-            in zip(images, objective.layer_names, objective.units, values)]
+    return DeepVisualizationModel(
+        model, units_to_visualize, learning_rate, no_of_iterations, l2_decay, blur_interval,
+        blur_std, value_percentile, norm_percentile, contribution_percentile,
+        abs_contribution_percentile)(seed)
