@@ -14,6 +14,7 @@ import pickle
 from bokeh.application import Application
 from bokeh.application.handlers import FunctionHandler
 from bokeh.layouts import column, row
+from bokeh.model import Model
 from bokeh.models import Div, Select, Slider, Toggle
 from tornado.web import HTTPError
 
@@ -126,6 +127,67 @@ def image_dashboard(doc, technique, render):
         ImageDashboard(run_dir, technique, render).attach(doc)
 
 
+def layout_signature(layout):
+    """How a layout is built: its models' types and settings, without content or pan/zoom.
+
+    Two layouts with the same signature differ only in images and texts, so the
+    shown one can take the other's content (``copy_content``): the browser then
+    redraws pixels instead of building new views, which shows a new snapshot
+    sooner and keeps the user's pan and zoom.
+    """
+    return [(type(model), _settings(model)) for model in _models_in_order(layout)]
+
+
+def copy_content(shown, new):
+    """Copies data and texts of layout ``new`` into ``shown`` (both of the same signature)."""
+    for shown_model, new_model in zip(_models_in_order(shown), _models_in_order(new)):
+        for name in _CONTENT_PROPERTIES & shown_model.properties():
+            value = getattr(new_model, name)
+            setattr(shown_model, name, dict(value) if name == "data" else value)
+
+
+def _same(a, b):
+    try:
+        return bool(a == b)
+    except ValueError:  # e.g. numpy arrays in a setting: count them as different
+        return False
+
+
+# What a snapshot changes (copied by copy_content), and what the user changes in the
+# browser (pan and zoom: kept); neither counts as a difference in how a layout is built.
+_CONTENT_PROPERTIES = {"data", "text"}
+_VIEW_PROPERTIES = {"start", "end"}
+
+
+def _models_in_order(model):
+    """Every Bokeh model reachable from ``model``, in an order that depends only on the layout."""
+    seen, order = set(), []
+
+    def visit(value):
+        if isinstance(value, Model):
+            if value.id not in seen:
+                seen.add(value.id)
+                order.append(value)
+                for name in sorted(value.properties_with_refs()):
+                    visit(getattr(value, name))
+        elif isinstance(value, (list, tuple)):
+            for item in value:
+                visit(item)
+        elif isinstance(value, dict):
+            for item in value.values():
+                visit(item)
+
+    visit(model)
+    return order
+
+
+def _settings(model):
+    """The model's own non-default values, without references, content or view state."""
+    skip = set(model.properties_with_refs()) | _CONTENT_PROPERTIES | _VIEW_PROPERTIES
+    values = model.properties_with_values(include_defaults=False)
+    return {name: value for name, value in values.items() if name not in skip}
+
+
 class ImageDashboard:
     """The live view of one snapshot technique in one run folder.
 
@@ -145,7 +207,7 @@ class ImageDashboard:
         self.entries = []
         self.follow_latest = True
         self._index_offset = 0
-        self._shown_key = None
+        self._shown_key = self._shown_signature = None
         self._snapshot_cache = (None, None, None)
         self._choosing_image = False
         self._ended = False
@@ -228,7 +290,12 @@ class ImageDashboard:
                 self.technique.title.lower(), image_name, type(error).__name__, error), error=True)
             return
         show_message(self.message, "")
-        self.content.children = [layout]
+        signature = layout_signature(layout)
+        if self.content.children and _same(signature, self._shown_signature):
+            copy_content(self.content.children[0], layout)
+        else:
+            self.content.children = [layout]
+            self._shown_signature = signature
 
     def _read_snapshot(self, entry):
         """(path and mtime, snapshot), read again only when the file changed; errors are kept too."""

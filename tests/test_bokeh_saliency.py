@@ -124,6 +124,30 @@ def test_dashboard_follows_new_snapshots_and_redraws_only_on_change(run_dir):
     assert render.calls[-1] == (3, "digit_3.png")
 
 
+def test_a_snapshot_of_the_same_shape_is_copied_into_the_shown_layout(run_dir):
+    write_stage(run_dir, 0)
+    dashboard = ImageDashboard(run_dir, TECHNIQUE, saliency_maps.render)
+    [shown] = dashboard.content.children
+    saliency_figure = shown.children[1].children[1]
+    saliency_figure.x_range.start = 5  # the user zoomed in
+
+    write_stage(run_dir, 1)
+    dashboard.update()
+    assert dashboard.content.children == [shown]
+    [map_renderer] = [r for r in saliency_figure.renderers if isinstance(r.glyph, ImageRGBA)]
+    assert np.array_equal(map_renderer.data_source.data["image"][0], to_rgba(saliency(1, 1)))
+    assert shown.children[0].text == "Predicted class 7 with confidence 60.0 %"
+    assert saliency_figure.x_range.start == 5
+
+    # a layout built differently (no input image any more) replaces the shown one
+    os.remove(storage.results_path(run_dir, storage.INPUT_IMAGES_FILE))
+    write_stage(run_dir, 2)
+    dashboard.update()
+    [new_layout] = dashboard.content.children
+    assert new_layout is not shown
+    assert [f.title.text for f in new_layout.children[1].children] == ["Saliency map"]
+
+
 def test_a_rewritten_snapshot_file_is_drawn_again(run_dir):
     write_stage(run_dir, 0)
     render = RecordingRender()
