@@ -128,7 +128,8 @@ class TrainingProgress(keras.callbacks.Callback):
     number of samples (read from the model's loss tracker), so a smaller last
     batch is handled exactly. The derivation is exact for metrics that are
     means over samples (loss, accuracy, mae, ...); for metrics that are not
-    (AUC, precision) the ``_avg`` columns hold what Keras reports.
+    (AUC, precision) a batch's value is only an estimate, and the ``_avg``
+    columns hold what Keras reports.
 
     Files in ``results/``:
         training_progress.txt: "progress accuracy loss" per batch (Appendix D);
