@@ -6,6 +6,7 @@ and waits until Flask and the Bokeh server both answer. ``WebUser`` is one
 logged-in user over HTTP (Playwright's request context, so cookies and CSRF
 tokens behave as in a browser). Screenshots go to ``test-artifacts/e2e/``.
 """
+import io
 import json
 import os
 import re
@@ -16,6 +17,8 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
+
+from PIL import Image
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 ARTIFACTS_DIR = REPO_ROOT / "test-artifacts" / "e2e"
@@ -284,6 +287,38 @@ class WebUser:
         return folders[0]
 
 
+# What the page's Bokeh documents hold: the longest "progress" column (the batch
+# curve), image columns, every text (Divs: the snapshot label and messages), and
+# the snapshot sliders. Read from BokehJS models, so it does not depend on how
+# the canvas is drawn.
+BOKEH_STATE_JS = """() => {
+  const state = {documents: 0, progress: -1, images: 0, texts: [], slider_ends: []};
+  const docs = (window.Bokeh && window.Bokeh.documents) || [];
+  state.documents = docs.length;
+  for (const doc of docs) {
+    for (const model of doc.all_models) {
+      if (typeof model.get_column === "function") {
+        const columns = model.columns();
+        if (columns.includes("progress")) {
+          state.progress = Math.max(state.progress, model.get_length() || 0);
+        }
+        if (columns.includes("image") && (model.get_length() || 0) > 0) { state.images += 1; }
+      }
+      if (typeof model.text === "string" && model.text) { state.texts.push(model.text); }
+      if (model.type === "Slider" || (model.constructor && model.constructor.__name__ === "Slider")) {
+        state.slider_ends.push(model.end);
+      }
+    }
+  }
+  return state;
+}"""
+
+
+def bokeh_state(page):
+    """What the Bokeh documents of ``page`` hold (see BOKEH_STATE_JS)."""
+    return page.evaluate(BOKEH_STATE_JS)
+
+
 def read_status_file(run_dir):
     try:
         return json.loads((Path(run_dir) / "status.json").read_text())
@@ -295,3 +330,53 @@ def screenshot(page, name):
     """Saves a full-page screenshot as ``test-artifacts/e2e/<name>.png``."""
     ARTIFACTS_DIR.mkdir(parents=True, exist_ok=True)
     page.screenshot(path=str(ARTIFACTS_DIR / ("%s.png" % name)), full_page=True)
+
+
+FAKE_TRAINING = '''"""Fake training: writes the run-folder format like the callbacks do, without keras."""
+import os
+import time
+
+import numpy as np
+
+from custom_keras import storage
+
+run_dir = storage.resolve_run_dir(os.path.dirname(os.path.abspath(__file__)))
+with open(os.path.join(run_dir, "script.pid"), "w") as f:
+    f.write(str(os.getpid()))
+os.makedirs(storage.networks_dir(run_dir), exist_ok=True)
+with open(os.path.join(storage.networks_dir(run_dir), "{stem}.keras"), "wb") as f:
+    f.write(b"network of {stem}")
+digit = np.zeros((28, 28, 1), np.uint8)
+digit[6:22, 12:16] = 255
+storage.write_input_images(run_dir, {{"digit.png": digit}})
+for stage in range({snapshots}):
+    storage.append_row(storage.results_path(run_dir, "training_progress.tsv"),
+                       ["progress", "epoch", "batch", "accuracy", "loss"],
+                       [stage / 10, 0, stage, stage / 10, 1.0 / (stage + 1)])
+    storage.write_snapshot(run_dir, "saliency_maps.pickle",
+                           {{"digit.png": np.full((28, 28, 1), 20 * stage, np.uint8)}}, "digit.png",
+                           {{"stage": stage, "epoch": 0, "batch": stage, "step": stage}},
+                           {{"digit.png": {{"predicted_class": 1, "confidence": 0.5}}}})
+    print("snapshot", stage, flush=True)
+    time.sleep({interval_s})
+print("done", flush=True)
+'''
+
+
+def fake_training(stem, snapshots=3, interval_s=0.0):
+    """Source of a script that writes ``snapshots`` training-progress rows and saliency
+    snapshots (stage 0, 1, ...) ``interval_s`` apart, a fake network file and its pid
+    into ``script.pid``; quick to start because it imports no keras."""
+    return FAKE_TRAINING.format(stem=stem, snapshots=snapshots, interval_s=interval_s)
+
+
+def png_bytes(size=(28, 28), mode="L", color=128):
+    buffer = io.BytesIO()
+    Image.new(mode, size, color).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def files_under(folder):
+    """Every file path under ``folder``, relative, as a set (to compare before and after)."""
+    folder = Path(folder)
+    return {str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file()}

@@ -13,44 +13,15 @@ import pytest
 from PIL import Image
 
 from custom_keras import registry
-from harness import REPO_ROOT, screenshot, wait_for
+from harness import REPO_ROOT, bokeh_state, screenshot, wait_for
 
 EXAMPLE = REPO_ROOT / "scripts" / "examples" / "mnist_digits.py"
 SAMPLE_IMAGE = REPO_ROOT / "scripts" / "examples" / "images" / "digit_3.png"
 RUN_TIMEOUT_S = 240
 PAGE_TIMEOUT_MS = 30000
 
-# What the page's Bokeh documents hold: the longest "progress" column (the batch
-# curve), image columns, every text (Divs: the snapshot label and messages), and
-# the snapshot sliders. Read from BokehJS models, so it does not depend on how
-# the canvas is drawn.
-BOKEH_STATE_JS = """() => {
-  const state = {documents: 0, progress: -1, images: 0, texts: [], slider_ends: []};
-  const docs = (window.Bokeh && window.Bokeh.documents) || [];
-  state.documents = docs.length;
-  for (const doc of docs) {
-    for (const model of doc.all_models) {
-      if (typeof model.get_column === "function") {
-        const columns = model.columns();
-        if (columns.includes("progress")) {
-          state.progress = Math.max(state.progress, model.get_length() || 0);
-        }
-        if (columns.includes("image") && (model.get_length() || 0) > 0) { state.images += 1; }
-      }
-      if (typeof model.text === "string" && model.text) { state.texts.push(model.text); }
-      if (model.type === "Slider" || (model.constructor && model.constructor.__name__ === "Slider")) {
-        state.slider_ends.push(model.end);
-      }
-    }
-  }
-  return state;
-}"""
 STAGE_PATTERN = re.compile(r"Stage (\d+) ")
 ERROR_WORDS = ("Refused", "Could not", "Access refused", "no image results")
-
-
-def bokeh_state(page):
-    return page.evaluate(BOKEH_STATE_JS)
 
 
 def shown_stage(state):
