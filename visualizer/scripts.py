@@ -226,7 +226,8 @@ def remove_tag(script_id, tag_id):
 def delete(script_id):
     script = owned_script(script_id)
     if script.is_active:
-        flash("%s is running; stop it before deleting it." % script.filename, "error")
+        flash("%s is %s; stop it before deleting it." % (script.filename, script.last_run.state),
+              "error")
         return redirect(url_for("scripts.overview", script_id=script.id))
     folder = run_dir(current_app, script)
     filename = script.filename
