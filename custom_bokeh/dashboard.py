@@ -216,8 +216,8 @@ class ImageDashboard:
 
         self.message = message_div()
         self.label = Div(text="", render_as_text=True, styles={"font-size": "14px"})
-        self.slider = Slider(start=0, end=1, value=0, step=1, title="Snapshot", width=360,
-                             visible=False)
+        self.slider = Slider(start=0, end=1, value=0, step=1, title="Snapshot", show_value=False,
+                             width=360, visible=False)
         self.play = Toggle(label="Play", width=80, visible=False)
         self.image_select = Select(title="Image", options=[], width=220, visible=False)
         self.content = column()

@@ -85,8 +85,8 @@ class TrainingProgressDashboard:
         self.validation = TableReader(run_dir, "training_progress_val.tsv",
                                       "training_progress_val.txt",
                                       ("epoch", "val_accuracy", "val_loss"))
-        self.batch_source = ColumnDataSource(data={})
-        self.val_source = ColumnDataSource(data={})
+        self.batch_source = ColumnDataSource(data={}, name="batch_rows")
+        self.val_source = ColumnDataSource(data={}, name="validation_rows")
         self.metrics = []
         self.x_range = DataRange1d()  # shared: pan and zoom move every plot along the epochs
         self.message = message_div()

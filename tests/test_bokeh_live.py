@@ -52,43 +52,83 @@ class PageHandler(http.server.BaseHTTPRequestHandler):
         pass
 
 
-@pytest.mark.skipif(not os.path.exists(CHROMIUM), reason="needs Debian's chromium")
-def test_browser_shows_a_new_snapshot_without_reload(tmp_path):
-    storage_dir = str(tmp_path)
-    run_dir = os.path.join(storage_dir, "3", "mnist_digits")
-    storage.write_input_images(run_dir, {"digit.png": np.full((28, 28, 1), 60, np.uint8)})
-    write_saliency(run_dir, 0)
-
+@pytest.fixture(scope="module")
+def site(tmp_path_factory):
+    """A Bokeh server, a page server and a browser: (storage dir, open_page(app, lifetime))."""
+    if not os.path.exists(CHROMIUM):
+        pytest.skip("needs Debian's chromium at %s" % CHROMIUM)
+    storage_dir = str(tmp_path_factory.mktemp("storage"))
     page_port = free_port()
     process, bokeh_url = start_server(storage_dir, extra_origins=["127.0.0.1:%d" % page_port])
     page_content = {}
     page_server = http.server.ThreadingHTTPServer(("127.0.0.1", page_port),
                                                   functools.partial(PageHandler, page_content))
     threading.Thread(target=page_server.serve_forever, daemon=True).start()
-    try:
-        with sync_api.sync_playwright() as playwright:
-            browser = playwright.chromium.launch(executable_path=CHROMIUM,
-                                                 args=["--no-sandbox", "--disable-gpu"])
-            page = browser.new_page(viewport={"width": 1000, "height": 700})
-            script = auth.embed_script(bokeh_url, SECRET, "saliency_maps", 3, "3/mnist_digits",
-                                       expiration_s=TOKEN_LIFETIME_S)
-            token_expires = time.time() + TOKEN_LIFETIME_S
-            page_content["html"] = "<!doctype html><html><body><h1>mnist_digits</h1>%s</body></html>" % script
-            page.goto("http://127.0.0.1:%d/" % page_port)
-            page.get_by_text("snapshot 1 of 1").wait_for(timeout=60000)
-            page.get_by_text("Predicted class 0 with confidence 90.0 %").wait_for()
-            assert page.locator("canvas").count() >= 2  # the input image and its map
+    playwright = sync_api.sync_playwright().start()
+    browser = playwright.chromium.launch(executable_path=CHROMIUM,
+                                         args=["--no-sandbox", "--disable-gpu"])
 
-            time.sleep(max(0.0, token_expires + 1 - time.time()))
-            written = time.time()
-            write_saliency(run_dir, 1)
-            page.get_by_text("snapshot 2 of 2").wait_for(timeout=30000)
-            latency_ms = (time.time() - written) * 1000
-            page.get_by_text("Predicted class 1 with confidence 90.0 %").wait_for()
-            print("\nnew snapshot shown %.0f ms after its file was written" % latency_ms)
-            os.makedirs(ARTIFACTS, exist_ok=True)
-            page.screenshot(path=os.path.join(ARTIFACTS, "saliency_live.png"), full_page=True)
-            browser.close()
+    def open_page(app, expiration_s=300):
+        """Opens the app for run 3/mnist_digits as the Flask file page would embed it."""
+        page = browser.new_page(viewport={"width": 1000, "height": 900})
+        script = auth.embed_script(bokeh_url, SECRET, app, 3, "3/mnist_digits",
+                                   expiration_s=expiration_s)
+        page_content["html"] = "<!doctype html><html><body><h1>mnist_digits</h1>%s</body></html>" % script
+        page.goto("http://127.0.0.1:%d/" % page_port)
+        return page
+
+    try:
+        yield os.path.join(storage_dir, "3", "mnist_digits"), open_page
     finally:
+        browser.close()
+        playwright.stop()
         page_server.shutdown()
         stop_server(process)
+
+
+def test_browser_shows_a_new_snapshot_without_reload(site):
+    run_dir, open_page = site
+    storage.write_input_images(run_dir, {"digit.png": np.full((28, 28, 1), 60, np.uint8)})
+    write_saliency(run_dir, 0)
+
+    page = open_page("saliency_maps", expiration_s=TOKEN_LIFETIME_S)
+    token_expires = time.time() + TOKEN_LIFETIME_S
+    page.get_by_text("snapshot 1 of 1").wait_for(timeout=60000)
+    page.get_by_text("Predicted class 0 with confidence 90.0 %").wait_for()
+    assert page.locator("canvas").count() >= 2  # the input image and its map
+
+    time.sleep(max(0.0, token_expires + 1 - time.time()))
+    written = time.time()
+    write_saliency(run_dir, 1)
+    page.get_by_text("snapshot 2 of 2").wait_for(timeout=30000)
+    latency_ms = (time.time() - written) * 1000
+    page.get_by_text("Predicted class 1 with confidence 90.0 %").wait_for()
+    print("\nnew snapshot shown %.0f ms after its file was written" % latency_ms)
+    os.makedirs(ARTIFACTS, exist_ok=True)
+    page.screenshot(path=os.path.join(ARTIFACTS, "saliency_live.png"), full_page=True)
+    page.close()
+
+
+# True once the browser's copy of the batch rows has ``count`` rows
+ROWS_SHOWN = """count => {
+    const doc = window.Bokeh && Bokeh.documents[0];
+    const rows = doc && doc.get_model_by_name("batch_rows");
+    return rows != null && rows.data.progress != null && rows.data.progress.length == count;
+}"""
+
+
+def test_browser_receives_new_training_rows_without_reload(site):
+    run_dir, open_page = site
+    table = storage.results_path(run_dir, "training_progress.tsv")
+    columns = ["progress", "epoch", "batch", "accuracy", "loss"]
+    for batch in range(10):
+        storage.append_row(table, columns, [batch / 20, 0, batch, 0.1 + batch / 20, 2.0 - batch / 10])
+
+    page = open_page("training_progress")
+    page.wait_for_function(ROWS_SHOWN, arg=10, timeout=60000)
+    for batch in range(10, 15):
+        storage.append_row(table, columns, [batch / 20, 0, batch, 0.1 + batch / 20, 2.0 - batch / 10])
+    page.wait_for_function(ROWS_SHOWN, arg=15, timeout=30000)
+    os.makedirs(ARTIFACTS, exist_ok=True)
+    page.screenshot(path=os.path.join(ARTIFACTS, "training_progress_live.png"), full_page=True)
+    page.close()
