@@ -1,0 +1,52 @@
+"""Deep visualization dashboard: the synthesized image of every chosen unit, in one grid.
+
+Each image is titled with its layer and unit and the unit's final activation;
+all share pan and zoom, and the grid's save tool downloads all of them as one PNG.
+"""
+from custom_bokeh import images
+from custom_bokeh.dashboard import image_dashboard
+from custom_keras import registry
+
+TECHNIQUE = registry.get("deep_visualization")
+
+
+def render(result, info, input_image, image_name):
+    """The layout of one deep visualization snapshot.
+
+    Args:
+        result: [(uint8 (H, W, C) image, layer name, unit index, final activation), ...]
+            (Appendix D.5); the unit index is an int or a (row, col, channel) tuple.
+        info: unused; this technique records no per-image info.
+        input_image: unused; the images grow from noise, not from an input image.
+        image_name: unused, for the same reason.
+    """
+    if not isinstance(result, (list, tuple)) or not result:
+        raise ValueError("deep visualization results must be a non-empty list of "
+                         "(image, layer name, unit index, activation) tuples, got %r" % (result,))
+    figures = []
+    for position, entry in enumerate(result):
+        if not (isinstance(entry, (list, tuple)) and len(entry) == 4):
+            raise ValueError("deep visualization entry %d must be an (image, layer name, unit "
+                             "index, activation) tuple, got %r" % (position, entry))
+        image, layer_name, unit_index, activation = entry
+        figures.append(images.image_figure(image, unit_title(layer_name, unit_index),
+                                           subtitle="activation %s" % format_activation(activation)))
+    return images.image_grid(figures)
+
+
+def unit_title(layer_name, unit_index):
+    """E.g. "dense_2 unit 7" or "conv2d_1 unit (12, 12, 0)"."""
+    if isinstance(unit_index, (list, tuple)):
+        unit_index = "(%s)" % ", ".join(str(int(i)) for i in unit_index)
+    return "%s unit %s" % (layer_name, unit_index)
+
+
+def format_activation(value):
+    """One decimal for ordinary values (12.3, 11761.5), three significant digits for tiny ones."""
+    value = float(value)
+    return "%.1f" % value if value == 0 or abs(value) >= 0.1 else "%.3g" % value
+
+
+def make_document(doc):
+    """The deep visualization app of the Bokeh server."""
+    image_dashboard(doc, TECHNIQUE, render)
