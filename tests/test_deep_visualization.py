@@ -12,6 +12,7 @@ from custom_keras.techniques.common import LayerScore  # noqa: E402
 from custom_keras.techniques.deep_visualization import (  # noqa: E402
     DeepVisualizationModel, Regularizers, UnitObjective, check_regularizers, check_units, deep_visualization,
     gradient_ascent, random_noise_images, transforms)
+from custom_keras.techniques.deep_visualization.objectives import redirected_relu  # noqa: E402
 
 # The thesis' MNIST settings (Section 5): learning rate 200, 50 iterations, Table 2.1 row 3.
 TABLE_2_1_ROW_3 = dict(l2_decay=0.0001, blur_interval=4, blur_std=1.0)
@@ -85,6 +86,34 @@ def test_softmax_as_own_layer_in_sequential_model():
     assert loss_value == pytest.approx(float(dense_output[0, 2]), rel=1e-5)
     assert loss_value > 1  # a score: softmax outputs stay below 1
     assert conv[1:] == (model.layers[0].name, (1, 1, 0), pytest.approx(conv[3]))
+
+
+def test_redirected_relu_keeps_forward_and_redirects_only_dead_images():
+    import tensorflow as tf
+
+    x = tf.constant([[1.0, -2.0, -3.0], [-1.0, -2.0, -3.0]])  # image 1: every ReLU off
+    upstream = tf.constant([[5.0, 6.0, -7.0], [5.0, 6.0, -7.0]])
+    with tf.GradientTape() as tape:
+        tape.watch(x)
+        y = redirected_relu(x)
+        total = tf.reduce_sum(y * upstream)
+    np.testing.assert_array_equal(y, tf.nn.relu(x))
+    # Image 0 has gradient through an open ReLU: plain ReLU gradient. Image 1 has
+    # none: gradient passes where it raises a negative input, not where it lowers it.
+    np.testing.assert_array_equal(tape.gradient(total, x), [[5, 0, 0], [5, 6, 0]])
+
+
+def test_redirected_relu_steps_switch_on_units_that_start_off(trained_model):
+    start = random_noise_images((28, 28, 1), 1, seed=0)
+    activations = LayerScore(trained_model, 6)(start).numpy()[0]
+    unit = (6, int(np.argmin(activations)))  # a unit that is off for the start image
+    objective = UnitObjective(trained_model, [unit])
+    assert objective(start)[0] == 0
+    plain = gradient_ascent(objective, start, 200, 50, Regularizers(**TABLE_2_1_ROW_3),
+                            redirected_relu_steps=0)
+    assert objective(plain)[0] == 0
+    image, _, _, loss_value = deep_visualization(trained_model, [unit], seed=0, **THESIS)[0]
+    assert loss_value > 50
 
 
 # --- one batch ---------------------------------------------------------------------------

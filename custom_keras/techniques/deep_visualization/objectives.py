@@ -5,6 +5,12 @@ Units are ``(layer_no, index)``: ``index`` an int for layers with 1-D output
 general a tuple with one entry per output axis. Units of the output layer use
 the pre-softmax score, as a softmax unit can grow by pushing the other classes
 down instead of finding its own features.
+
+A ReLU that is off passes no gradient, so a unit that is off for its start
+image would stay black for ever (the thesis' own example result has two such
+units with activation 0.0). As Lucid does, the first steps can use a
+redirected ReLU gradient that also lets gradient through an off ReLU where it
+would switch it on; the forward pass, and so every reported value, is unchanged.
 """
 import contextlib
 
@@ -13,6 +19,43 @@ import numpy as np
 import tensorflow as tf
 
 from custom_keras.techniques import common
+
+
+@tf.custom_gradient
+def redirected_relu(x):
+    """ReLU whose gradient also reaches inputs below 0 where it pushes them up.
+
+    Per image: where the ordinary ReLU gradient is non-zero somewhere in the
+    image it is used unchanged; where it is zero everywhere (all the gradient's
+    paths are off), the gradient passes except where it would push a negative
+    input further down (Lucid's ``redirected_relu_grad``, for gradient ascent).
+    """
+    def gradient(upstream):
+        below_zero = x < 0
+        relu_gradient = tf.where(below_zero, tf.zeros_like(upstream), upstream)
+        redirected = tf.where(below_zero & (upstream < 0), tf.zeros_like(upstream), upstream)
+        batch = tf.shape(x)[:1]
+        passes = tf.reduce_any(tf.reshape(relu_gradient != 0, tf.concat([batch, [-1]], 0)), 1)
+        passes = tf.reshape(passes, tf.concat([batch, tf.ones([tf.rank(x) - 1], tf.int32)], 0))
+        return tf.where(passes, relu_gradient, redirected)
+    return tf.nn.relu(x), gradient
+
+
+def _is_relu(activation):
+    return activation is keras.activations.relu or getattr(activation, "__name__", "") == "relu"
+
+
+@contextlib.contextmanager
+def _swapped_activations(layers, activation):
+    """Temporarily give ``layers`` another activation; Keras layers read it when called."""
+    originals = [layer.activation for layer in layers]
+    for layer in layers:
+        layer.activation = activation
+    try:
+        yield
+    finally:
+        for layer, original in zip(layers, originals):
+            layer.activation = original
 
 
 def _is_int(value):
@@ -95,9 +138,15 @@ class UnitObjective:
         self.units = [(layer_no, unit_index(index)) for layer_no, index in units]
         self.layer_names = [model.layers[layer_no].name for layer_no, _ in self.units]
         layer_nos = sorted({layer_no for layer_no, _ in self.units})
-        self._scores = [common.LayerScore(model, layer_no) for layer_no in layer_nos]
+        scores = [common.LayerScore(model, layer_no) for layer_no in layer_nos]
         self.model = keras.Model(common.model_inputs(model),
-                                 [score.model.outputs[0] for score in self._scores])
+                                 [score.model.outputs[0] for score in scores])
+        # LayerScore's rule: a softmax inside a chosen layer is the identity while
+        # the objective runs (a multi-output model needs it for all layers at once).
+        self._softmax_layers = [score.layer for score in scores
+                                if common.is_softmax(getattr(score.layer, "activation", None))]
+        self._relu_layers = [layer for layer in model.layers
+                             if _is_relu(getattr(layer, "activation", None))]
         # For every layer: which images belong to it, and where their units are.
         self._rows, self._positions = [], []
         for layer_no in layer_nos:
@@ -106,15 +155,29 @@ class UnitObjective:
             self._positions.append(tf.constant(
                 [[i] + np.atleast_1d(self.units[i][1]).tolist() for i in rows]))
         self._value_and_gradients = tf.function(self._value_and_gradients_graph)
+        self._value_and_redirected_gradients = tf.function(self._value_and_redirected_graph)
 
     def __call__(self, images):
         """Each image's unit activation: float32 numpy array (N,); image i belongs to units[i]."""
         return self._values(tf.convert_to_tensor(images, tf.float32)).numpy()
 
-    def value_and_gradients(self, images):
-        """(activations (N,), gradients like ``images``) as numpy, from one gradient call."""
-        values, gradients = self._value_and_gradients(tf.convert_to_tensor(images, tf.float32))
+    def value_and_gradients(self, images, redirect_relu=False):
+        """(activations (N,), gradients like ``images``) as numpy, from one gradient call.
+
+        Args:
+            images: float32 batch, one image per unit.
+            redirect_relu: use ``redirected_relu`` gradients for every ReLU
+                activation of the model's layers.
+        """
+        function = (self._value_and_redirected_gradients if redirect_relu
+                    else self._value_and_gradients)
+        values, gradients = function(tf.convert_to_tensor(images, tf.float32))
         return values.numpy(), gradients.numpy()
+
+    def _value_and_redirected_graph(self, images):
+        # The swap is traced into the graph; the model is restored right after.
+        with _swapped_activations(self._relu_layers, redirected_relu):
+            return self._value_and_gradients_graph(images)
 
     def _value_and_gradients_graph(self, images):
         with tf.GradientTape() as tape:
@@ -126,11 +189,7 @@ class UnitObjective:
         return values, tape.gradient(total, images)
 
     def _values(self, images):
-        # LayerScore turns a softmax inside a layer into the identity while the
-        # layer is called; a multi-output model needs that for all its layers at once.
-        with contextlib.ExitStack() as stack:
-            for score in self._scores:
-                stack.enter_context(common._linear_activation(score._swap))
+        with _swapped_activations(self._softmax_layers, keras.activations.linear):
             outputs = self.model(images, training=False)
         if not isinstance(outputs, (list, tuple)):
             outputs = [outputs]

@@ -6,9 +6,10 @@ import numpy as np
 # moves a pixel by about 5 (pre-softmax gradients are about 0.02 per pixel), so
 # the unit, not the noise, shapes the image: output units of the trained
 # reference network come out as their digits for any std from 0.04 (Yosinski
-# et al.'s 10 on the 0..255 scale) to 2. The std matters for ReLU units: a unit
-# that is off for the start image gets no gradient and stays black. On the
-# trained reference network 0.5 leaves 73 of 224 hidden units dead, 0.04 leaves 96.
+# et al.'s 10 on the 0..255 scale) to 2. Without redirected ReLU gradients
+# (optimize.REDIRECTED_RELU_STEPS = 0) the std decides which ReLU units are on
+# at the start and so can grow: 0.5 then leaves 73 of 224 hidden units of that
+# network at activation 0, 0.04 leaves 96.
 START_NOISE_STD = 0.5
 
 
