@@ -35,7 +35,7 @@ def render(result, info, input_image, image_name):
         reconstruction, layer_name, feature_map_no = entry
         figures.append(images.image_figure(reconstruction,
                                            "#%s in %s" % (feature_map_no, layer_name)))
-    return images.image_grid(figures)
+    return images.image_grid(figures, filename=TECHNIQUE.key)
 
 
 

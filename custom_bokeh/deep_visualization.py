@@ -31,7 +31,7 @@ def render(result, info, input_image, image_name):
         image, layer_name, unit_index, activation = entry
         figures.append(images.image_figure(image, unit_title(layer_name, unit_index),
                                            subtitle="activation %s" % format_activation(activation)))
-    return images.image_grid(figures)
+    return images.image_grid(figures, filename=TECHNIQUE.key)
 
 
 def unit_title(layer_name, unit_index):

@@ -9,7 +9,7 @@ import math
 
 import numpy as np
 from bokeh.layouts import gridplot
-from bokeh.models import Range1d, Title
+from bokeh.models import Range1d, SaveTool, Title
 from bokeh.plotting import figure
 
 # The colour of the thin lines between tiles and of unused grid cells: a blue grey that
@@ -164,7 +164,7 @@ def image_figure(array, title, scale=None, tools=IMAGE_TOOLS, subtitle=None):
 
 
 
-def image_grid(figures, columns=GRID_COLUMNS):
+def image_grid(figures, columns=GRID_COLUMNS, filename=None):
     """Figures in a grid with one toolbar; figures of equal image size share pan and zoom.
 
     Bokeh 3.9 merges the figures' save tools into one SaveTool of the grid, which
@@ -173,10 +173,15 @@ def image_grid(figures, columns=GRID_COLUMNS):
     Args:
         figures: figures made by ``image_figure``.
         columns: figures per row.
+        filename: the download's file name without ".png"; None asks the user.
     """
     shapes = [plot.renderers[0].data_source.data["image"][0].shape for plot in figures]
     for plot, shape in zip(figures[1:], shapes[1:]):
         if shape == shapes[0]:
             plot.x_range, plot.y_range = figures[0].x_range, figures[0].y_range
-    return gridplot(figures, ncols=columns, toolbar_location="above",
+    grid = gridplot(figures, ncols=columns, toolbar_location="above",
                     toolbar_options={"logo": None})
+    for tool in grid.toolbar.tools:
+        if isinstance(tool, SaveTool):
+            tool.filename = filename
+    return grid
