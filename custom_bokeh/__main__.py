@@ -62,11 +62,8 @@ def main(argv=None):
                     generate_session_ids=False)
     server.start()
 
-    def stop(signum, frame):
-        server.io_loop.add_callback_from_signal(server.io_loop.stop)
-
-    signal.signal(signal.SIGINT, stop)
-    signal.signal(signal.SIGTERM, stop)
+    for signal_number in (signal.SIGINT, signal.SIGTERM):
+        server.io_loop.asyncio_loop.add_signal_handler(signal_number, server.io_loop.stop)
     print("Bokeh dashboards at http://%s:%d/ (%s)" % (
         args.address, server.port, ", ".join(t.key for t in registry.TECHNIQUES)), flush=True)
     server.io_loop.start()

@@ -2,6 +2,7 @@
 import base64
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -208,6 +209,13 @@ def test_server_refuses_a_request_without_token(server):
 @pytest.mark.parametrize("name", sorted(bad_tokens()))
 def test_server_refuses_bad_tokens(server, name):
     assert autoload(server, "training_progress", bad_tokens()[name])[0] == 403
+
+
+def test_server_stops_cleanly_on_sigint(tmp_path):
+    process, url = start_server(str(tmp_path))
+    assert autoload(url, "saliency_maps")[0] == 403  # up and answering
+    process.send_signal(signal.SIGINT)
+    assert process.wait(timeout=15) == 0
 
 
 def test_server_needs_the_secret_key_from_the_environment(tmp_path):
