@@ -38,6 +38,7 @@ import subprocess
 import sys
 import threading
 import time
+import traceback
 from collections import deque
 
 REPOSITORY_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -254,7 +255,8 @@ class LocalRunner(Runner):
         SIGTERM to their groups, SIGKILL after the grace period. Queued runs stay
         queued; ``reconcile`` queues them again at the next start. Without
         ``stop_runs`` the runs go on; their wrappers record how they end, and
-        ``reconcile`` adopts or settles them at the next start.
+        ``reconcile`` adopts or settles them at the next start; updates not yet
+        delivered are delivered now.
 
         Returns:
             The final updates, also passed to ``on_update``.
@@ -263,19 +265,25 @@ class LocalRunner(Runner):
         if self._monitor is not None:
             self._monitor.join()
             self._monitor = None
-        if not stop_runs:
-            return []
         with self._lock:
-            self._queue.clear()
-            for run in self._running.values():
-                if run.stop_reason is None:
-                    self._begin_stop(run, STOPPED, "stopped because the server shut down")
-            updates = self.poll()
-            deadline = time.time() + self.grace_period_s + 5
-            while self._running and time.time() < deadline:
-                time.sleep(0.05)
-                updates += self.poll()
+            if not stop_runs:
+                updates, self._updates = self._updates, []
+            else:
+                updates = self._stop_all()
         self._deliver(updates)
+        return updates
+
+    def _stop_all(self):
+        """Ends every running run (queued ones stay queued for the next start); returns the updates."""
+        self._queue.clear()
+        for run in self._running.values():
+            if run.stop_reason is None:
+                self._begin_stop(run, STOPPED, "stopped because the server shut down")
+        updates = self.poll()
+        deadline = time.time() + self.grace_period_s + 5
+        while self._running and time.time() < deadline:
+            time.sleep(0.05)
+            updates += self.poll()
         return updates
 
     def _monitor_loop(self, interval):
@@ -289,7 +297,6 @@ class LocalRunner(Runner):
             try:
                 self.on_update(update)
             except Exception:  # one failing update must not stop the watching
-                import traceback
                 traceback.print_exc()
 
     # --- state changes --------------------------------------------------------
@@ -403,11 +410,13 @@ class LocalRunner(Runner):
             if not ended:
                 return False
             _signal_group(run.pid, signal.SIGKILL)
+            _wait_until_group_gone(run.pid)
             exit_code = run.process.wait()
         else:
             if _process_start_ticks(run.pid) == run.process_start_ticks:
                 return False
             _signal_group_members(run.pid, run.run_dir, signal.SIGKILL)
+            _wait_until_group_gone(run.pid)
             status = storage.read_run_status(run.run_dir) or {}
             exit_code = status.get("exit_code") if status.get("state") in ENDED_STATES else None
         run.exit_code, run.ended_at, run.kill_at = exit_code, time.time(), None
@@ -515,6 +524,16 @@ def _group_rss_bytes():
         pgid = int(fields[2])
         totals[pgid] = totals.get(pgid, 0) + int(fields[21]) * page_size
     return totals
+
+
+def _wait_until_group_gone(pgid, timeout_s=2):
+    """Waits (briefly: SIGKILL takes effect within moments) until no live process is in the group,
+    so that an ended run has really left nothing running."""
+    deadline = time.time() + timeout_s
+    while time.time() < deadline and any(
+            int(fields[2]) == pgid and fields[0] not in (b"Z", b"X")
+            for fields in _all_processes().values()):
+        time.sleep(0.01)
 
 
 def _signal_group_members(pgid, run_dir, sig):
