@@ -1,7 +1,10 @@
 """Benchmarks of the callbacks and techniques on the reference network.
 
 Every figure is a ratio of two timings taken side by side in this one process,
-so it means something on a shared, noisy machine. Run with
+so it means something on a shared, noisy machine. The techniques are timed as
+the callbacks use them: objects built once when training begins
+(``SaliencyModel``, ``DeconvolutionModel``, ``ActivationModel``,
+``DeepVisualizationModel``), warmed up, then called. Run with
 ``.venv/bin/python -m benchmarks.techniques [--quick]``.
 """
 import argparse
@@ -19,17 +22,26 @@ from PIL import Image  # noqa: E402
 
 from custom_keras.callbacks import CustomCallbacks  # noqa: E402
 from custom_keras.reference import build_reference_model, load_digits_28  # noqa: E402
-from custom_keras.techniques.activations import ActivationModel, EXCLUDE_LAYERS  # noqa: E402
-from custom_keras.techniques.deconvolution import deconvolution  # noqa: E402
-from custom_keras.techniques.deep_visualization import deep_visualization  # noqa: E402
-from custom_keras.techniques.saliency import saliency_maps  # noqa: E402
+from custom_keras.techniques.activations import EXCLUDE_LAYERS, ActivationModel  # noqa: E402
+from custom_keras.techniques.deconvolution import DeconvolutionModel  # noqa: E402
+from custom_keras.techniques.deep_visualization import DeepVisualizationModel  # noqa: E402
+from custom_keras.techniques.saliency import SaliencyModel  # noqa: E402
 
 BATCH_SIZE = 128
+EPOCH_IMAGES = 60000
+SNAPSHOTS_PER_EPOCH = 5
 DEEP_VIS = dict(learning_rate=200, no_of_iterations=50, l2_decay=0.0001, blur_interval=4, blur_std=1.0)
+DEEP_VIS_UNITS = [(8, unit) for unit in range(64)]  # the 64 units of the Dense 64 layer
+DECONV_LAYER = 2  # the second Conv2D: 32 feature maps
 
 
 def best_of(function, repeats):
-    """The fastest of ``repeats`` calls, in seconds (the least disturbed by other load)."""
+    """The fastest of ``repeats`` calls, in seconds (the least disturbed by other load).
+
+    Args:
+        function: called without arguments.
+        repeats: number of calls (>= 1).
+    """
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
@@ -39,13 +51,25 @@ def best_of(function, repeats):
 
 
 def report(name, value, baseline, target=None, higher_is_better=False):
-    ratio = value / baseline
+    """Prints one figure as ``value / baseline`` (or its inverse) with its target; returns the ratio.
+
+    Args:
+        name: what is compared, "A / B".
+        value: seconds of A.
+        baseline: seconds of B.
+        target: the ratio to meet, or None.
+        higher_is_better: the figure is ``baseline / value`` ("B is N times slower") and must
+            reach ``target``; else it is ``value / baseline`` and must stay at most ``target``.
+    """
+    ratio = baseline / value if higher_is_better else value / baseline
     verdict = ""
     if target is not None:
         met = ratio >= target if higher_is_better else ratio <= target
-        verdict = "  target %s %.2f: %s" % (">=" if higher_is_better else "<=", target,
-                                            "met" if met else "NOT met")
-    print("%-58s %9.1f ms / %9.1f ms = %6.2f%s" % (name, value * 1e3, baseline * 1e3, ratio, verdict))
+        verdict = "  target %s %g: %s" % (">=" if higher_is_better else "<=", target,
+                                          "met" if met else "NOT met")
+    print("%-62s %9.1f ms / %9.1f ms = %6.2f%s" % (
+        name, (baseline if higher_is_better else value) * 1e3,
+        (value if higher_is_better else baseline) * 1e3, ratio, verdict), flush=True)
     return ratio
 
 
@@ -55,18 +79,30 @@ def fit_one_epoch(model, x, y, callbacks):
     return time.perf_counter() - start
 
 
-def training_overhead(samples):
-    """Item 1: one epoch with all visualizing callbacks (5 snapshots) against none, and TensorBoard."""
-    x, y = load_digits_28(size=samples, shift=2)
-    batches = int(np.ceil(samples / BATCH_SIZE))
+def _run_folder(image):
     run_dir = tempfile.mkdtemp(prefix="bench-run-")
     os.makedirs(os.path.join(run_dir, "images"))
-    Image.fromarray((x[0, :, :, 0] * 255).astype(np.uint8)).save(os.path.join(run_dir, "images", "digit.png"))
+    Image.fromarray((image[:, :, 0] * 255).astype(np.uint8)).save(os.path.join(run_dir, "images", "digit.png"))
+    return run_dir
+
+
+def training_overhead(samples, rounds=2):
+    """Item 1: one epoch with the five visualizing callbacks (5 snapshots) and with TensorBoard.
+
+    Args:
+        samples: images per epoch.
+        rounds: epochs of each kind; the best counts. The kinds alternate, so a slow
+            phase of the shared machine hits all of them alike.
+    """
+    x, y = load_digits_28(size=samples, shift=2)
+    batches = int(np.ceil(samples / BATCH_SIZE))
+    run_dir = _run_folder(x[0])
     model = build_reference_model()
     model.fit(x[:BATCH_SIZE * 4], y[:BATCH_SIZE * 4], batch_size=BATCH_SIZE, epochs=1, verbose=0)  # warm-up
 
     def visualizer_callbacks():
-        callbacks = CustomCallbacks(run_dir, base_interval=max(1, batches // 5))
+        # Stage 0 before the first batch, then every interval batches: 5 snapshots in the epoch.
+        callbacks = CustomCallbacks(run_dir, base_interval=int(np.ceil(batches / SNAPSHOTS_PER_EPOCH)))
         callbacks.register_training_progress()
         callbacks.register_layer_activations()
         callbacks.register_saliency_maps()
@@ -78,14 +114,14 @@ def training_overhead(samples):
         return [keras.callbacks.TensorBoard(os.path.join(run_dir, "tensorboard"), histogram_freq=1,
                                             update_freq="batch")]
 
-    # Alternate the runs so that a slow phase of the machine hits all of them alike.
     plain, visualized, tensorboard = [], [], []
-    for _ in range(2):
+    for _ in range(rounds):
         plain.append(fit_one_epoch(model, x, y, []))
         visualized.append(fit_one_epoch(model, x, y, visualizer_callbacks()))
         tensorboard.append(fit_one_epoch(model, x, y, tensorboard_callbacks()))
-    print("epoch of %d images, batch %d (%d batches), best of 2:" % (samples, BATCH_SIZE, batches))
-    report("all five visualizing callbacks, 5 snapshots / no callbacks", min(visualized), min(plain), 1.15)
+    print("epoch of %d images, batch %d (%d batches), best of %d:" % (samples, BATCH_SIZE, batches, rounds))
+    report("all five visualizing callbacks, %d snapshots / no callbacks" % SNAPSHOTS_PER_EPOCH,
+           min(visualized), min(plain), 1.15)
     report("Keras TensorBoard (batch scalars, histograms) / no callbacks", min(tensorboard), min(plain))
     shutil.rmtree(run_dir)
 
@@ -97,55 +133,74 @@ def trained_model():
     return model, x[:1]
 
 
-def forward_backward_floor(model, image):
-    """One forward and backward pass of the same model on one image."""
-    image = tf.constant(image)
+def forward_backward_floor(model):
+    """One compiled forward and backward pass of ``model`` on one image: the floor.
 
-    def step():
+    Compiled like the techniques' reusable objects, and the score is taken inside
+    the tape, so the gradient really flows back to the image.
+    """
+    @tf.function
+    def step(image):
         with tf.GradientTape() as tape:
             tape.watch(image)
-            output = model(image, training=False)
-        return tape.gradient(output[:, 0], image).numpy()
-    return step
+            score = model(image, training=False)[:, 0]
+        return tape.gradient(score, image)
+
+    def run(image):
+        gradient = step(tf.convert_to_tensor(image))
+        return gradient.numpy()
+    return run
+
+
+def warmed(function, *args):
+    """``function`` bound to ``args`` after one call (tracing, first-call caches)."""
+    function(*args)
+    return lambda: function(*args)
 
 
 def techniques(repeats):
+    """Items 2-4: saliency, deconvolution, layer activations and deep visualization.
+
+    Args:
+        repeats: calls per timing; the best counts.
+    """
     model, image = trained_model()
-    floor_step = forward_backward_floor(model, image)
-    floor_step()
-    floor = best_of(floor_step, repeats)
+    floor_step = warmed(forward_backward_floor(model), image)
+    assert np.any(floor_step() != 0), "the floor's gradient must reach the image"
 
-    saliency_maps(model, image)
-    report("saliency map / one forward+backward pass", best_of(lambda: saliency_maps(model, image), repeats),
-           floor, 1.5)
-    deconvolution(model, image, 2, feat_map_amount=32)
-    report("deconvolution of 32 maps / one forward+backward pass",
-           best_of(lambda: deconvolution(model, image, 2, feat_map_amount=32), repeats), floor, 3.0)
+    def floor():
+        return best_of(floor_step, repeats)
 
-    activation_model = ActivationModel(model, EXCLUDE_LAYERS)
-    layer_numbers = [no for no, layer in enumerate(model.layers) if not isinstance(layer, EXCLUDE_LAYERS)]
-    per_layer = [keras.Model(model.inputs[0], model.layers[no].output) for no in layer_numbers]
+    saliency = warmed(SaliencyModel(model), image)
+    report("saliency map / one forward+backward pass", best_of(saliency, repeats), floor(), 1.5)
+    deconvolution = warmed(DeconvolutionModel(model, DECONV_LAYER, feat_map_amount=32), image)
+    report("deconvolution of 32 maps / one forward+backward pass", best_of(deconvolution, repeats),
+           floor(), 3.0)
 
-    def one_function_per_layer():
-        return [m(image, training=False) for m in per_layer]
-    activation_model(image)
-    one_function_per_layer()
+    activations = warmed(ActivationModel(model, EXCLUDE_LAYERS), image)
+    per_layer = [keras.Model(model.inputs[0], layer.output)
+                 for layer in model.layers if not isinstance(layer, EXCLUDE_LAYERS)]
+    one_function_per_layer = warmed(lambda: [m(image, training=False).numpy() for m in per_layer])
     report("layer activations: one multi-output pass / one function per layer",
-           best_of(lambda: activation_model(image), repeats), best_of(one_function_per_layer, repeats))
+           best_of(activations, repeats), best_of(one_function_per_layer, repeats))
 
-    units = [(8, unit) for unit in range(64)]
-    batched = best_of(lambda: deep_visualization(model, units, seed=0, **DEEP_VIS), 1)
-    one_at_a_time = best_of(lambda: [deep_visualization(model, [unit], seed=0, **DEEP_VIS) for unit in units], 1)
-    report("deep visualization 64 units x 50 it.: one at a time / one batch", one_at_a_time, batched, 10,
+    batched = warmed(DeepVisualizationModel(model, DEEP_VIS_UNITS, **DEEP_VIS), 0)
+    singles = [warmed(DeepVisualizationModel(model, [unit], **DEEP_VIS), 0) for unit in DEEP_VIS_UNITS]
+    report("deep visualization, 64 units x 50 it.: one batch vs one at a time",
+           best_of(batched, 1), best_of(lambda: [single() for single in singles], 1), 10,
            higher_is_better=True)
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--quick", action="store_true", help="an epoch of 12,000 images instead of 60,000")
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true",
+                        help="an epoch of 12,000 images instead of 60,000, one round")
     args = parser.parse_args()
-    techniques(repeats=5)
-    training_overhead(12000 if args.quick else 60000)
+    techniques(repeats=20)
+    if args.quick:
+        training_overhead(12000, rounds=1)
+    else:
+        training_overhead(EPOCH_IMAGES)
 
 
 if __name__ == "__main__":

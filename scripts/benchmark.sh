@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# Run every benchmark: techniques and training overhead, then the dashboards in
+# Debian's chromium. Each figure is a ratio measured within one run. Extra
+# arguments go to benchmarks.techniques (e.g. --quick for a shorter epoch).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+.venv/bin/pip install --quiet --disable-pip-version-check -r benchmarks/requirements.txt
+export TF_CPP_MIN_LOG_LEVEL=2
+.venv/bin/python -m benchmarks.techniques "$@"
+.venv/bin/python -m benchmarks.dashboards
