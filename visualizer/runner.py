@@ -288,7 +288,10 @@ class LocalRunner(Runner):
 
     def _monitor_loop(self, interval):
         while not self._monitor_stop.wait(interval):
-            self._deliver(self.poll())
+            try:
+                self._deliver(self.poll())
+            except Exception:  # the runs must stay watched whatever one poll met
+                traceback.print_exc()
 
     def _deliver(self, updates):
         if self.on_update is None:
@@ -313,7 +316,7 @@ class LocalRunner(Runner):
 
     def _set_state(self, run, state, message=None):
         run.state = state
-        storage.write_run_status(run.run_dir, state, run.exit_code, message)
+        _write_status(run.run_dir, state, run.exit_code, message)
         self._updates.append(run.update(message))
 
     def _start_queued(self):
@@ -366,7 +369,7 @@ class LocalRunner(Runner):
             run.stop_reason = status.get("message")
         else:
             run.state, run.stop_reason = FAILED, GONE_MESSAGE
-            storage.write_run_status(run.run_dir, FAILED, None, GONE_MESSAGE)
+            _write_status(run.run_dir, FAILED, None, GONE_MESSAGE)
 
     @staticmethod
     def _message_of(run):
@@ -429,6 +432,16 @@ class LocalRunner(Runner):
             state, message = outcome(exit_code)
         self._set_state(run, state, message)
         return True
+
+
+def _write_status(run_dir, state, exit_code=None, message=None):
+    """status.json for the run; a full or broken disk must not stop the runner (the
+    database still gets the state), so a failed write is only reported."""
+    try:
+        storage.write_run_status(run_dir, state, exit_code, message)
+    except OSError as error:
+        print("visualizer runner: could not write the status of %s: %s" % (run_dir, error),
+              file=sys.stderr, flush=True)
 
 
 def outcome(exit_code):
@@ -558,7 +571,7 @@ def _wrap(script_path):
     script = subprocess.Popen([sys.executable, "-u", script_path])
     exit_code = script.wait()
     state, message = outcome(exit_code)
-    storage.write_run_status(os.getcwd(), state, exit_code, message)
+    _write_status(os.getcwd(), state, exit_code, message)
     if exit_code < 0:  # end by the same signal, so the runner sees it too
         if -exit_code != signal.SIGKILL:
             signal.signal(-exit_code, signal.SIG_DFL)
