@@ -476,6 +476,10 @@ class DeepVisualization(_SnapshotCallback):
         self.units_to_visualize = units_to_visualize
 
     def build(self):
+        height, width, _ = visualization_images.model_image_shape(self.model)
+        if height is None or width is None:
+            raise ValueError("model: deep visualization needs a fixed input size, the model's "
+                             "input is %s" % (tuple(self.model.inputs[0].shape),))
         # The steps of deep_visualization(), with the objective built once: its
         # compiled gradient function then serves every snapshot.
         self._objective = UnitObjective(self.model, self.units_to_visualize)

@@ -52,11 +52,19 @@ def model_image_shape(model):
     Raises:
         ValueError: the model's input is not one image of 1, 3 or 4 channels.
     """
-    if len(model.inputs) != 1 or len(model.inputs[0].shape) != 4:
+    try:
+        inputs = model.inputs
+    except (AttributeError, ValueError):
+        # A Sequential model without an Input is built by its first batch,
+        # after stage 0 should already have been visualized.
+        raise ValueError("model: the model has no input shape before training; start it with "
+                         "keras.Input((height, width, channels)) or call model.build((None, "
+                         "height, width, channels)) before fit") from None
+    if len(inputs) != 1 or len(inputs[0].shape) != 4:
         raise ValueError(
             "model: the visualizations need a model with one image input (batch, height, width, "
-            "channels), this model's inputs are %s" % [tuple(i.shape) for i in model.inputs])
-    height, width, channels = tuple(model.inputs[0].shape)[1:]
+            "channels), this model's inputs are %s" % [tuple(i.shape) for i in inputs])
+    height, width, channels = tuple(inputs[0].shape)[1:]
     if channels not in _MODES:
         raise ValueError("model: the visualizations support images of 1, 3 or 4 channels, "
                          "the model's input has %s" % channels)

@@ -355,6 +355,17 @@ def test_model_without_image_input_fails_before_any_batch(tmp_path):
                   callbacks=[SaliencyMaps(str(tmp_path))])
 
 
+def test_sequential_model_without_input_fails_before_any_batch(tmp_path):
+    write_images(str(tmp_path))
+    model = keras.Sequential([keras.layers.Conv2D(2, (3, 3)), keras.layers.Flatten(),
+                              keras.layers.Dense(3, activation="softmax")])
+    model.compile(optimizer="adam", loss="categorical_crossentropy")
+    x, y = tiny_data(16)
+    for callback in (SaliencyMaps(str(tmp_path)), DeepVisualization(str(tmp_path), [(2, 0)], 1, 2)):
+        with pytest.raises(ValueError, match="model: .*keras.Input"):
+            model.fit(x, y, verbose=0, callbacks=[callback])
+
+
 # --- failures during training ------------------------------------------------
 
 def test_a_failing_snapshot_writes_nothing_and_training_goes_on(tmp_path, capfd):
