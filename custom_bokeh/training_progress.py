@@ -172,14 +172,14 @@ class TrainingProgressDashboard:
         line = fig.line("progress", metric, source=self.batch_source, color=BATCH_COLOR,
                         line_width=1.5, legend_label="batch")
         fig.add_tools(HoverTool(renderers=[line], mode="vline", tooltips=[
-            ("epoch", "@epoch{0}"), ("batch", "@batch{0}"), ("progress", "@progress{0.0000}"),
+            ("epochs trained", "@progress{0.0000}"), ("batch", "@batch{0}"),
             (metric, "@{%s}{0.000000}" % metric)]))
         val_name = "val_" + metric
         if val_name in self.val_source.data:
             circles = fig.scatter("epoch", val_name, source=self.val_source, size=9,
                                   color=VALIDATION_COLOR, legend_label="validation")
             fig.add_tools(HoverTool(renderers=[circles], tooltips=[
-                ("epoch", "@epoch{0}"), (val_name, "@{%s}{0.000000}" % val_name)]))
+                ("after epoch", "@epoch{0}"), (val_name, "@{%s}{0.000000}" % val_name)]))
         fig.legend.location = "top_right" if "acc" not in metric else "bottom_right"
         fig.legend.click_policy = "hide"
         fig.toolbar.logo = None
