@@ -29,8 +29,9 @@ def render(result, info, input_image, image_name):
             raise ValueError("deep visualization entry %d must be an (image, layer name, unit "
                              "index, activation) tuple, got %r" % (position, entry))
         image, layer_name, unit_index, activation = entry
+        subtitle = "activation %s" % format_activation(activation)
         figures.append(images.image_figure(image, unit_title(layer_name, unit_index),
-                                           subtitle="activation %s" % format_activation(activation)))
+                                           subtitle=subtitle))
     return images.image_grid(figures, filename=TECHNIQUE.key)
 
 

@@ -24,7 +24,8 @@ GRID_COLUMNS = 4
 def _check_uint8(array, argument):
     array = np.asarray(array)
     if array.dtype != np.uint8:
-        raise ValueError("%s must be a uint8 array (0..255), got dtype %s" % (argument, array.dtype))
+        raise ValueError("%s must be a uint8 array (0..255), got dtype %s"
+                         % (argument, array.dtype))
     return array
 
 
@@ -119,15 +120,18 @@ def tile_origin(index, columns, height, width, border=1):
 def display_scale(height, width, target=180, max_width=900, max_height=640):
     """Screen pixels per image pixel: an integer (crisp pixels) near ``target`` screen pixels.
 
-    A 28x28 image gets 6 (168 px); a larger image gets less, never below 1, and
-    stays within ``max_width`` x ``max_height`` where it can.
+    A 28x28 image gets 6 (168 px); a larger one gets less, down to 1; one larger
+    than ``max_width`` x ``max_height`` gets the fraction that fits it into that box.
 
     Args:
         height, width: the image size in pixels.
         target: wanted screen size of the longer side.
         max_width, max_height: the box the image should fit.
     """
-    return max(1, min(target // max(height, width), max_width // width, max_height // height))
+    fit = min(max_width / width, max_height / height)
+    if fit < 1:
+        return fit
+    return max(1, min(target // max(height, width), int(fit)))
 
 
 def image_figure(array, title, scale=None, tools=IMAGE_TOOLS, subtitle=None):
@@ -136,7 +140,8 @@ def image_figure(array, title, scale=None, tools=IMAGE_TOOLS, subtitle=None):
     Args:
         array: uint8 (H, W), (H, W, 1) or (H, W, 3), row 0 at the top.
         title: the figure title.
-        scale: screen pixels per image pixel; None picks one (a 28x28 image -> 168 px).
+        scale: screen pixels per image pixel (below 1 shrinks a large image); None
+            picks one (a 28x28 image -> 168 px).
         tools: Bokeh tools (pan, wheel zoom, reset and save by default).
         subtitle: an optional second title line (e.g. "activation 12.3").
 
@@ -147,7 +152,8 @@ def image_figure(array, title, scale=None, tools=IMAGE_TOOLS, subtitle=None):
     rgba = to_rgba(array)
     height, width = rgba.shape
     scale = scale or display_scale(height, width)
-    plot = figure(title=title, tools=tools, frame_width=width * scale, frame_height=height * scale,
+    plot = figure(title=title, tools=tools, frame_width=max(1, round(width * scale)),
+                  frame_height=max(1, round(height * scale)),
                   x_range=Range1d(0, width, bounds=(0, width)),
                   y_range=Range1d(0, height, bounds=(0, height)),
                   toolbar_location="above", min_border=4, outline_line_color="#9aa5b1")
@@ -161,7 +167,6 @@ def image_figure(array, title, scale=None, tools=IMAGE_TOOLS, subtitle=None):
         plot.add_layout(Title(text=subtitle, **SUBTITLE_STYLE), "above")
     plot.image_rgba(image=[rgba], x=0, y=0, dw=width, dh=height)
     return plot
-
 
 
 def image_grid(figures, columns=GRID_COLUMNS, filename=None):

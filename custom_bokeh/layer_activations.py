@@ -72,8 +72,9 @@ def _maps_figure(title, maps):
     # a wide grid (about 2:1) keeps a layer on one screen without scrolling
     columns = images.grid_columns(count, height, width, aspect=2.0)
     sheet = images.tile(maps, columns=columns)
-    # at most 5 screen pixels per pixel: borders stay thin and big layers fit the page
-    scale = max(1, min(MAX_SHEET_SCALE, MAX_WIDTH // sheet.shape[1]))
+    # at most 5 screen pixels per pixel, so borders stay thin; a wider sheet is shrunk to fit
+    scale = min(MAX_SHEET_SCALE, MAX_WIDTH / sheet.shape[1])
+    scale = int(scale) if scale >= 1 else scale
     plot = images.image_figure(sheet, title, scale=scale)
     _add_hover(plot, sheet.shape[0], count, columns, height, width, border=1, label="filter",
                values=maps.reshape(count, -1).max(axis=1), value_label="max")
@@ -88,7 +89,8 @@ def _dense_figure(title, units):
     columns = min(count, max(UNITS_PER_ROW, images.grid_columns(count, aspect=2.0)))
     strip = images.tile(units.reshape(count, 1, 1), columns=columns, border=0)
     # short vectors (e.g. 10 classes) get bigger pixels so the strip is wide enough for its title
-    scale = max(1, min(max(UNIT_SCALE, MIN_STRIP_WIDTH // columns), MAX_UNIT_SCALE, MAX_WIDTH // columns))
+    scale = max(1, min(max(UNIT_SCALE, MIN_STRIP_WIDTH // columns), MAX_UNIT_SCALE,
+                       MAX_WIDTH // columns))
     plot = images.image_figure(strip, title, scale=scale)
     _add_hover(plot, strip.shape[0], count, columns, 1, 1, border=0, label="unit",
                values=units, value_label="activation")
@@ -106,7 +108,8 @@ def _add_hover(plot, sheet_height, count, columns, height, width, border, label,
     rects = plot.rect(x="x", y="y", width=width, height=height, source=source,
                       fill_alpha=0, line_alpha=0, hover_fill_alpha=0, hover_line_alpha=1,
                       hover_line_color=HIGHLIGHT_COLOR, hover_line_width=2)
-    plot.add_tools(HoverTool(renderers=[rects], tooltips="%s @index, %s @value" % (label, value_label),
+    plot.add_tools(HoverTool(renderers=[rects],
+                             tooltips="%s @index, %s @value" % (label, value_label),
                              point_policy="follow_mouse"))
 
 

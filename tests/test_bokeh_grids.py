@@ -107,11 +107,20 @@ def test_a_layer_of_512_filters_is_one_image_glyph():
     assert plot.frame_width <= layer_activations.MAX_WIDTH
 
 
+def test_a_layer_of_large_maps_is_shrunk_to_the_page_width():
+    maps = np.zeros((64, 224, 224), np.uint8)
+    plot = layer_activations.layer_figure("Layer 1: block1_conv1", maps)
+    assert shown_image(plot).shape == (6 * 225 + 1, 12 * 225 + 1)
+    assert plot.frame_width == layer_activations.MAX_WIDTH
+    assert plot.frame_height == round((6 * 225 + 1) * layer_activations.MAX_WIDTH / (12 * 225 + 1))
+
+
 @pytest.mark.parametrize("result, message", [
     ("not a list", "layer activations must be a list of (layer name, array) pairs, got str"),
     ([("Layer 1: conv2d",)], "layer activations entry 0 must be a (layer name, array) pair"),
     ([("Layer 1: conv2d", np.zeros((2, 2, 2, 2), np.uint8))],
-     "activations of Layer 1: conv2d must have shape (filters, H, W) or (units,), got (2, 2, 2, 2)"),
+     "activations of Layer 1: conv2d must have shape (filters, H, W) or (units,), "
+     "got (2, 2, 2, 2)"),
     ([("Layer 6: dense", np.zeros(4, np.float64))],
      "dense activations must be a non-empty uint8 array, got float64"),
 ])
