@@ -15,7 +15,7 @@ from bokeh.application import Application
 from bokeh.application.handlers import FunctionHandler
 from bokeh.layouts import column, row
 from bokeh.model import Model
-from bokeh.models import Div, Select, Slider, Toggle
+from bokeh.models import Div, Range, Select, Slider, Toggle
 from tornado.web import HTTPError
 
 from custom_bokeh.auth import InvalidToken, verify_token
@@ -154,7 +154,8 @@ def _same(a, b):
 
 
 # What a snapshot changes (copied by copy_content), and what the user changes in the
-# browser (pan and zoom: kept); neither counts as a difference in how a layout is built.
+# browser (pan and zoom: a range's start and end, kept); neither counts as a difference
+# in how a layout is built.
 _CONTENT_PROPERTIES = {"data", "text"}
 _VIEW_PROPERTIES = {"start", "end"}
 
@@ -183,7 +184,9 @@ def _models_in_order(model):
 
 def _settings(model):
     """The model's own non-default values, without references, content or view state."""
-    skip = set(model.properties_with_refs()) | _CONTENT_PROPERTIES | _VIEW_PROPERTIES
+    skip = set(model.properties_with_refs()) | _CONTENT_PROPERTIES
+    if isinstance(model, Range):
+        skip |= _VIEW_PROPERTIES
     values = model.properties_with_values(include_defaults=False)
     return {name: value for name, value in values.items() if name not in skip}
 
