@@ -58,11 +58,11 @@ def layer_figure(layer_name, activations):
     shape = " \u00d7 ".join(str(n) for n in activations.shape)
     if activations.ndim == 1:
         return _dense_figure("%s \u2014 %s units" % (layer_name, shape), activations)
-    if activations.ndim == 2:  # e.g. a (timesteps, features) output: one map
-        return _maps_figure("%s \u2014 %s (H \u00d7 W)" % (layer_name, shape), activations[None])
-    if activations.ndim != 3 or 0 in activations.shape:
+    if activations.ndim not in (2, 3) or 0 in activations.shape:
         raise ValueError("activations of %s must have shape (filters, H, W) or (units,), got %s"
                          % (layer_name, activations.shape))
+    if activations.ndim == 2:  # e.g. a (timesteps, features) output: one map
+        return _maps_figure("%s \u2014 %s (H \u00d7 W)" % (layer_name, shape), activations[None])
     return _maps_figure("%s \u2014 %s (filters \u00d7 H \u00d7 W)" % (layer_name, shape),
                         activations)
 

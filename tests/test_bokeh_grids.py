@@ -128,6 +128,8 @@ def test_a_layer_of_large_maps_is_shrunk_to_the_page_width():
     ([("Layer 1: conv2d", np.zeros((2, 2, 2, 2), np.uint8))],
      "activations of Layer 1: conv2d must have shape (filters, H, W) or (units,), "
      "got (2, 2, 2, 2)"),
+    ([("Layer 2: lstm", np.zeros((0, 5), np.uint8))],
+     "activations of Layer 2: lstm must have shape (filters, H, W) or (units,), got (0, 5)"),
     ([("Layer 6: dense", np.zeros(4, np.float64))],
      "dense activations must be a non-empty uint8 array, got float64"),
 ])
