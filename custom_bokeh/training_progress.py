@@ -30,36 +30,64 @@ class TableReader:
 
     Args:
         run_dir: the run folder.
-        tsv_name: the tab-separated table with a header line.
+        tsv_name: the tab-separated table with a header line (``storage.append_row``).
         txt_name: the Appendix D file: space-separated, no header.
         txt_columns: the column names of the Appendix D file.
 
-    ``read()`` returns (columns, rows, restarted): ``columns`` is set when the
-    reader (re)started at the top of a file, ``restarted`` says that rows read
-    before must be dropped (the .tsv appeared, or a re-run replaced the file).
+    Reads from a byte offset like ``storage.read_table``, but a malformed line
+    is skipped and counted (``bad_lines``, ``last_bad_line``) instead of stopping
+    every later read.
     """
 
     def __init__(self, run_dir, tsv_name, txt_name, txt_columns):
         self.tsv_path = storage.results_path(run_dir, tsv_name)
         self.txt_path = storage.results_path(run_dir, txt_name)
         self.txt_columns = list(txt_columns)
-        self.path, self.offset = None, 0
+        self.path, self.offset, self.columns = None, 0, None
+        self.bad_lines, self.last_bad_line = 0, None
 
     def read(self):
+        """(columns, new rows as {column: values}, restarted).
+
+        ``columns`` is set when the reader (re)started at the top of a file;
+        ``restarted`` says that rows read before must be dropped (the .tsv
+        appeared, or a re-run replaced the file).
+        """
         path = self.tsv_path if os.path.exists(self.tsv_path) else self.txt_path
         if not os.path.exists(path):
-            return None, [], False
+            return None, {}, False
         restarted = self.path is not None and (path != self.path or _size(path) < self.offset)
         if restarted or self.path is None:
-            self.path, self.offset = path, 0
-        if path == self.tsv_path:
-            columns, rows, self.offset = storage.read_table(path, self.offset)
-        else:
-            at_top = self.offset == 0
-            lines, self.offset = storage.read_complete_lines(path, self.offset)
-            columns = self.txt_columns if at_top and lines else None
-            rows = [[float(v) for v in line.split()] for line in lines if line.strip()]
-        return columns, rows, restarted
+            self.path, self.offset, self.columns = path, 0, None
+        at_top = self.offset == 0
+        lines, self.offset = storage.read_complete_lines(path, self.offset)
+        tsv = path == self.tsv_path
+        if at_top and lines:
+            self.columns = lines.pop(0).split("\t") if tsv else self.txt_columns
+        rows = []
+        for line in lines:
+            row = _parse_row(line.split("\t") if tsv else line.split(), len(self.columns))
+            if row is None:
+                self.bad_lines, self.last_bad_line = self.bad_lines + 1, line
+            else:
+                rows.append(row)
+        new_rows = {name: [row[i] for row in rows] for i, name in enumerate(self.columns or [])}
+        return (self.columns if at_top else None), (new_rows if rows else {}), restarted
+
+    def problem(self):
+        """A sentence about skipped lines, or ""."""
+        if not self.bad_lines:
+            return ""
+        return "Skipped %d malformed line(s) of %s, the last: %r" % (
+            self.bad_lines, os.path.basename(self.path), self.last_bad_line[:200])
+
+
+def _parse_row(values, count):
+    try:
+        row = [float(v) for v in values]
+    except ValueError:
+        return None
+    return row if len(row) == count else None
 
 
 def _size(path):
@@ -109,13 +137,12 @@ class TrainingProgressDashboard:
     def update(self):
         """Streams the rows written since the last call; stops polling after the run ended."""
         self._ended = run_has_ended(self.run_dir)  # read before the tables: no row is missed
-        try:
-            self._read_batches()
-            if self.metrics:
-                self._read_validation()
-        except ValueError as error:
-            show_message(self.message, "Could not read %s: %s" % (
-                os.path.basename(self.batches.path or ""), error), error=True)
+        self._read_batches()
+        if self.metrics:
+            self._read_validation()
+        problems = [reader.problem() for reader in (self.batches, self.validation)]
+        if any(problems):
+            show_message(self.message, "\n".join(p for p in problems if p), error=True)
         else:
             show_message(self.message, "" if self.metrics else no_data_text(TECHNIQUE, self._ended))
         if self._ended and self._poll_callback is not None:
@@ -123,22 +150,20 @@ class TrainingProgressDashboard:
             self._poll_callback = None
 
     def _read_batches(self):
-        columns, rows, restarted = self.batches.read()
+        columns, new_rows, _ = self.batches.read()
         if columns:
             self._build(columns)
-        if rows and self.metrics:
-            self.batch_source.stream(_columns_of(self.batch_columns, rows))
+        if new_rows and self.metrics:
+            self.batch_source.stream(new_rows)
 
     def _read_validation(self):
-        columns, rows, restarted = self.validation.read()
+        columns, new_rows, restarted = self.validation.read()
         if restarted:
             self.val_source.data = {name: [] for name in self.val_source.data}
-        if columns:
-            self.val_file_columns = columns
-        if rows:
-            by_name = _columns_of(self.val_file_columns, rows)
-            nan = [float("nan")] * len(rows)
-            self.val_source.stream({name: by_name.get(name, nan) for name in self.val_source.data})
+        if new_rows:
+            count = len(next(iter(new_rows.values())))
+            self.val_source.stream({name: new_rows.get(name, [float("nan")] * count)
+                                    for name in self.val_source.data})
 
     def _build(self, columns):
         """(Re)creates the sources and figures for the columns of a (new) batch table."""
@@ -147,17 +172,18 @@ class TrainingProgressDashboard:
         self.batch_source.data = {name: [] for name in columns}
         self.val_source.data = {name: [] for name in ["epoch"] + [
             "val_" + m for m in self.metrics if not m.endswith("_avg")]}
-        self.val_file_columns = []
         self.validation.path = None
         accuracy = next((m for m in self.metrics if m == "accuracy"),
                         next((m for m in self.metrics if "acc" in m and not m.endswith("_avg")),
                              None))
         main = [m for m in (accuracy, "loss") if m in self.metrics]
         others = [m for m in self.metrics if m not in main]
-        self.metric_select.update(options=others, value=others[0] if others else "")
         self.content.children = ([self._metric_figure(m) for m in main]
                                  + ([self.metric_select, self.other_figure] if others else []))
-        self._show_other_metric()
+        shown = self.metric_select.value
+        self.metric_select.update(options=others, value=others[0] if others else "")
+        if self.metric_select.value == shown:  # else the Select's callback drew it already
+            self._show_other_metric()
 
     def _show_other_metric(self):
         metric = self.metric_select.value
@@ -184,15 +210,6 @@ class TrainingProgressDashboard:
         fig.legend.click_policy = "hide"
         fig.toolbar.logo = None
         return fig
-
-
-def _columns_of(columns, rows):
-    """Rows (lists of floats) as {column name: values}; extra or missing values are an error."""
-    for row in rows:
-        if len(row) != len(columns):
-            raise ValueError("a row has %d values but the header names %d columns"
-                             % (len(row), len(columns)))
-    return {name: [row[i] for row in rows] for i, name in enumerate(columns)}
 
 
 def make_document(doc):

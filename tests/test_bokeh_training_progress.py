@@ -149,14 +149,19 @@ def test_no_data_message_names_the_register_call(tmp_path):
     assert dashboard.content.children == []
 
 
-def test_a_malformed_row_is_reported(tmp_path):
+def test_a_malformed_row_is_reported_and_skipped(tmp_path):
     run_dir = str(tmp_path)
     write_batches(run_dir, range(2))
     storage.append_line(storage.results_path(run_dir, "training_progress.tsv"), "0.5\t1")
+    write_batches(run_dir, range(2, 4))
     dashboard = TrainingProgressDashboard(run_dir)
     assert dashboard.message.visible
-    assert "training_progress.tsv" in dashboard.message.text
-    assert "2 values but the header names 8 columns" in dashboard.message.text
+    assert dashboard.message.text == (
+        "Skipped 1 malformed line(s) of training_progress.tsv, the last: '0.5\\t1'")
+    assert list(dashboard.batch_source.data["batch"]) == [0, 1, 2, 3]
+    write_batches(run_dir, range(4, 6))
+    dashboard.update()  # later rows still arrive
+    assert list(dashboard.batch_source.data["batch"]) == [0, 1, 2, 3, 0, 1]
 
 
 @pytest.mark.parametrize("ended_before_opening", [True, False])
