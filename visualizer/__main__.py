@@ -31,11 +31,12 @@ class StartError(Exception):
 
 
 def main():
+    """Starts both servers, serves until Ctrl-C or SIGTERM, then stops everything it started."""
     try:
         settings = config.complete_settings(config.settings_from_env())
         check_port_free(settings["HOST"], settings["PORT"], "VISUALIZER_PORT")
         check_port_free(settings["HOST"], settings["BOKEH_PORT"], "VISUALIZER_BOKEH_PORT")
-    except (ValueError, StartError) as error:
+    except (ValueError, OSError, StartError) as error:  # a bad setting, folder or port
         sys.exit("python -m visualizer: %s" % error)
     signal.signal(signal.SIGTERM, _interrupt)
     # Started before create_app starts the runner's thread: see start_bokeh.
