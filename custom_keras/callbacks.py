@@ -230,9 +230,10 @@ class TrainingProgress(keras.callbacks.Callback):
 class _SnapshotCallback(keras.callbacks.Callback):
     """Schedule and output shared by the visualizing callbacks.
 
-    A subclass sets ``results_file`` and ``title``, prepares its technique in
-    ``build`` (called when training begins, with the model known) and returns
-    ``(results_by_image, info_by_image)`` from ``compute``.
+    A subclass sets ``results_file`` and ``title`` and defines ``build()``,
+    which prepares its technique when training begins (the model is known then;
+    ``image_names`` and ``inputs`` are set), and ``compute()``, which returns
+    ``(results_by_image, info_by_image)`` for one snapshot.
 
     Args:
         file_folder: should always be ``os.path.dirname(__file__)``.
@@ -260,18 +261,19 @@ class _SnapshotCallback(keras.callbacks.Callback):
         self._step = 0
 
     def on_train_begin(self, logs=None):
+        # Everything that can reject the arguments comes before the first write.
+        as_fed = None
         if self._loaded_images is not None:
             self.image_names, as_fed, self.inputs = visualization_images.prepare_images(
                 self.model, self._loaded_images, self.custom_preprocess)
-            storage.write_input_images(self.run_dir, as_fed)
-        else:
-            self.image_names, self.inputs = [], None
         self.build()
         if not self._started:
             self._clear_previous_run()
             self._started = True
         else:
             self._stage += 1
+        if as_fed is not None:
+            storage.write_input_images(self.run_dir, as_fed)
         self._epoch = 0
         self._snapshot(batch=0)
 
@@ -313,12 +315,6 @@ class _SnapshotCallback(keras.callbacks.Callback):
         if self.custom_postprocess is not None:
             image = np.asarray(self.custom_postprocess(image))
         return image if image.dtype == np.uint8 else to_uint8(image)
-
-    def build(self):
-        raise NotImplementedError
-
-    def compute(self):
-        raise NotImplementedError
 
 
 class LayerActivations(_SnapshotCallback):
