@@ -47,7 +47,8 @@ def wait_for(condition, timeout, interval=0.2, what="condition"):
         condition: callable without arguments.
         timeout: seconds before giving up with an AssertionError naming ``what``.
         interval: seconds between calls.
-        what: words for the failure message.
+        what: words for the failure message, or a callable that returns them
+            (called only on failure, e.g. to show the server log at that time).
     """
     deadline = time.time() + timeout
     while True:
@@ -55,7 +56,8 @@ def wait_for(condition, timeout, interval=0.2, what="condition"):
         if value:
             return value
         if time.time() > deadline:
-            raise AssertionError("timed out after %g s waiting for %s" % (timeout, what))
+            raise AssertionError("timed out after %g s waiting for %s"
+                                 % (timeout, what() if callable(what) else what))
         time.sleep(interval)
 
 
@@ -64,7 +66,8 @@ class Servers:
 
     Args:
         root: a fresh folder; ``storage/``, ``instance/`` and ``server.log`` go inside.
-        **settings: extra environment variables, e.g. ``VISUALIZER_MAX_RUNS="2"``.
+        **settings: extra environment variables, e.g. ``VISUALIZER_MAX_RUNS="2"``
+            (``VISUALIZER_STORAGE`` moves the storage folder out of ``root``).
 
     The ports, storage folder and database stay the same across ``start`` calls,
     so a restarted server finds its database again.
@@ -72,7 +75,8 @@ class Servers:
 
     def __init__(self, root, **settings):
         self.root = Path(root)
-        self.storage_dir = self.root / "storage"
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.storage_dir = Path(settings.get("VISUALIZER_STORAGE", self.root / "storage"))
         self.instance_dir = self.root / "instance"
         self.log_path = self.root / "server.log"
         self.port, self.bokeh_port = free_port(), free_port()
@@ -277,7 +281,7 @@ class WebUser:
         states = (states,) if isinstance(states, str) else tuple(states)
         return wait_for(lambda: (lambda s: s if s["state"] in states else None)(
             self.status(script_id)), timeout, interval=0.3,
-            what="script %d to reach %s (server log:\n%s)" % (
+            what=lambda: "script %d to reach %s (server log:\n%s)" % (
                 script_id, "/".join(states), self.servers.log_tail(1500)))
 
     def run_dir(self, script_id, stem):
@@ -354,7 +358,7 @@ for stage in range({snapshots}):
                        ["progress", "epoch", "batch", "accuracy", "loss"],
                        [stage / 10, 0, stage, stage / 10, 1.0 / (stage + 1)])
     storage.write_snapshot(run_dir, "saliency_maps.pickle",
-                           {{"digit.png": np.full((28, 28, 1), 20 * stage, np.uint8)}}, "digit.png",
+                           {{"digit.png": np.full((28, 28, 1), 20 * stage % 256, np.uint8)}}, "digit.png",
                            {{"stage": stage, "epoch": 0, "batch": stage, "step": stage}},
                            {{"digit.png": {{"predicted_class": 1, "confidence": 0.5}}}})
     print("snapshot", stage, flush=True)
@@ -380,3 +384,25 @@ def files_under(folder):
     """Every file path under ``folder``, relative, as a set (to compare before and after)."""
     folder = Path(folder)
     return {str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file()}
+
+
+def process_alive(pid):
+    """Whether ``pid`` is a live process (a zombie counts as ended)."""
+    try:
+        with open("/proc/%d/stat" % pid, "rb") as f:
+            stat = f.read()
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return stat[stat.rfind(b")") + 2:][:1] not in (b"Z", b"X")
+
+
+def record_measurement(name, value):
+    """Adds ``name: value`` to ``test-artifacts/e2e/measurements.json`` for the report."""
+    ARTIFACTS_DIR.mkdir(parents=True, exist_ok=True)
+    path = ARTIFACTS_DIR / "measurements.json"
+    try:
+        measurements = json.loads(path.read_text())
+    except (FileNotFoundError, ValueError):
+        measurements = {}
+    measurements[name] = value
+    path.write_text(json.dumps(measurements, indent=2, sort_keys=True))
