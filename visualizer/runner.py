@@ -70,11 +70,11 @@ class RunUpdate:
     """
     run_id: int
     state: str
-    exit_code: int = None
-    pid: int = None
-    started_at: float = None
-    ended_at: float = None
-    message: str = None
+    exit_code: int | None = None
+    pid: int | None = None
+    started_at: float | None = None
+    ended_at: float | None = None
+    message: str | None = None
 
 
 class Runner(abc.ABC):
@@ -116,15 +116,15 @@ class _Run:
     run_dir: str
     script_path: str
     state: str = QUEUED
-    process: subprocess.Popen = None  # None for a run adopted after a restart
-    pid: int = None
-    process_start_ticks: int = None  # /proc start time, tells a reused pid apart
-    started_at: float = None
-    ended_at: float = None
-    exit_code: int = None
-    stop_reason: str = None  # why the runner is ending it: a message, or None
-    stop_state: str = None  # the state it ends in after that stop
-    kill_at: float = None  # when SIGKILL follows the SIGTERM
+    process: subprocess.Popen | None = None  # None for a run adopted after a restart
+    pid: int | None = None
+    process_start_ticks: int | None = None  # /proc start time, tells a reused pid apart
+    started_at: float | None = None
+    ended_at: float | None = None
+    exit_code: int | None = None
+    stop_reason: str | None = None  # why the runner is ending it: a message, or None
+    stop_state: str | None = None  # the state it ends in after that stop
+    kill_at: float | None = None  # when SIGKILL follows the SIGTERM
 
     def update(self, message=None):
         return RunUpdate(self.run_id, self.state, self.exit_code,
