@@ -66,14 +66,14 @@ class Visualizer:
         finally:
             connection.close()
 
-    def interrupt(self):
-        """Ctrl-C; returns the exit code."""
-        self.process.send_signal(signal.SIGINT)
+    def interrupt(self, sig=signal.SIGINT):
+        """Ctrl-C (or ``sig``) to the server process only; returns the exit code."""
+        self.process.send_signal(sig)
         try:
             return self.process.wait(STOP_TIMEOUT_S)
         except subprocess.TimeoutExpired:
             self.process.kill()
-            pytest.fail("the visualizer did not stop on SIGINT:\n" + self.log())
+            pytest.fail("the visualizer did not stop on %s:\n%s" % (sig.name, self.log()))
 
     def stop(self):
         """Ctrl-C, and SIGKILL if that does not end it."""
@@ -150,7 +150,9 @@ def test_start_command_serves_flask_and_bokeh_and_stops_both_on_ctrl_c(server_en
     assert "Training visualizer stopped." in visualizer.log()
 
 
-def test_ctrl_c_stops_running_runs_and_records_it(server_env, start_visualizer):
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl_c", "sigterm"])
+def test_stopping_the_server_stops_running_runs_and_records_it(server_env, start_visualizer,
+                                                               sig):
     run_dir = seed_queued_run(server_env, """
         import subprocess, time
         child = subprocess.Popen(["sleep", "600"])
@@ -171,7 +173,7 @@ def test_ctrl_c_stops_running_runs_and_records_it(server_env, start_visualizer):
     children = descendants(visualizer.process.pid)
     assert run_pid in children
 
-    assert visualizer.interrupt() == 0
+    assert visualizer.interrupt(sig) == 0
     assert not [pid for pid in children if process_running(pid)]
     assert not process_running(int(open(child_pid_file).read()))
     assert read_run(server_env) == ("stopped", None, "stopped because the server shut down")
