@@ -6,19 +6,25 @@ it could forge or replay; then come requests without CSRF tokens, oversized
 and malformed uploads, ``../`` names, and results pickles crafted to run code.
 Everything must be refused, nothing written, nothing executed.
 """
+import asyncio
 import json
 import os
 import pickle
 import re
 import urllib.parse
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 from bokeh.util.token import generate_jwt_token, generate_session_id, get_token_payload
+from tornado.httpclient import HTTPClientError, HTTPRequest
+from tornado.websocket import websocket_connect
 
 from custom_keras import registry, storage
 from harness import WebUser, bokeh_state, fake_training, files_under, png_bytes, screenshot, wait_for
 
 SESSION_ID_PATTERN = re.compile(r'setRequestHeader\("Bokeh-Session-Id", "([^"]+)"\)')
+# The websocket token the Bokeh server mints in autoload.js (it wraps the session id).
+WEBSOCKET_TOKEN_PATTERN = re.compile(r'"token":"([^"]+)"')
 TAG_REMOVE_PATTERN = re.compile(r'/scripts/\d+/tags/(\d+)/remove')
 OWNER_STEM = "secret_model"
 SECRET_LINE = "# owner's secret line 7f3a"
@@ -70,6 +76,44 @@ def autoload(user, servers, token, technique_key="saliency_maps"):
                                     "/" + technique_key, "bokeh-absolute-url": app_url})
     headers = {"Bokeh-Session-Id": token} if token is not None else {}
     return user.request.get(app_url + "/autoload.js?" + query, headers=headers)
+
+
+def websocket_document(servers, token, technique_key="saliency_maps"):
+    """Opens the dashboard's websocket with ``token`` as the browser does and pulls the
+    session's document (Bokeh protocol: ACK, then PULL-DOC-REQ / PULL-DOC-REPLY).
+
+    Returns:
+        the document reply's JSON text, or None when the server refuses or closes.
+    """
+    async def pull():
+        request = HTTPRequest("ws://127.0.0.1:%d/%s/ws" % (servers.bokeh_port, technique_key),
+                              headers={"Origin": servers.url})
+        try:
+            connection = await websocket_connect(request, subprotocols=["bokeh", token])
+        except HTTPClientError:
+            return None
+        try:
+            frames = []
+            while len(frames) < 3:  # the ACK: header, metadata, content
+                frame = await asyncio.wait_for(connection.read_message(), 10)
+                if frame is None:
+                    return None
+                frames.append(frame)
+            for frame in ('{"msgid": "e2e", "msgtype": "PULL-DOC-REQ"}', "{}", "{}"):
+                await connection.write_message(frame)
+            reply = [await asyncio.wait_for(connection.read_message(), 10) for _ in range(3)]
+            return None if None in reply else reply[2]
+        finally:
+            connection.close()
+
+    # its own thread and event loop, apart from Playwright's
+    with ThreadPoolExecutor(1) as pool:
+        return pool.submit(asyncio.run, pull()).result(timeout=30)
+
+
+def wrap_as_session_id(secret_key, session_id):
+    """A websocket token for ``session_id``, as the Bokeh server mints in autoload.js."""
+    return generate_jwt_token(session_id, secret_key=secret_key.encode("utf-8"), signed=True)
 
 
 def jwt_token(secret_key, payload, expiration=300):
@@ -145,6 +189,20 @@ def test_owner_token_opens_the_dashboard_and_forged_tokens_are_refused(owner, in
     for name, token in forged.items():
         for user in (owner, intruder):
             assert autoload(user, servers, token).status == 403, name
+        # The websocket, opened directly with the token, or with the token wrapped the
+        # way the Bokeh server wraps a session id it accepted (possible only with the
+        # installation key), is checked again where the document is made.
+        if token:
+            for websocket_token in (token, wrap_as_session_id(key, token)):
+                document = websocket_document(servers, websocket_token)
+                assert document is None or (
+                    "Access refused" in document and "Predicted class" not in document), name
+    minted = WEBSOCKET_TOKEN_PATTERN.search(autoload(owner, servers, owner_token).text()).group(1)
+    assert "Predicted class 1" in websocket_document(servers, minted)
+    # A token is a bearer credential bound to one run, not to a browser session: it
+    # works for whoever holds it until it expires (5 minutes), and only the owner's
+    # pages ever receive one (the intruder's requests for them get 404 above).
+    assert autoload(intruder, servers, owner_token).status == 200
     # The plain app URL (a session id as a query argument) is refused too.
     for token in (None, forged["another user's run"], forged["edited payload"]):
         url = "%s/saliency_maps" % servers.bokeh_url
