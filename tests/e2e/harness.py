@@ -309,7 +309,7 @@ BOKEH_STATE_JS = """() => {
         if (columns.includes("image") && (model.get_length() || 0) > 0) { state.images += 1; }
       }
       if (typeof model.text === "string" && model.text) { state.texts.push(model.text); }
-      if (model.type === "Slider" || (model.constructor && model.constructor.__name__ === "Slider")) {
+      if (model.type === "Slider") {
         state.slider_ends.push(model.end);
       }
     }
@@ -336,7 +336,7 @@ def screenshot(page, name):
     page.screenshot(path=str(ARTIFACTS_DIR / ("%s.png" % name)), full_page=True)
 
 
-FAKE_TRAINING = '''"""Fake training: writes the run-folder format like the callbacks do, without keras."""
+FAKE_TRAINING = '''"""Fake training: writes the run-folder format as the callbacks do, no keras."""
 import os
 import time
 
@@ -358,7 +358,8 @@ for stage in range({snapshots}):
                        ["progress", "epoch", "batch", "accuracy", "loss"],
                        [stage / 10, 0, stage, stage / 10, 1.0 / (stage + 1)])
     storage.write_snapshot(run_dir, "saliency_maps.pickle",
-                           {{"digit.png": np.full((28, 28, 1), 20 * stage % 256, np.uint8)}}, "digit.png",
+                           {{"digit.png": np.full((28, 28, 1), 20 * stage % 256, np.uint8)}},
+                           "digit.png",
                            {{"stage": stage, "epoch": 0, "batch": stage, "step": stage}},
                            {{"digit.png": {{"predicted_class": 1, "confidence": 0.5}}}})
     print("snapshot", stage, flush=True)

@@ -13,11 +13,12 @@ import time
 import pytest
 
 from custom_keras import storage
-from harness import (WebUser, bokeh_state, fake_training, files_under, png_bytes, process_alive,
-                     read_status_file, record_measurement, screenshot, wait_for, Servers)
+from harness import (Servers, WebUser, bokeh_state, fake_training, files_under, png_bytes,
+                     process_alive, read_status_file, record_measurement, screenshot, wait_for)
 
 SALIENCY = "saliency_maps.pickle"
-SHORT_FAILING = "import time\nprint('short run', flush=True)\ntime.sleep(1.5)\nraise SystemExit(3)\n"
+SHORT_FAILING = ("import time\nprint('short run', flush=True)\ntime.sleep(1.5)\n"
+                 "raise SystemExit(3)\n")
 QUICK = "print('queued run ran')\n"
 
 
@@ -40,7 +41,7 @@ def script_pid(run_dir):
 
 @pytest.fixture
 def fresh_servers(tmp_path):
-    """Starts servers of their own for a test that kills or restarts them: ``fresh_servers(**settings)``."""
+    """Servers of a test's own, for tests that kill or restart them: ``fresh_servers(**settings)``."""
     created = []
 
     def start(**settings):
@@ -200,7 +201,8 @@ def test_a_file_where_the_users_folder_should_be_is_named_in_the_message(make_us
         assert "Not a directory" in upload.text(), upload.text()
         run = user.post("/scripts/%d/run" % script_id,
                         multipart={"csrf_token": user.csrf_token(), "images": "none"})
-        page = user.get(run.headers.get("location", "/")).text() if run.status == 302 else run.text()
+        page = (user.get(run.headers["location"]).text() if run.status == 302
+                else run.text())
         assert "Not a directory" in page, page
     finally:
         user_folder.unlink()
