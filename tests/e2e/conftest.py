@@ -10,7 +10,7 @@ import os
 import pytest
 from playwright.sync_api import sync_playwright
 
-from harness import CHROMIUM, CHROMIUM_ARGS, Servers, WebUser
+from e2e.harness import CHROMIUM, CHROMIUM_ARGS, Servers, WebUser
 
 
 def pytest_configure(config):

@@ -20,8 +20,8 @@ from tornado.httpclient import HTTPClientError, HTTPRequest
 from tornado.websocket import websocket_connect
 
 from custom_keras import registry, storage
-from harness import (WebUser, bokeh_state, fake_training, files_under, png_bytes, screenshot,
-                     wait_for)
+from e2e.harness import (WebUser, bokeh_state, fake_training, files_under, png_bytes,
+                         screenshot, wait_for)
 
 SESSION_ID_PATTERN = re.compile(r'setRequestHeader\("Bokeh-Session-Id", "([^"]+)"\)')
 # The websocket token the Bokeh server mints in autoload.js (it wraps the session id).

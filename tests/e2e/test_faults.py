@@ -13,8 +13,9 @@ import time
 import pytest
 
 from custom_keras import storage
-from harness import (Servers, WebUser, bokeh_state, fake_training, files_under, png_bytes,
-                     process_alive, read_status_file, record_measurement, screenshot, wait_for)
+from e2e.harness import (Servers, WebUser, bokeh_state, fake_training, files_under,
+                         png_bytes, process_alive, read_status_file, record_measurement,
+                         screenshot, wait_for)
 
 SALIENCY = "saliency_maps.pickle"
 SHORT_FAILING = ("import time\nprint('short run', flush=True)\ntime.sleep(1.5)\n"

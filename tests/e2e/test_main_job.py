@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from custom_keras import registry
-from harness import REPO_ROOT, bokeh_state, screenshot, wait_for
+from e2e.harness import REPO_ROOT, bokeh_state, screenshot, wait_for
 
 EXAMPLE = REPO_ROOT / "scripts" / "examples" / "mnist_digits.py"
 SAMPLE_IMAGE = REPO_ROOT / "scripts" / "examples" / "images" / "digit_3.png"
