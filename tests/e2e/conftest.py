@@ -1,7 +1,7 @@
 """Fixtures of the end-to-end tests: the real servers, users, and Debian's Chromium.
 
 ``servers`` is one visualizer started with the README's start command, shared by
-the whole session; tests that kill or restart the servers build their own
+every e2e test; tests that kill or restart the servers build their own
 ``harness.Servers``. ``browser`` is Debian's Chromium driven by Playwright (never
 a downloaded browser).
 """
@@ -18,13 +18,13 @@ def pytest_configure(config):
                                        "by default; deselect with -m 'not slow')")
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def playwright():
     with sync_playwright() as p:
         yield p
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def browser(playwright):
     if not os.path.exists(CHROMIUM):
         pytest.fail("Debian's chromium is missing at %s; scripts/test.sh installs it" % CHROMIUM)
@@ -33,9 +33,13 @@ def browser(playwright):
     browser.close()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def servers(tmp_path_factory):
-    """One running visualizer for the session: 2 concurrent runs, 2 MB uploads, 2-epoch example."""
+    """One running visualizer for the e2e tests: 2 concurrent runs, 2 MB uploads, 2-epoch example.
+
+    Package-scoped like ``playwright``: both end before other tests (which may start
+    a Playwright of their own) run.
+    """
     instance = Servers(tmp_path_factory.mktemp("servers"), VISUALIZER_MAX_RUNS="2",
                        VISUALIZER_MAX_UPLOAD_MB="2", EPOCHS="2")
     instance.start()
@@ -45,7 +49,7 @@ def servers(tmp_path_factory):
 
 @pytest.fixture
 def make_user(playwright, servers):
-    """Creates and logs in a new user of the session's servers: ``make_user("name")``."""
+    """Creates and logs in a new user of the shared servers: ``make_user("name")``."""
     users = []
 
     def make(username):
