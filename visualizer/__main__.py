@@ -38,6 +38,8 @@ def main():
         check_port_free(settings["HOST"], settings["BOKEH_PORT"], "VISUALIZER_BOKEH_PORT")
     except (ValueError, OSError, StartError) as error:  # a bad setting, folder or port
         sys.exit("python -m visualizer: %s" % error)
+    # Also SIGINT: a shell starts background jobs with it ignored, yet `kill -INT` should stop us.
+    signal.signal(signal.SIGINT, _interrupt)
     signal.signal(signal.SIGTERM, _interrupt)
     # Started before create_app starts the runner's thread: see start_bokeh.
     bokeh = start_bokeh(settings)
