@@ -4,6 +4,7 @@ errors in the storage folder, a flood of output, and a burst of runs.
 Runs here are tiny scripts (``harness.fake_training`` writes the run-folder
 format without importing keras), so the suite stays fast on two cores.
 """
+import contextlib
 import os
 import shutil
 import signal
@@ -93,7 +94,7 @@ def test_killed_run_is_failed_and_dashboards_show_its_last_snapshot(make_user, s
         context.close()
 
 
-def _start_three_runs(user, servers):
+def _start_three_runs(user):
     """A long run and a short failing run running, a quick one queued (VISUALIZER_MAX_RUNS=2)."""
     ids = {"long": user.upload_script("long_run.py", fake_training("long_run", snapshots=200,
                                                                     interval_s=0.3)),
@@ -115,7 +116,7 @@ def test_server_killed_during_runs_comes_back_with_their_true_states(playwright,
     """SIGKILL of ``python -m visualizer`` only: runs live on in their own process groups."""
     servers = fresh_servers(VISUALIZER_MAX_RUNS="2")
     user = WebUser(playwright, servers, "restart_kill").register_and_login()
-    ids, long_dir = _start_three_runs(user, servers)
+    ids, long_dir = _start_three_runs(user)
     long_pid = script_pid(long_dir)
 
     servers.stop(signal.SIGKILL)
@@ -134,7 +135,8 @@ def test_server_killed_during_runs_comes_back_with_their_true_states(playwright,
     # The adopted run still trains, and the restarted server can stop it.
     count = snapshot_count(long_dir)
     wait_for(lambda: snapshot_count(long_dir) > count, 10, what="the adopted run to go on")
-    user.post("/scripts/%d/stop" % ids["long"], form={"csrf_token": user.csrf_token()})
+    stop = user.post("/scripts/%d/stop" % ids["long"], form={"csrf_token": user.csrf_token()})
+    assert stop.status == 302
     final = user.wait_for_state(ids["long"], ("finished", "failed", "stopped"), 30)
     assert final["state"] == "stopped" and final["message"] == "stopped by the user", final
     assert not process_alive(long_pid)
@@ -146,7 +148,7 @@ def test_server_stopped_with_sigterm_stops_runs_and_says_so_after_restart(playwr
     """SIGTERM (Ctrl-C) stops the runs too, by design; queued runs wait for the next start."""
     servers = fresh_servers(VISUALIZER_MAX_RUNS="2")
     user = WebUser(playwright, servers, "restart_term").register_and_login()
-    ids, long_dir = _start_three_runs(user, servers)
+    ids, long_dir = _start_three_runs(user)
     long_pid = script_pid(long_dir)
 
     servers.stop(signal.SIGTERM)
@@ -164,14 +166,23 @@ def test_server_stopped_with_sigterm_stops_runs_and_says_so_after_restart(playwr
     assert "stopped because the server shut down" in user.get("/scripts/%d" % ids["long"]).text()
 
 
-def test_a_file_where_the_users_folder_should_be_leaves_the_server_up(make_user, servers,
-                                                                      tmp_path):
-    user = make_user("blocked_folder")
-    script_id = user.upload_script("first.py", "print('first')\n")
+@contextlib.contextmanager
+def file_instead_of_user_folder(user, script_id, tmp_path):
+    """Puts a file where the user's storage folder should be, and the folder back after."""
     user_folder = user.run_dir(script_id, "first").parent
     shutil.move(str(user_folder), str(tmp_path / "moved"))
     user_folder.write_text("a file where the user's folder should be")
     try:
+        yield user_folder
+    finally:
+        user_folder.unlink()
+        shutil.move(str(tmp_path / "moved"), str(user_folder))
+
+
+def test_a_file_where_the_users_folder_should_be_leaves_the_server_up(make_user, tmp_path):
+    user = make_user("blocked_folder")
+    script_id = user.upload_script("first.py", "print('first')\n")
+    with file_instead_of_user_folder(user, script_id, tmp_path) as user_folder:
         upload = user.upload("second.py", "print('second')\n")
         run = user.post("/scripts/%d/run" % script_id,
                         multipart={"csrf_token": user.csrf_token(), "images": "none"})
@@ -180,9 +191,6 @@ def test_a_file_where_the_users_folder_should_be_leaves_the_server_up(make_user,
         assert listing.status == 200 and "second.py" not in listing.text()
         assert user_folder.read_text() == "a file where the user's folder should be"
         assert user.status(script_id)["state"] in (None, "failed")
-    finally:
-        user_folder.unlink()
-        shutil.move(str(tmp_path / "moved"), str(user_folder))
     # Repaired, everything works again.
     user.run(script_id)
     assert user.wait_for_state(script_id, ("finished", "failed"), 30)["state"] == "finished"
@@ -194,10 +202,7 @@ def test_a_file_where_the_users_folder_should_be_leaves_the_server_up(make_user,
 def test_a_file_where_the_users_folder_should_be_is_named_in_the_message(make_user, tmp_path):
     user = make_user("blocked_message")
     script_id = user.upload_script("first.py", "print('first')\n")
-    user_folder = user.run_dir(script_id, "first").parent
-    shutil.move(str(user_folder), str(tmp_path / "moved"))
-    user_folder.write_text("a file where the user's folder should be")
-    try:
+    with file_instead_of_user_folder(user, script_id, tmp_path):
         upload = user.upload("second.py", "print('second')\n")
         assert "Not a directory" in upload.text(), upload.text()
         run = user.post("/scripts/%d/run" % script_id,
@@ -205,9 +210,6 @@ def test_a_file_where_the_users_folder_should_be_is_named_in_the_message(make_us
         page = (user.get(run.headers["location"]).text() if run.status == 302
                 else run.text())
         assert "Not a directory" in page, page
-    finally:
-        user_folder.unlink()
-        shutil.move(str(tmp_path / "moved"), str(user_folder))
 
 
 @pytest.fixture
