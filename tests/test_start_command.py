@@ -39,12 +39,14 @@ def server_env(tmp_path):
 class Visualizer:
     """``python -m visualizer`` started in the background, its output in a file."""
 
-    def __init__(self, env, log_path):
+    def __init__(self, env, log_path, as_background_job=False):
         self.env, self.log_path = env, log_path
+        # A shell starts a background job (`... &`) with SIGINT ignored.
+        ignore_sigint = (lambda: signal.signal(signal.SIGINT, signal.SIG_IGN)) if as_background_job else None
         with open(log_path, "wb") as log:
             self.process = subprocess.Popen([sys.executable, "-m", "visualizer"], env=env,
                                             cwd=config.REPO_ROOT, stdout=log,
-                                            stderr=subprocess.STDOUT)
+                                            stderr=subprocess.STDOUT, preexec_fn=ignore_sigint)
 
     def log(self):
         with open(self.log_path, encoding="utf-8", errors="replace") as f:
@@ -90,12 +92,26 @@ class Visualizer:
 def start_visualizer(tmp_path):
     started = []
 
-    def start(env):
-        started.append(Visualizer(env, tmp_path / ("server%d.log" % len(started))))
+    def start(env, as_background_job=False):
+        started.append(Visualizer(env, tmp_path / ("server%d.log" % len(started)),
+                                  as_background_job))
         return started[-1]
     yield start
     for visualizer in started:
         visualizer.stop()
+        kill_leftover_runs(visualizer.env["VISUALIZER_STORAGE"])
+
+
+def kill_leftover_runs(storage_dir):
+    """SIGKILLs run processes of ``storage_dir``, which a killed server (or failed test) leaves."""
+    prefix = ("VISUALIZER_RUN_DIR=%s/" % storage_dir).encode()
+    for name in os.listdir("/proc"):
+        try:
+            with open("/proc/%s/environ" % name, "rb") as f:
+                if any(e.startswith(prefix) for e in f.read().split(b"\0")):
+                    os.kill(int(name), signal.SIGKILL)
+        except (OSError, ValueError):
+            continue
 
 
 def descendants(pid):
@@ -150,9 +166,11 @@ def test_start_command_serves_flask_and_bokeh_and_stops_both_on_ctrl_c(server_en
     assert "Training visualizer stopped." in visualizer.log()
 
 
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl_c", "sigterm"])
+@pytest.mark.parametrize("sig, as_background_job", [
+    (signal.SIGINT, False), (signal.SIGTERM, False), (signal.SIGINT, True)],
+    ids=["ctrl_c", "sigterm", "sigint_to_background_job"])
 def test_stopping_the_server_stops_running_runs_and_records_it(server_env, start_visualizer,
-                                                               sig):
+                                                               sig, as_background_job):
     run_dir = seed_queued_run(server_env, """
         import subprocess, time
         child = subprocess.Popen(["sleep", "600"])
@@ -160,7 +178,7 @@ def test_stopping_the_server_stops_running_runs_and_records_it(server_env, start
             f.write(str(child.pid))
         time.sleep(600)
     """)
-    visualizer = start_visualizer(server_env)
+    visualizer = start_visualizer(server_env, as_background_job)
     visualizer.wait_until_serving()
     # At start-up the queued run is reconciled, queued again and started.
     child_pid_file = os.path.join(run_dir, "child.pid")
