@@ -37,9 +37,24 @@ class SaliencyModel:
     """
 
     def __init__(self, model):
-        single_input(model)
+        inputs = single_input(model)
         self.model = model
         self._score = LayerScore(model, _output_layer_no(model))
+        # One graph for the forward and backward pass, traced at the first call and
+        # reused at every later one: a fixed signature (any batch size) never retraces,
+        # and the graph reads the model's variables, so it follows training.
+        signature = [tf.TensorSpec((None,) + tuple(inputs.shape[1:]), tf.float32)]
+        self._gradients = tf.function(self._gradients_graph, input_signature=signature)
+
+    def _gradients_graph(self, images):
+        with tf.GradientTape() as tape:
+            tape.watch(images)
+            scores = self._score(images, training=False)
+            predicted = tf.argmax(scores, axis=-1)
+            # Each image's score depends on that image only, so one gradient of the
+            # sum gives every image its own gradient.
+            chosen = tf.reduce_sum(tf.gather(scores, predicted, axis=1, batch_dims=1))
+        return tape.gradient(chosen, images), tf.cast(scores, tf.float32)
 
     def gradients(self, images):
         """The un-scaled gradients of each image's predicted class score.
@@ -51,15 +66,8 @@ class SaliencyModel:
             ``(gradients float32 (N, H, W, C), scores float32 (N, classes))``: the gradient of
             the predicted class's pre-softmax score w.r.t. the image, and the pre-softmax scores.
         """
-        images = tf.convert_to_tensor(check_images(self.model, images))
-        with tf.GradientTape() as tape:
-            tape.watch(images)
-            scores = self._score(images, training=False)
-            predicted = tf.argmax(scores, axis=-1)
-            # Each image's score depends on that image only, so one gradient of the
-            # sum gives every image's own gradient.
-            chosen = tf.reduce_sum(tf.gather(scores, predicted, axis=1, batch_dims=1))
-        return tape.gradient(chosen, images).numpy(), scores.numpy()
+        gradients, scores = self._gradients(tf.convert_to_tensor(check_images(self.model, images)))
+        return gradients.numpy(), scores.numpy()
 
     def __call__(self, images, mode="absolute"):
         """Saliency maps, predicted classes and their confidences.
