@@ -25,6 +25,7 @@ import warnings
 
 import keras
 import numpy as np
+import tensorflow as tf
 
 from custom_keras.techniques.common import check_images, scale_by_max, single_input, to_uint8
 
@@ -99,6 +100,15 @@ class ActivationModel:
             raise ValueError("no layer activations to show: exclude_layers=%r leaves no layer with a "
                              "1-D or 3-D output" % (exclude_layers,))
         self._activations = keras.Model(inputs, outputs)
+        # The multi-output forward pass as one graph, traced at the first call; the
+        # fixed signature (any batch size) never retraces, and the graph reads the
+        # model's variables, so it follows training.
+        signature = [tf.TensorSpec((None,) + tuple(inputs.shape[1:]), tf.float32)]
+        self._forward = tf.function(self._forward_graph, input_signature=signature)
+
+    def _forward_graph(self, images):
+        # keras.tree.flatten: a model with one output returns a tensor, not a list of one.
+        return keras.tree.flatten(self._activations(images, training=False))
 
     @staticmethod
     def _reason_to_skip(output):
@@ -120,9 +130,7 @@ class ActivationModel:
             with (C, H, W) arrays for 3-D outputs and (units,) for 1-D ones.
         """
         images = check_images(self.model, images)
-        # keras.tree.flatten: a model with one output returns a tensor, not a list of one.
-        outputs = [keras.ops.convert_to_numpy(output)
-                   for output in keras.tree.flatten(self._activations(images, training=False))]
+        outputs = [output.numpy() for output in self._forward(tf.convert_to_tensor(images))]
         return [[(name, scale_layer_output(output[image_no]))
                  for name, output in zip(self.layer_names, outputs)]
                 for image_no in range(len(images))]
