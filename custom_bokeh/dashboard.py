@@ -218,14 +218,19 @@ class ImageDashboard:
         self._doc = self._poll_callback = self._play_callback = None
 
         self.message = message_div()
-        self.label = Div(text="", render_as_text=True, styles={"font-size": "14px"})
-        self.slider = Slider(start=0, end=1, value=0, step=1, title="Snapshot", show_value=False,
+        # The label is the slider's caption: it names the shown snapshot (stage, epoch, batch,
+        # "snapshot 4 of 11") and changes as the slider moves and snapshots arrive. The slider's
+        # own title stays empty: Bokeh shows a title as "title: value", and a snapshot index
+        # means nothing to the user.
+        self.label = Div(text="", render_as_text=True,
+                         styles={"font-size": "14px", "font-weight": "600"})
+        self.slider = Slider(start=0, end=1, value=0, step=1, title="", show_value=False,
                              width=360, visible=False)
         self.play = Toggle(label="Play", width=80, visible=False)
         self.image_select = Select(title="Image", options=[], width=220, visible=False)
         self.content = column()
-        self.layout = column(self.message, row(self.slider, self.play, self.image_select),
-                             self.label, self.content)
+        self.layout = column(self.message, self.label,
+                             row(self.slider, self.play, self.image_select), self.content)
         self.slider.on_change("value", self._on_slider)
         self.image_select.on_change("value", self._on_image)
         self.play.on_change("active", self._on_play)

@@ -124,6 +124,28 @@ def test_dashboard_follows_new_snapshots_and_redraws_only_on_change(run_dir):
     assert render.calls[-1] == (3, "digit_3.png")
 
 
+def test_the_slider_is_captioned_by_the_shown_stage(run_dir):
+    for stage in range(3):
+        write_stage(run_dir, stage)
+    dashboard = ImageDashboard(run_dir, TECHNIQUE, saliency_maps.render)
+    # No bare "Snapshot:" header (Bokeh shows a title as "title: value"): the label is the
+    # caption, right above the slider.
+    assert dashboard.slider.title == "" and not dashboard.slider.show_value
+    children = dashboard.layout.children
+    slider_row = next(c for c in children if dashboard.slider in getattr(c, "children", []))
+    assert children.index(dashboard.label) == children.index(slider_row) - 1
+    assert dashboard.label.visible and dashboard.slider.visible
+    assert dashboard.label.text == "Stage 2 \u00b7 epoch 2, batch 0 \u00b7 snapshot 3 of 3"
+
+    dashboard.slider.value = 1  # the user drags the slider
+    assert dashboard.label.text == "Stage 1 \u00b7 epoch 1, batch 10 \u00b7 snapshot 2 of 3"
+    write_stage(run_dir, 3)  # a new snapshot arrives
+    dashboard.update()
+    assert dashboard.label.text == "Stage 1 \u00b7 epoch 1, batch 10 \u00b7 snapshot 2 of 4"
+    dashboard.slider.value = 3
+    assert dashboard.label.text == "Stage 3 \u00b7 epoch 2, batch 10 \u00b7 snapshot 4 of 4"
+
+
 def test_a_snapshot_of_the_same_shape_is_copied_into_the_shown_layout(run_dir):
     write_stage(run_dir, 0)
     dashboard = ImageDashboard(run_dir, TECHNIQUE, saliency_maps.render)
