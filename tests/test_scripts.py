@@ -1,4 +1,5 @@
-"""Uploading scripts, the file list (sort, search), the Overview tab, tags, delete, downloads."""
+"""Uploading scripts, the file list (sort, search), the Overview tab, tags, delete, downloads
+and the favicon."""
 import os
 
 import pytest
@@ -80,6 +81,16 @@ def test_upload_accepts_syntax_error_with_warning(app, client, user):
     page = response.get_data(as_text=True)
     assert "broken.py was uploaded, but Python cannot parse it" in page
     assert "broken.py" in scripts_of(app)
+
+
+def test_favicon_is_served_without_login_and_linked_from_every_page(client):
+    response = client.get("/favicon.ico")
+    assert response.status_code == 200 and response.data[:4] == b"\x00\x00\x01\x00"  # ICO
+    svg = client.get("/static/favicon.svg")
+    assert svg.status_code == 200 and svg.mimetype == "image/svg+xml"
+    page = client.get("/auth/login").get_data(as_text=True)
+    assert '<link rel="icon" href="/favicon.ico"' in page
+    assert '<link rel="icon" href="/static/favicon.svg" type="image/svg+xml">' in page
 
 
 def test_upload_refuses_over_long_tag(app, client, user):

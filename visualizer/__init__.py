@@ -11,7 +11,7 @@ from visualizer import config
 from visualizer.models import ACTIVE_STATES, Run, User, db, utc_from_timestamp
 
 # Pages an anonymous visitor may open; every other page sends them to the login page.
-PUBLIC_ENDPOINTS = {"auth.login", "auth.register", "static"}
+PUBLIC_ENDPOINTS = {"auth.login", "auth.register", "static", "favicon"}
 
 login_manager = LoginManager()
 csrf = CSRFProtect()
@@ -52,6 +52,8 @@ def create_app(test_config=None):
     app.register_blueprint(scripts.bp)
     app.register_blueprint(runs.bp)
     app.jinja_env.filters["localtime"] = format_local_time
+    # Browsers ask for /favicon.ico on their own (e.g. for a JSON page or a download).
+    app.add_url_rule("/favicon.ico", "favicon", lambda: app.send_static_file("favicon.ico"))
     _register_handlers(app)
 
     with app.app_context():

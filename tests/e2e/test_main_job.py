@@ -50,8 +50,7 @@ def test_new_user_trains_the_mnist_example_and_watches_it(browser, servers, tmp_
         _walk_through(page, servers, tmp_path)
     finally:
         context.close()
-    # Browsers ask for /favicon.ico on their own; the app has none.
-    assert [r for r in failed_requests if not r.endswith("/favicon.ico")] == []
+    assert failed_requests == []  # the favicon included
 
 
 def _walk_through(page, servers, tmp_path):
