@@ -194,12 +194,10 @@ def technique(script_id, key):
     if selected is None:
         abort(404)
     mark_seen(script)
-    has_results = os.path.exists(storage.results_path(run_dir(current_app, script),
-                                                      selected.results_file))
     bokeh_script = embed_script(current_app.config["BOKEH_URL"], current_app.config["SECRET_KEY"],
                                 selected.key, script.user_id, script.rel_dir)
     return render_template("scripts/technique.html", script=script, technique=selected,
-                           bokeh_script=bokeh_script, has_results=has_results)
+                           bokeh_script=bokeh_script)
 
 
 def tail_lines(path, count=OUTPUT_LINES):
