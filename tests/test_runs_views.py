@@ -12,6 +12,7 @@ from PIL import Image
 
 from custom_keras import registry
 from visualizer import apply_run_update, create_app
+from visualizer import runs as runs_module
 from visualizer.models import Run, Script, db
 from visualizer.runs import tail_lines
 
@@ -172,6 +173,54 @@ def test_tail_lines_reads_the_end_of_a_big_file(tmp_path):
         f.write("y" * 1_000_000)  # one huge line: only its end is read
     assert tail_lines(str(path)) == ["y" * (256 * 1024)]
     assert tail_lines(str(tmp_path / "missing.txt")) == []
+
+
+def keras_progress_bar(step, steps, metrics, previous_width):
+    """One redraw of Keras 3's progress bar (``keras.src.utils.progbar.Progbar``, verbose=1),
+    byte for byte as it writes it into a file (compared with Keras 3.15's output): backspaces
+    over the previous bar, a carriage return, then the bar with ANSI bold/colour codes."""
+    done = 20 * step // steps
+    bar = "\x1b[1m%d/%d\x1b[0m " % (step, steps)
+    if done:
+        bar += "\x1b[32m" + "\u2501" * done + "\x1b[0m"
+    bar += "\x1b[37m" + "\u2501" * (20 - done) + "\x1b[0m"
+    return "\b" * previous_width + "\r" + bar + " \x1b[1m0s\x1b[0m 10ms/step" + metrics
+
+
+KERAS_OUTPUT = (
+    "Epoch 1/2\n"
+    + keras_progress_bar(1, 3, " - accuracy: 0.1000 - loss: 2.0000", 0)
+    + keras_progress_bar(2, 3, " - accuracy: 0.1500 - loss: 1.5000", 71)
+    + keras_progress_bar(3, 3, " - accuracy: 0.3000 - loss: 0.6667", 71) + "\n"
+    + "Epoch 2/2\n"
+    + keras_progress_bar(1, 3, " - accuracy: 0.5000 - loss: 0.9000", 0)
+    + keras_progress_bar(2, 3, " - accuracy: 0.5500 - loss: 0.8000", 71))  # still training
+
+
+def test_output_tail_shows_a_keras_progress_bar_as_a_terminal_does(client, script):
+    write_output(script, KERAS_OUTPUT)
+    expected = ["Epoch 1/2",
+                "3/3 " + "\u2501" * 20 + " 0s 10ms/step - accuracy: 0.3000 - loss: 0.6667",
+                "Epoch 2/2",
+                "2/3 " + "\u2501" * 20 + " 0s 10ms/step - accuracy: 0.5500 - loss: 0.8000"]
+    assert client.get("/scripts/1/output.json").get_json()["lines"] == expected
+    page = client.get("/scripts/1/output").get_data(as_text=True)
+    assert "\n".join(expected) in page and "\x1b" not in page and "\b" not in page
+    download = client.get("/scripts/1/output/download")
+    assert download.data == KERAS_OUTPUT.encode("utf-8")  # the file as written, codes and all
+
+
+@pytest.mark.parametrize("line, shown", [
+    ("\x1b[1mbold\x1b[0m \x1b[38;5;196mred\x1b[m\x1b[2K\x1b[?25l", "bold red"),
+    ("abc\b\bX", "aX"),  # a backspace removes the character before it
+    ("\b\bstart", "start"),  # at the start of the line it removes nothing
+    ("50%\r100%", "100%"),  # a carriage return starts the line again
+    ("done\r", "done"),  # also at the end: "\r\n" line ends, a bar not yet redrawn
+    ("\x1b]0;window title\x07text\x07", "text"),  # OSC title, a bell
+    ("\x1b(Bplain\ttab", "plain\ttab"),
+])
+def test_terminal_line(line, shown):
+    assert runs_module.terminal_line(line) == shown
 
 
 def test_download_output(client, script):

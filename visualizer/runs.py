@@ -1,6 +1,7 @@
 """Runs: run and stop a script, its live output, its images and the technique tabs."""
 import io
 import os
+import re
 import shutil
 import warnings
 
@@ -200,11 +201,45 @@ def technique(script_id, key):
                            bokeh_script=bokeh_script)
 
 
-def tail_lines(path, count=OUTPUT_LINES):
-    """The last ``count`` lines of a text file, reading only its end.
+# Terminal escape sequences: CSI (colours, cursor moves, "erase line": ESC [ ... letter),
+# OSC (window titles: ESC ] ... BEL or ESC \) and the short ones (ESC letter, ESC ( B).
+ANSI_ESCAPE = re.compile(r"\x1b(?:\[[0-?]*[ -/]*[@-~]|\][^\x07\x1b]*(?:\x07|\x1b\\)?|[ -/]*[0-~])")
+# Control characters left after the escapes, carriage returns and backspaces were applied
+# (a bell, a stray ESC); tabs stay.
+CONTROL_CHARACTERS = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
 
-    A carriage return inside a line (a progress bar redrawn in place) keeps only
-    the text after it, as a terminal would show it.
+
+def terminal_line(line):
+    """One line of output as a terminal shows it: Keras' progress bar without its codes.
+
+    Keras (``verbose=1``) redraws its bar in place on one line: backspaces and a
+    carriage return, then the bar with ANSI colour codes. Here escape sequences
+    are removed, a carriage return starts the line again (only the text after the
+    last one is kept) and a backspace removes the character before it.
+
+    Args:
+        line: one line of the output file, without its newline.
+
+    Returns:
+        str.
+    """
+    line = ANSI_ESCAPE.sub("", line).rstrip("\r").rsplit("\r", 1)[-1]
+    if "\b" in line:
+        kept = []
+        for character in line:
+            if character != "\b":
+                kept.append(character)
+            elif kept:
+                kept.pop()
+        line = "".join(kept)
+    return CONTROL_CHARACTERS.sub("", line)
+
+
+def tail_lines(path, count=OUTPUT_LINES):
+    """The last ``count`` lines of a text file, reading only its end, as a terminal shows them.
+
+    Each line goes through ``terminal_line``: a progress bar redrawn in place shows
+    its last state, without colour codes. (The download is the file as it is.)
 
     Args:
         path: the file; a missing file has no lines.
@@ -229,4 +264,4 @@ def tail_lines(path, count=OUTPUT_LINES):
         lines = lines[1:]  # the first line is cut off
     if lines and lines[-1] == "":
         lines.pop()
-    return [line.rstrip("\r").rsplit("\r", 1)[-1] for line in lines[-count:]]
+    return [terminal_line(line) for line in lines[-count:]]

@@ -117,6 +117,9 @@ def _walk_through(page, servers, tmp_path):
     page.reload()
     output_text = page.inner_text("#output")
     assert "Epoch 2/2" in output_text and "Validation loss" in output_text, output_text
+    # Keras' progress bar as a terminal shows it: its last state, without colour codes.
+    assert not re.search(r"[\x00-\x08\x0b-\x1f]", output_text), repr(output_text)
+    assert re.search(r"^ *(\d+)/\1 \u2501{20} ", output_text, re.MULTILINE), output_text
     screenshot(page, "11_output_finished")
     with page.expect_download() as download_info:
         page.get_by_role("link", name="Download full output").click()
