@@ -303,7 +303,7 @@ def list_images(run_dir):
     try:
         names = [n for n in os.listdir(folder)
                  if n.lower().endswith(IMAGE_EXTENSIONS) and not n.startswith(".")]
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):  # no folder, or a file where one should be
         return []
     return sorted(names, key=lambda n: (os.path.getmtime(os.path.join(folder, n)), n))
 

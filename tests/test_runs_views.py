@@ -90,6 +90,22 @@ def test_run_refuses_bad_images_and_writes_nothing(app, client, script, images, 
     assert os.listdir(script) == ["mnist_keras.py"]
 
 
+def test_run_with_a_file_where_the_users_folder_should_be_says_so(app, client, script,
+                                                                  tmp_path):
+    user_folder = os.path.dirname(script)
+    os.rename(user_folder, str(tmp_path / "moved"))
+    with open(user_folder, "w") as f:
+        f.write("not a folder")
+    for choice, images in (("none", []), ("new", [("c.png", png_bytes())])):
+        response = post_run(client, images, choice)
+        assert response.status_code == 200
+        assert "Could not prepare the run: Not a directory." in (
+            response.get_data(as_text=True))
+    assert runs(app) == [] and app.extensions["runner"].started == []
+    with open(user_folder) as f:
+        assert f.read() == "not a folder"
+
+
 def test_run_refused_while_running(app, client, script):
     post_run(client, choice="none")
     apply_run_update(app, run_update(1, "running", pid=1234, started_at=time.time()))

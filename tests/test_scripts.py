@@ -1,10 +1,13 @@
-"""Uploading scripts, the file list (sort, search), the Overview tab, tags, delete, downloads
-and the favicon."""
+"""Uploading scripts, the file list (sort, search), the Overview tab, tags, delete, downloads,
+storage write errors, and the favicon."""
+import builtins
+import errno
 import os
 
 import pytest
 from conftest import script_folder, upload_script
 
+from visualizer import scripts
 from visualizer.models import Run, Script, Tag, db, utcnow
 
 
@@ -81,6 +84,68 @@ def test_upload_accepts_syntax_error_with_warning(app, client, user):
     page = response.get_data(as_text=True)
     assert "broken.py was uploaded, but Python cannot parse it" in page
     assert "broken.py" in scripts_of(app)
+
+
+def test_a_file_where_the_users_folder_should_be_is_named_and_nothing_is_saved(app, client,
+                                                                               user):
+    blocker = os.path.join(app.config["STORAGE_DIR"], "1")
+    with open(blocker, "w") as f:
+        f.write("not a folder")
+    response = upload_script(client, "blocked.py", tags="keep-me")
+    page = response.get_data(as_text=True)
+    assert response.status_code == 500
+    assert ("Could not save the upload: Not a directory. Nothing was saved" in page
+            and 'value="keep-me"' in page)  # the form again, with the tags typed
+    assert app.config["STORAGE_DIR"] not in page  # the reason, not the server's paths
+    assert scripts_of(app) == {} and storage_files(app) == ["1"]
+    with open(blocker) as f:
+        assert f.read() == "not a folder"
+    assert client.get("/").status_code == 200
+    os.remove(blocker)  # repaired: the same upload works
+    assert upload_script(client, "blocked.py").status_code == 302
+    assert scripts_of(app) == {"blocked.py": ["blocked"]}
+
+
+class DiskFullWhileWriting:
+    """``open`` for a file whose writes put a few bytes on disk, then fail: the disk is full."""
+
+    def __init__(self, path, *args, **kwargs):
+        self._file = builtins.open(path, *args, **kwargs)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        self._file.close()
+
+    def write(self, data):
+        self._file.write(data[:3])
+        self._file.flush()
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+def test_a_full_disk_leaves_no_half_written_script_or_row(app, client, user, monkeypatch):
+    upload_script(client, "first.py")
+    monkeypatch.setattr(scripts, "open", DiskFullWhileWriting, raising=False)
+    response = upload_script(client, "second.py", tags="big")
+    monkeypatch.undo()
+    assert response.status_code == 500
+    assert "Could not save the upload: No space left on device. Nothing was saved" in (
+        response.get_data(as_text=True))
+    assert scripts_of(app) == {"first.py": ["first"]}
+    with app.app_context():
+        assert Tag.query.filter_by(name="big").first() is None
+    assert storage_files(app) == [os.path.join("1", "first", "first.py")]
+    assert upload_script(client, "second.py").status_code == 302
+
+
+def test_overview_says_why_the_script_cannot_be_read(app, client, user):
+    upload_script(client, "first.py")
+    folder = script_folder(app, 1)
+    os.remove(os.path.join(folder, "first.py"))
+    os.makedirs(os.path.join(folder, "first.py", "inner"))  # a folder where the file should be
+    page = client.get("/scripts/1").get_data(as_text=True)
+    assert "The script file cannot be read from the storage folder: Is a directory." in page
 
 
 def test_favicon_is_served_without_login_and_linked_from_every_page(client):

@@ -14,7 +14,7 @@ from custom_bokeh.auth import embed_script
 from custom_keras import registry, storage
 from visualizer import run_dir, script_path
 from visualizer.models import Run, db
-from visualizer.scripts import mark_seen, owned_script
+from visualizer.scripts import mark_seen, owned_script, storage_error_text
 
 bp = Blueprint("runs", __name__, url_prefix="/scripts/<int:script_id>")
 
@@ -111,7 +111,13 @@ def run(script_id):
     except ValueError as error:
         flash(str(error), "error")
         return redirect(overview)
-    clear_previous_results(folder, None if choice == "keep" else new_images)
+    try:
+        clear_previous_results(folder, None if choice == "keep" else new_images)
+    except OSError as error:
+        flash("Could not prepare the run: %s. Nothing was changed; the previous results and "
+              "images are kept. The storage folder of the server needs attention (free space, "
+              "permissions)." % storage_error_text(error), "error")
+        return redirect(overview)
     run = Run(script=script, state="queued")
     db.session.add(run)
     db.session.commit()

@@ -158,24 +158,54 @@ def upload():
             return render_template("scripts/upload.html", tags=tags_text), 400
         script = Script(user_id=current_user.id, filename=filename,
                         tags=get_or_create_tags(tag_names))
-        folder = run_dir(current_app, script)
-        # The database is the truth: a folder without a script row is left over and unreachable.
-        shutil.rmtree(folder, ignore_errors=True)
-        os.makedirs(folder)
         try:
-            with open(script_path(current_app, script), "w", encoding="utf-8", newline="") as f:
-                f.write(source)
-            db.session.add(script)
-            db.session.commit()
-        except BaseException:
-            db.session.rollback()
-            shutil.rmtree(folder, ignore_errors=True)
-            raise
+            save_script(script, source)
+        except OSError as error:
+            flash("Could not save the upload: %s. Nothing was saved; the storage folder of the "
+                  "server needs attention (free space, permissions)." % storage_error_text(error),
+                  "error")
+            return render_template("scripts/upload.html", tags=tags_text), 500
         flash("%s was uploaded." % filename, "success")
         if warning:
             flash(warning, "warning")
         return redirect(url_for("scripts.overview", script_id=script.id))
     return render_template("scripts/upload.html", tags=tags_text)
+
+
+def save_script(script, source):
+    """Writes the script into a fresh run folder, then adds its row to the database.
+
+    All or nothing: when writing fails, the half-written folder is removed and
+    the row is not added.
+
+    Raises:
+        OSError: the storage folder could not be written (full disk, read-only,
+            a file where a folder should be); nothing is left behind.
+    """
+    folder = run_dir(current_app, script)
+    # The database is the truth: a folder without a script row is left over and unreachable.
+    shutil.rmtree(folder, ignore_errors=True)
+    created = False
+    try:
+        os.makedirs(folder)
+        created = True
+        with open(script_path(current_app, script), "w", encoding="utf-8", newline="") as f:
+            f.write(source)
+        db.session.add(script)
+        db.session.commit()
+    except BaseException:
+        db.session.rollback()
+        if created:
+            shutil.rmtree(folder, ignore_errors=True)
+        raise
+
+
+def storage_error_text(error):
+    """What went wrong with the storage folder, e.g. "No space left on device".
+
+    The reason only: the server's paths are not shown to users.
+    """
+    return error.strerror or type(error).__name__
 
 
 @bp.route("/scripts/<int:script_id>")
@@ -188,6 +218,9 @@ def overview(script_id):
             source = f.read()
     except FileNotFoundError:
         source = "# The script file is missing from the storage folder."
+    except OSError as error:
+        source = "# The script file cannot be read from the storage folder: %s." % (
+            storage_error_text(error))
     code = highlight(source, PythonLexer(), HtmlFormatter(linenos="table"))
     return render_template("scripts/overview.html", script=script, code=code,
                            has_network=os.path.isfile(_network_path(folder, script)),

@@ -167,9 +167,13 @@ def test_server_stopped_with_sigterm_stops_runs_and_says_so_after_restart(playwr
 
 
 @contextlib.contextmanager
-def file_instead_of_user_folder(user, script_id, tmp_path):
-    """Puts a file where the user's storage folder should be, and the folder back after."""
-    user_folder = user.run_dir(script_id, "first").parent
+def file_instead_of_user_folder(user, script_id, stem, tmp_path):
+    """Puts a file where the user's storage folder should be, and the folder back after.
+
+    ``stem`` is the script's name without .py: unique among the tests' users, so that
+    ``user.run_dir`` finds one folder.
+    """
+    user_folder = user.run_dir(script_id, stem).parent
     shutil.move(str(user_folder), str(tmp_path / "moved"))
     user_folder.write_text("a file where the user's folder should be")
     try:
@@ -182,7 +186,7 @@ def file_instead_of_user_folder(user, script_id, tmp_path):
 def test_a_file_where_the_users_folder_should_be_leaves_the_server_up(make_user, tmp_path):
     user = make_user("blocked_folder")
     script_id = user.upload_script("first.py", "print('first')\n")
-    with file_instead_of_user_folder(user, script_id, tmp_path) as user_folder:
+    with file_instead_of_user_folder(user, script_id, "first", tmp_path) as user_folder:
         upload = user.upload("second.py", "print('second')\n")
         run = user.post("/scripts/%d/run" % script_id,
                         multipart={"csrf_token": user.csrf_token(), "images": "none"})
@@ -196,13 +200,10 @@ def test_a_file_where_the_users_folder_should_be_leaves_the_server_up(make_user,
     assert user.wait_for_state(script_id, ("finished", "failed"), 30)["state"] == "finished"
 
 
-@pytest.mark.xfail(strict=True, reason="visualizer/scripts.py upload() and visualizer/runs.py "
-                   "clear_previous_results(): an OSError from the storage folder is a bare "
-                   "'500 Internal Server Error' page that does not say what went wrong")
 def test_a_file_where_the_users_folder_should_be_is_named_in_the_message(make_user, tmp_path):
     user = make_user("blocked_message")
-    script_id = user.upload_script("first.py", "print('first')\n")
-    with file_instead_of_user_folder(user, script_id, tmp_path):
+    script_id = user.upload_script("named.py", "print('named')\n")
+    with file_instead_of_user_folder(user, script_id, "named", tmp_path):
         upload = user.upload("second.py", "print('second')\n")
         assert "Not a directory" in upload.text(), upload.text()
         run = user.post("/scripts/%d/run" % script_id,
