@@ -1,6 +1,8 @@
 """Run and stop (with a fake runner), the Output tab and its JSON, images, technique tabs,
 the ended-run banner and reconciling runs at start."""
+import builtins
 import datetime
+import errno
 import io
 import os
 import time
@@ -10,7 +12,7 @@ from conftest import FakeRunner, make_test_config, png_bytes, run_update, script
 from markupsafe import escape
 from PIL import Image
 
-from custom_keras import registry
+from custom_keras import registry, storage
 from visualizer import apply_run_update, create_app
 from visualizer import runs as runs_module
 from visualizer.models import Run, Script, db
@@ -90,6 +92,92 @@ def test_run_refuses_bad_images_and_writes_nothing(app, client, script, images, 
     assert os.listdir(script) == ["mnist_keras.py"]
 
 
+def previous_run(app, client, folder):
+    """A finished run that left results, a network, output, status and two images.
+
+    Returns:
+        {relative path: bytes} of every file in the run folder.
+    """
+    post_run(client, [("a.png", png_bytes()), ("b.png", png_bytes(color=9))])
+    apply_run_update(app, run_update(1, "finished", exit_code=0, ended_at=time.time()))
+    for name in ("results/history/saliency_maps/index.jsonl", "results/training_progress.tsv",
+                 "networks/mnist_keras.keras", "output.txt", "status.json"):
+        os.makedirs(os.path.dirname(os.path.join(folder, name)), exist_ok=True)
+        with open(os.path.join(folder, name), "w") as f:
+            f.write("previous " + name)
+    return folder_contents(folder)
+
+
+def folder_contents(folder):
+    contents = {}
+    for root, dirs, files in os.walk(folder):
+        for name in files + [d for d in dirs if not os.listdir(os.path.join(root, d))]:
+            path = os.path.join(root, name)
+            with open(path, "rb") if os.path.isfile(path) else io.BytesIO(b"<folder>") as f:
+                contents[os.path.relpath(path, folder)] = f.read()
+    return contents
+
+
+def test_new_images_replace_the_previous_run_in_one_step(app, client, script):
+    previous_run(app, client, script)
+    post_run(client, [("c.png", png_bytes(color=1)), ("d.png", png_bytes(color=2))])
+    assert runs(app) == [(1, "finished"), (2, "queued")]
+    assert sorted(os.listdir(script)) == ["images", "mnist_keras.py"]  # nothing left over
+    assert storage.list_images(script) == ["c.png", "d.png"]  # in upload order, d the newest
+    assert client.get("/scripts/1/images/d.png").data == png_bytes(color=2)
+
+
+class DiskFullWhileWriting:
+    """``open`` for a file whose writes put a few bytes on disk, then fail: the disk is full."""
+
+    def __init__(self, path, *args, **kwargs):
+        self._file = builtins.open(path, *args, **kwargs)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        self._file.close()
+
+    def write(self, data):
+        self._file.write(data[:3])
+        self._file.flush()
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+def test_a_full_disk_while_writing_new_images_keeps_the_previous_run(app, client, script,
+                                                                     monkeypatch):
+    before = previous_run(app, client, script)
+    monkeypatch.setattr(runs_module, "open", DiskFullWhileWriting, raising=False)
+    response = post_run(client, [("c.png", png_bytes(color=1))])
+    monkeypatch.undo()
+    page = response.get_data(as_text=True)
+    assert response.status_code == 200  # redirected to the Overview tab, which says why
+    assert ("Could not prepare the run: No space left on device. Nothing was changed; "
+            "the previous results and images are kept.") in page
+    assert folder_contents(script) == before  # no half-written image, no staging folder
+    assert runs(app) == [(1, "finished")] and len(app.extensions["runner"].started) == 1
+
+
+def test_a_failure_while_swapping_in_the_new_images_puts_everything_back(app, client, script,
+                                                                         monkeypatch):
+    before = previous_run(app, client, script)
+    real_replace = os.replace
+
+    def replace(source, target):
+        if os.path.basename(source).startswith(runs_module.STAGING_PREFIX):
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS))
+        return real_replace(source, target)
+
+    monkeypatch.setattr(os, "replace", replace)
+    response = post_run(client, [("c.png", png_bytes(color=1))])
+    monkeypatch.undo()
+    assert "Could not prepare the run: Read-only file system." in (
+        response.get_data(as_text=True))
+    assert folder_contents(script) == before
+    assert runs(app) == [(1, "finished")]
+
+
 def test_run_with_a_file_where_the_users_folder_should_be_says_so(app, client, script,
                                                                   tmp_path):
     user_folder = os.path.dirname(script)
@@ -104,6 +192,13 @@ def test_run_with_a_file_where_the_users_folder_should_be_says_so(app, client, s
     assert runs(app) == [] and app.extensions["runner"].started == []
     with open(user_folder) as f:
         assert f.read() == "not a folder"
+
+
+def test_staging_folders_left_by_a_killed_server_are_removed(app, client, script):
+    for name in (runs_module.STAGING_PREFIX + "x1", runs_module.TRASH_PREFIX + "x2"):
+        os.makedirs(os.path.join(script, name, "images"))
+    post_run(client, choice="none")
+    assert sorted(os.listdir(script)) == ["images", "mnist_keras.py"]
 
 
 def test_run_refused_while_running(app, client, script):

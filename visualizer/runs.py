@@ -3,6 +3,7 @@ import io
 import os
 import re
 import shutil
+import tempfile
 import warnings
 
 from flask import (Blueprint, abort, current_app, flash, jsonify, redirect, render_template,
@@ -66,29 +67,77 @@ def check_images(uploads):
     return images
 
 
+# Folders inside a run folder that exist only while a new run's inputs are put in place:
+# the new images being written, and the previous run's files on their way out.
+STAGING_PREFIX = ".new-images-"
+TRASH_PREFIX = ".previous-run-"
+
+
 def clear_previous_results(folder, new_images):
-    """Delete what an earlier run left: results, networks, output and status.
+    """Replace what an earlier run left (results, networks, output, status, images).
+
+    All or nothing: the new images are first written into a staging folder inside
+    the run folder; only once they are complete are the previous run's files moved
+    aside (``os.replace``, which needs no space) and the new images renamed into
+    place. If anything fails, everything moved is moved back, so the previous
+    run's data are kept; the moved-aside files are deleted only at the end.
 
     Args:
         folder: the run folder.
         new_images: list of (name, bytes) that replace the images, or None to keep them.
+
+    Raises:
+        OSError: the run folder could not be written (full disk, read-only, a file
+            where a folder should be); the folder is then as it was.
     """
-    for sub in (storage.RESULTS_DIR, storage.NETWORKS_DIR):
-        shutil.rmtree(os.path.join(folder, sub), ignore_errors=True)
-    for name in (storage.OUTPUT_FILE, storage.STATUS_FILE):
-        try:
-            os.remove(os.path.join(folder, name))
-        except FileNotFoundError:
-            pass
+    _remove_leftovers(folder)
+    staging = None
     if new_images is not None:
-        shutil.rmtree(storage.images_dir(folder), ignore_errors=True)
-        os.makedirs(storage.images_dir(folder))
-        # Written in order, so the last one is the newest (see storage.list_images).
-        for index, (name, data) in enumerate(new_images):
-            path = os.path.join(storage.images_dir(folder), name)
-            with open(path, "wb") as f:
-                f.write(data)
-            os.utime(path, ns=(index, index))
+        staging = tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=folder)
+        try:
+            # Written in order, so the last one is the newest (see storage.list_images).
+            for index, (name, data) in enumerate(new_images):
+                path = os.path.join(staging, name)
+                with open(path, "wb") as f:
+                    f.write(data)
+                os.utime(path, ns=(index, index))
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+    old_names = [storage.RESULTS_DIR, storage.NETWORKS_DIR, storage.OUTPUT_FILE,
+                 storage.STATUS_FILE] + ([storage.IMAGES_DIR] if staging else [])
+    moved = []
+    try:
+        trash = tempfile.mkdtemp(prefix=TRASH_PREFIX, dir=folder)
+        try:
+            for name in old_names:
+                try:
+                    os.replace(os.path.join(folder, name), os.path.join(trash, name))
+                except FileNotFoundError:
+                    continue
+                moved.append(name)
+            if staging:
+                os.replace(staging, storage.images_dir(folder))
+        except BaseException:
+            for name in reversed(moved):  # put the previous run's files back
+                os.replace(os.path.join(trash, name), os.path.join(folder, name))
+            os.rmdir(trash)
+            raise
+    finally:
+        if staging:
+            shutil.rmtree(staging, ignore_errors=True)  # gone already when it was put in place
+    shutil.rmtree(trash, ignore_errors=True)
+
+
+def _remove_leftovers(folder):
+    """Deletes staging and moved-aside folders that a killed server left in the run folder."""
+    try:
+        names = os.listdir(folder)
+    except (FileNotFoundError, NotADirectoryError):
+        return
+    for name in names:
+        if name.startswith((STAGING_PREFIX, TRASH_PREFIX)):
+            shutil.rmtree(os.path.join(folder, name), ignore_errors=True)
 
 
 @bp.route("/run", methods=("POST",))
