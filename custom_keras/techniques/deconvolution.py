@@ -175,6 +175,60 @@ def check_deconvolution_args(model, feat_map_layer_no, feat_map_amount=None, fea
     _check_selection(layer, feat_map_amount, feat_map_nos)
 
 
+def _place_filters(entries, kernel, strides, padding, output_size, input_shape):
+    """``conv2d_transpose`` of a signal that has one non-zero entry per row.
+
+    The transposed convolution of one entry ``v`` at ``(y, x, c)`` is the filter
+    ``kernel[:, :, :, c]`` times ``v``, placed with its corner at ``(y * stride - pad,
+    x * stride - pad)``: one scatter for all rows instead of a dense convolution.
+
+    Args:
+        entries: ``(y, x, c, value)``, each of shape (rows,): row r of the signal is zero
+            but for ``value[r]`` at ``(y[r], x[r], c[r])``.
+        kernel: the Conv2D's kernel (kh, kw, in_channels, out_channels).
+        strides: the Conv2D's ``(sy, sx)``.
+        padding: the Conv2D's ``"valid"`` or ``"same"``.
+        output_size: the Conv2D's output ``(h, w)``, where the entries lie.
+        input_shape: the Conv2D's input shape ``(H, W, in_channels)`` (ints).
+
+    Returns:
+        (rows, H, W, in_channels), equal to ``tf.nn.conv2d_transpose`` of the signal.
+    """
+    import tensorflow as tf
+
+    y, x, c, value = entries
+    kh, kw = int(kernel.shape[0]), int(kernel.shape[1])
+    (sy, sx), (height, width, channels), (h, w) = strides, input_shape, output_size
+    rows = tf.shape(value)[0]
+    # (rows, kh, kw, in_channels): each row's filter scaled by its entry.
+    patches = tf.transpose(tf.gather(kernel, c, axis=3), [3, 0, 1, 2]) * value[:, None, None, None]
+    if padding == "same":  # as the forward convolution pads: the smaller half before
+        pad_top = max((h - 1) * sy + kh - height, 0) // 2
+        pad_left = max((w - 1) * sx + kw - width, 0) // 2
+    else:
+        pad_top = pad_left = 0
+    # Scatter into a canvas that holds every filter whole, then cut the input's window.
+    canvas_h = max((h - 1) * sy + kh, pad_top + height)
+    canvas_w = max((w - 1) * sx + kw, pad_left + width)
+    dy, dx = np.meshgrid(np.arange(kh, dtype=np.int32), np.arange(kw, dtype=np.int32), indexing="ij")
+    row_index = tf.broadcast_to(tf.range(rows)[:, None, None], [rows, kh, kw])
+    indices = tf.stack([row_index, (y * sy)[:, None, None] + dy, (x * sx)[:, None, None] + dx], axis=-1)
+    canvas = tf.scatter_nd(indices, patches, tf.stack([rows, canvas_h, canvas_w, channels]))
+    if (canvas_h, canvas_w) == (height, width):
+        return canvas
+    return canvas[:, pad_top:pad_top + height, pad_left:pad_left + width, :]
+
+
+def _entries_to_signal(entries, shape):
+    """The dense (rows, h, w, channels) signal of ``(y, x, c, value)`` entries, one per row."""
+    import tensorflow as tf
+
+    y, x, c, value = entries
+    rows = tf.shape(value)[0]
+    indices = tf.stack([tf.range(rows), y, x, c], axis=1)
+    return tf.scatter_nd(indices, value, tf.concat([[rows], tf.cast(shape, tf.int32)], axis=0))
+
+
 class DeconvolutionModel:
     """Images -> deconvolutional reconstructions of feature maps of one layer; built once.
 
@@ -264,12 +318,39 @@ class DeconvolutionModel:
     def _forward_and_reverse(self, images, input_shapes):
         """Returns the chosen map numbers (N, K) and the reconstructions (N*K, H, W, C); for a
         custom deconvolutional model, the processed feature maps instead of the reconstructions."""
+        import tensorflow as tf
+
         outputs = self.forward_model(images, training=False)
         outputs = outputs if isinstance(outputs, (list, tuple)) else [outputs]
-        map_nos, signal = self._select_maps(outputs[0])
+        map_nos, entries = self._select_entries(outputs[0])
+        # The dense signal: for the custom model, and for the automatic one where the
+        # graph needs it (it starts from the entries and drops the signal if it can).
+        signal = _entries_to_signal(entries, tf.shape(outputs[0])[1:])
         if self.custom_info is not None:
             return map_nos, signal
-        return map_nos, self._reverse_stack(signal, list(outputs[1:]), input_shapes)
+        return map_nos, self._reverse_stack(signal, list(outputs[1:]), input_shapes, entries)
+
+    def _select_entries(self, feature_maps):
+        """Choose the maps per image and each one's maximum entry.
+
+        Returns:
+            map_nos int32 (N, K) and the entries ``(y, x, c, value)``, each (N*K,): row
+            i*K + k is the maximum entry of map ``map_nos[i, k]`` of image i.
+        """
+        import tensorflow as tf
+
+        shape = tf.shape(feature_maps)
+        images, width, maps = shape[0], shape[2], shape[3]
+        flat = tf.reshape(tf.transpose(feature_maps, [0, 3, 1, 2]), [images, maps, -1])
+        if self.feat_map_nos is None:
+            # top_k lists equal maxima by ascending map number, so the order is stable.
+            map_nos = tf.math.top_k(tf.reduce_max(flat, axis=-1), k=self.amount).indices
+        else:
+            map_nos = tf.tile(tf.constant([self.feat_map_nos], dtype=tf.int32), [images, 1])
+        chosen = tf.gather(flat, map_nos, batch_dims=1)
+        position = tf.reshape(tf.argmax(chosen, axis=-1, output_type=tf.int32), [-1])
+        maximum = tf.reshape(tf.reduce_max(chosen, axis=-1), [-1])
+        return map_nos, (position // width, position % width, tf.reshape(map_nos, [-1]), maximum)
 
     def _select_maps(self, feature_maps):
         """Choose the maps per image and keep only each one's maximum entry.
@@ -280,24 +361,17 @@ class DeconvolutionModel:
         """
         import tensorflow as tf
 
-        shape = tf.shape(feature_maps)
-        images, maps = shape[0], shape[3]
-        flat = tf.reshape(tf.transpose(feature_maps, [0, 3, 1, 2]), [images, maps, -1])
-        if self.feat_map_nos is None:
-            # top_k lists equal maxima by ascending map number, so the order is stable.
-            map_nos = tf.math.top_k(tf.reduce_max(flat, axis=-1), k=self.amount).indices
-        else:
-            map_nos = tf.tile(tf.constant([self.feat_map_nos], dtype=tf.int32), [images, 1])
-        chosen = tf.gather(flat, map_nos, batch_dims=1)
-        maximum = tf.reduce_max(chosen, axis=-1, keepdims=True)
-        kept = tf.one_hot(tf.argmax(chosen, axis=-1), tf.shape(flat)[-1]) * maximum
-        signal = kept[..., None] * tf.one_hot(map_nos, maps)[:, :, None, :]
-        return map_nos, tf.reshape(signal, tf.concat([[-1], shape[1:]], axis=0))
+        map_nos, entries = self._select_entries(feature_maps)
+        return map_nos, _entries_to_signal(entries, tf.shape(feature_maps)[1:])
 
-    def _reverse_stack(self, signal, pool_inputs, input_shapes):
+    def _reverse_stack(self, signal, pool_inputs, input_shapes, entries=None):
         """Map the processed feature maps back to the input: unpool, ReLU, transposed convolution.
 
         ``input_shapes`` holds each stack layer's input shape without the batch axis.
+        ``entries``, when given, are the signal's one non-zero entry per row as
+        ``(y, x, c, value)`` (see ``_select_entries``): unpooling and ReLU keep a single
+        entry per row, so up to the first convolution only the entries are followed, and
+        that transposed convolution places one filter per row instead of convolving.
         """
         import tensorflow as tf
 
@@ -305,6 +379,21 @@ class DeconvolutionModel:
         per_image = pairs // tf.shape(pool_inputs[0])[0] if pool_inputs else None
         for layer, input_shape in reversed(list(zip(self.stack, input_shapes))):
             step = _reverse_step(layer)
+            pool_input = pool_inputs[self._pool_index[id(layer)]] if step == "unpool" else None
+            if entries is not None:
+                y, x, c, value = entries
+                if step == "relu" or (step == "conv" and _is_activation(layer.activation, "relu")):
+                    entries = y, x, c, tf.nn.relu(value)
+                if step == "unpool":
+                    entries = self._unpool_entries(entries, pool_input, layer, per_image)
+                elif step == "conv":
+                    size = tuple(layer.compute_output_shape((None,) + tuple(input_shape))[1:3])
+                    signal = _place_filters(entries, tf.cast(layer.kernel, signal.dtype), layer.strides,
+                                            layer.padding, size, input_shape)
+                    entries = None
+                if step != "conv" and layer is self.stack[0]:
+                    signal = _entries_to_signal(entries, input_shape)
+                continue
             if step == "relu":
                 signal = tf.nn.relu(signal)
             elif step == "conv":
@@ -314,8 +403,24 @@ class DeconvolutionModel:
                     signal, tf.cast(layer.kernel, signal.dtype), output_shape=[pairs] + list(input_shape),
                     strides=layer.strides, padding=layer.padding.upper())
             elif step == "unpool":
-                signal = self._unpool(signal, pool_inputs[self._pool_index[id(layer)]], layer, per_image)
+                signal = self._unpool(signal, pool_input, layer, per_image)
         return signal
+
+    @staticmethod
+    def _unpool_entries(entries, pool_input, layer, per_image):
+        """Max-unpooling of one entry per row: it moves to where this image's maximum was."""
+        import tensorflow as tf
+
+        y, x, c, value = entries
+        _, switches = tf.nn.max_pool_with_argmax(
+            pool_input, ksize=layer.pool_size, strides=layer.strides, padding=layer.padding.upper(),
+            include_batch_in_index=False)
+        image = tf.range(tf.shape(value)[0]) // per_image
+        # A switch indexes within one image, over (H, W, C) of the pool's input.
+        switch = tf.cast(tf.gather_nd(switches, tf.stack([image, y, x, c], axis=1)), tf.int32)
+        shape = tf.shape(pool_input)
+        width, channels = shape[2], shape[3]
+        return switch // (width * channels), switch // channels % width, c, value
 
     @staticmethod
     def _unpool(signal, pool_input, layer, per_image):
