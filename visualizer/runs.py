@@ -259,6 +259,9 @@ def technique(script_id, key):
 # Terminal escape sequences: CSI (colours, cursor moves, "erase line": ESC [ ... letter),
 # OSC (window titles: ESC ] ... BEL or ESC \) and the short ones (ESC letter, ESC ( B).
 ANSI_ESCAPE = re.compile(r"\x1b(?:\[[0-?]*[ -/]*[@-~]|\][^\x07\x1b]*(?:\x07|\x1b\\)?|[ -/]*[0-~])")
+# Keras 3's bar tells done from still-to-do by colour only (green and grey "━"); without
+# colours the still-to-do part is drawn with a light line, so "8/47" does not look complete.
+KERAS_BAR_TO_DO = re.compile(r"\x1b\[37m(\u2501+)\x1b\[0m")
 # Control characters left after the escapes, carriage returns and backspaces were applied
 # (a bell, a stray ESC); tabs stay.
 CONTROL_CHARACTERS = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
@@ -269,8 +272,9 @@ def terminal_line(line):
 
     Keras (``verbose=1``) redraws its bar in place on one line: backspaces and a
     carriage return, then the bar with ANSI colour codes. Here escape sequences
-    are removed, a carriage return starts the line again (only the text after the
-    last one is kept) and a backspace removes the character before it.
+    are removed (the bar's grey, still-to-do part is drawn "─" instead), a carriage
+    return starts the line again (only the text after the last one is kept) and a
+    backspace removes the character before it.
 
     Args:
         line: one line of the output file, without its newline.
@@ -278,6 +282,7 @@ def terminal_line(line):
     Returns:
         str.
     """
+    line = KERAS_BAR_TO_DO.sub(lambda m: "\u2500" * len(m.group(1)), line)
     line = ANSI_ESCAPE.sub("", line).rstrip("\r").rsplit("\r", 1)[-1]
     if "\b" in line:
         kept = []
