@@ -154,12 +154,17 @@ class UnitObjective:
             self._rows.append(tf.constant([[i] for i in rows]))
             self._positions.append(tf.constant(
                 [[i] + np.atleast_1d(self.units[i][1]).tolist() for i in rows]))
-        self._value_and_gradients = tf.function(self._value_and_gradients_graph)
-        self._value_and_redirected_gradients = tf.function(self._value_and_redirected_graph)
+        # Compiled once (any batch size, so no retracing) for calls from outside a graph.
+        signature = [tf.TensorSpec((None,) + tuple(model.inputs[0].shape[1:]), tf.float32)]
+        self._values_function = tf.function(self._values, input_signature=signature)
+        self._value_and_gradients = tf.function(self._value_and_gradients_graph,
+                                                input_signature=signature)
+        self._value_and_redirected_gradients = tf.function(self._value_and_redirected_graph,
+                                                           input_signature=signature)
 
     def __call__(self, images):
         """Each image's unit activation: float32 numpy array (N,); image i belongs to units[i]."""
-        return self._values(tf.convert_to_tensor(images, tf.float32)).numpy()
+        return self._values_function(tf.convert_to_tensor(images, tf.float32)).numpy()
 
     def value_and_gradients(self, images, redirect_relu=False):
         """(activations (N,), gradients like ``images``) as numpy, from one gradient call.
@@ -174,13 +179,25 @@ class UnitObjective:
         values, gradients = function(tf.convert_to_tensor(images, tf.float32))
         return values.numpy(), gradients.numpy()
 
+    def values(self, images):
+        """Each image's unit activation as a tensor; for use inside a graph."""
+        return self._values(images)
+
+    def value_and_gradients_graph(self, images, redirect_relu=False):
+        """(activations (N,), gradients like ``images``) as tensors; for use inside a graph
+        (the ReLU swap is traced into it)."""
+        if redirect_relu:
+            return self._value_and_redirected_graph(images)
+        return self._value_and_gradients_graph(images)
+
     def _value_and_redirected_graph(self, images):
         # The swap is traced into the graph; the model is restored right after.
         with _swapped_activations(self._relu_layers, redirected_relu):
             return self._value_and_gradients_graph(images)
 
     def _value_and_gradients_graph(self, images):
-        with tf.GradientTape() as tape:
+        # Only the images' gradient is wanted: the tape does not follow the weights.
+        with tf.GradientTape(watch_accessed_variables=False) as tape:
             tape.watch(images)
             values = self._values(images)
             # Each image's value depends on that image only, so the gradient of

@@ -1,4 +1,12 @@
-"""The optimisation loop of deep visualization: gradient ascent, then regularise."""
+"""The optimisation loop of deep visualization: gradient ascent, then regularise.
+
+The whole loop, every iteration with its regularisers, is one TensorFlow
+graph (``tf.while_loop``): a ``DeepVisualizationModel`` traces it once and then
+runs all iterations in one call, without a round trip through Python or numpy
+per step.
+"""
+import tensorflow as tf
+
 from custom_keras.techniques.deep_visualization.objectives import UnitObjective
 from custom_keras.techniques.deep_visualization.parameterization import random_noise_images
 from custom_keras.techniques.deep_visualization.transforms import Regularizers, check_regularizers
@@ -11,35 +19,81 @@ from custom_keras.techniques.deep_visualization.transforms import Regularizers, 
 REDIRECTED_RELU_STEPS = 16
 
 
+def ascent_graph(objective, images, learning_rate, no_of_iterations, regularizers,
+                 redirected_relu_steps=REDIRECTED_RELU_STEPS):
+    """The gradient-ascent loop as graph operations: call it inside a ``tf.function``.
+
+    ``x += learning_rate * grad``, then ``regularizers(x, grad, iteration)``, for
+    ``no_of_iterations`` steps; the first ``redirected_relu_steps`` use redirected
+    ReLU gradients. ``tf.while_loop`` s keep the graph the same size whatever the
+    number of iterations.
+
+    Args:
+        objective: a ``UnitObjective`` (or any object with ``value_and_gradients_graph``).
+        images: float32 tensor of start images, one per unit of the objective.
+        learning_rate: step size of the gradient ascent.
+        no_of_iterations: number of steps (int).
+        regularizers: a ``Regularizers`` (or any callable ``(images, gradients, iteration)``
+            that accepts tensors and a scalar int32 tensor iteration).
+        redirected_relu_steps: the first steps use redirected ReLU gradients.
+
+    Returns:
+        The optimised images, a float32 tensor like ``images``.
+    """
+    rate = tf.constant(learning_rate, tf.float32)
+    shape = images.shape
+
+    def loop(first, stop, images, redirect_relu):
+        def step(iteration, images):
+            _, gradients = objective.value_and_gradients_graph(images, redirect_relu=redirect_relu)
+            images = regularizers(images + rate * gradients, gradients, iteration)
+            return iteration + 1, tf.ensure_shape(images, shape)
+
+        _, images = tf.while_loop(lambda iteration, _: iteration < stop, step,
+                                  (tf.constant(first, tf.int32), images))
+        return images
+
+    # Two loops rather than a switch inside one: the plain steps keep TensorFlow's own
+    # ReLU, which its graph optimiser fuses with the convolution before it.
+    redirected = max(0, min(redirected_relu_steps, no_of_iterations))
+    if redirected:
+        images = loop(0, redirected, images, True)
+    if no_of_iterations > redirected:
+        images = loop(redirected, no_of_iterations, images, False)
+    return images
+
+
 def gradient_ascent(objective, images, learning_rate, no_of_iterations, regularizers,
                     redirected_relu_steps=REDIRECTED_RELU_STEPS):
     """Raise each image's objective: ``x += learning_rate * grad``, then regularise, repeatedly.
 
+    Compiles ``ascent_graph`` for this one call; a ``DeepVisualizationModel``
+    compiles it once for many calls.
+
     Args:
-        objective: a ``UnitObjective`` (or any object with ``value_and_gradients``).
+        objective: a ``UnitObjective`` (or any object with ``value_and_gradients_graph``).
         images: float32 start images, one per unit of the objective.
         learning_rate: step size of the gradient ascent.
         no_of_iterations: number of steps.
-        regularizers: a ``Regularizers`` (or any callable ``(images, gradients, iteration)``).
+        regularizers: a ``Regularizers`` (or any callable ``(images, gradients, iteration)``
+            on tensors).
         redirected_relu_steps: the first steps use redirected ReLU gradients.
 
     Returns:
-        The optimised images, float32, same shape as ``images``.
+        The optimised images, float32 numpy array, same shape as ``images``.
     """
-    for iteration in range(no_of_iterations):
-        _, gradients = objective.value_and_gradients(
-            images, redirect_relu=iteration < redirected_relu_steps)
-        images = images + learning_rate * gradients
-        images = regularizers(images, gradients, iteration)
-    return images
+    ascent = tf.function(lambda start: ascent_graph(
+        objective, start, learning_rate, no_of_iterations, regularizers, redirected_relu_steps))
+    return ascent(tf.convert_to_tensor(images, tf.float32)).numpy()
 
 
 class DeepVisualizationModel:
     """Deep visualization of fixed units and settings, built once and run many times.
 
-    The objective and its compiled gradient function are built once and share
-    the model's weights, so a callback can call this after every few batches
-    of training. Arguments as ``deep_visualization``.
+    The objective and the compiled optimisation loop (all iterations, the
+    regularisers and the final activations in one graph, traced at the first
+    call) are built once and read the model's weights, so a callback can call
+    this after every few batches of training. Arguments as ``deep_visualization``.
     """
 
     def __init__(self, model, units_to_visualize, learning_rate, no_of_iterations, l2_decay=0,
@@ -55,13 +109,21 @@ class DeepVisualizationModel:
         self.learning_rate = learning_rate
         self.no_of_iterations = no_of_iterations
         self.input_shape = tuple(model.inputs[0].shape[1:])
+        units = len(self.objective.units)
+        self._optimise = tf.function(
+            self._optimise_graph,
+            input_signature=[tf.TensorSpec((units,) + self.input_shape, tf.float32)])
+
+    def _optimise_graph(self, start):
+        images = ascent_graph(self.objective, start, self.learning_rate, self.no_of_iterations,
+                              self.regularizers)
+        return images, self.objective.values(images)
 
     def __call__(self, seed=None):
         """The list of ``(image, layer_name, unit_index, loss_value)``; see ``deep_visualization``."""
         start = random_noise_images(self.input_shape, len(self.objective.units), seed)
-        images = gradient_ascent(self.objective, start, self.learning_rate,
-                                 self.no_of_iterations, self.regularizers)
-        values = self.objective(images)
+        images, values = self._optimise(tf.convert_to_tensor(start))
+        images, values = images.numpy(), values.numpy()
         return [(image, layer_name, index, float(value)) for image, layer_name, (_, index), value
                 in zip(images, self.objective.layer_names, self.objective.units, values)]
 
