@@ -43,9 +43,7 @@ from custom_keras import storage
 from custom_keras.techniques.activations import EXCLUDE_LAYERS, ActivationModel
 from custom_keras.techniques.common import to_uint8
 from custom_keras.techniques.deconvolution import DeconvolutionModel
-from custom_keras.techniques.deep_visualization import (Regularizers, UnitObjective,
-                                                        check_regularizers, gradient_ascent,
-                                                        random_noise_images)
+from custom_keras.techniques.deep_visualization import DeepVisualizationModel, check_regularizers
 from custom_keras.techniques.saliency import SaliencyModel
 
 TRAINING_PROGRESS_FILE = "training_progress.txt"
@@ -233,7 +231,9 @@ class _SnapshotCallback(keras.callbacks.Callback):
     A subclass sets ``results_file`` and ``title`` and defines ``build()``,
     which prepares its technique when training begins (the model is known then;
     ``image_names`` and ``inputs`` are set), and ``compute()``, which returns
-    ``(results_by_image, info_by_image)`` for one snapshot.
+    ``(results_by_image, info_by_image)`` for one snapshot. ``build()`` runs once
+    per model: a later ``fit`` of the same model reuses the technique (and its
+    compiled graphs), which reads the weights as they are at each snapshot.
 
     Args:
         file_folder: should always be ``os.path.dirname(__file__)``.
@@ -259,6 +259,7 @@ class _SnapshotCallback(keras.callbacks.Callback):
         self._started = False
         self._stage = 0
         self._step = 0
+        self._built_for = None
 
     def on_train_begin(self, logs=None):
         # Everything that can reject the arguments comes before the first write.
@@ -266,7 +267,9 @@ class _SnapshotCallback(keras.callbacks.Callback):
         if self._loaded_images is not None:
             self.image_names, as_fed, self.inputs = visualization_images.prepare_images(
                 self.model, self._loaded_images, self.custom_preprocess)
-        self.build()
+        if self._built_for is not self.model:
+            self.build()
+            self._built_for = self.model
         if not self._started:
             self._clear_previous_run()
             self._started = True
@@ -476,22 +479,17 @@ class DeepVisualization(_SnapshotCallback):
         if height is None or width is None:
             raise ValueError("model: deep visualization needs a fixed input size, the model's "
                              "input is %s" % (tuple(self.model.inputs[0].shape),))
-        # The steps of deep_visualization(), with the objective built once: its
-        # compiled gradient function then serves every snapshot.
-        self._objective = UnitObjective(self.model, self.units_to_visualize)
-        self._regularize = Regularizers(**{name: value for name, value in self.regularizers.items()
-                                           if name not in ("learning_rate", "no_of_iterations")})
+        # Built once: its compiled optimisation loop then serves every snapshot.
+        self._deep_visualization = DeepVisualizationModel(self.model, self.units_to_visualize,
+                                                          **self.regularizers)
+
+    def on_train_begin(self, logs=None):
         self.image_names = storage.list_images(self.run_dir) or [NO_IMAGE]
+        super().on_train_begin(logs)
 
     def compute(self):
-        start = random_noise_images(tuple(self.model.inputs[0].shape[1:]),
-                                    len(self._objective.units))
-        images = gradient_ascent(self._objective, start, self.regularizers["learning_rate"],
-                                 self.regularizers["no_of_iterations"], self._regularize)
-        values = self._objective(images)
-        result = [(self.postprocess(image), layer_name, index, float(value))
-                  for image, layer_name, (_, index), value
-                  in zip(images, self._objective.layer_names, self._objective.units, values)]
+        result = [(self.postprocess(image), layer_name, index, value)
+                  for image, layer_name, index, value in self._deep_visualization()]
         return {name: result for name in self.image_names}, {}
 
 

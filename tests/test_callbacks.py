@@ -420,6 +420,28 @@ def test_a_new_run_starts_a_new_history(tmp_path):
     assert len(read_rows(storage.results_path(run_dir, "training_progress.txt"))) == 2
 
 
+def test_techniques_are_built_once_per_model(tmp_path):
+    run_dir = str(tmp_path)
+    write_images(run_dir)
+    callbacks = CustomCallbacks(run_dir, base_interval=2)
+    register_all(callbacks)
+    builds = []
+    for callback in callbacks.get_list():
+        if hasattr(callback, "build"):
+            def counted(build=callback.build, name=type(callback).__name__):
+                builds.append(name)
+                build()
+            callback.build = counted
+    model = tiny_model()
+    x, y = tiny_data(16)
+    for _ in range(2):  # a second fit of the same model reuses the built techniques
+        model.fit(x, y, batch_size=8, epochs=1, callbacks=callbacks.get_list(), verbose=0)
+    assert sorted(builds) == ["DeconvolutionalNetwork", "DeepVisualization", "LayerActivations",
+                              "SaliencyMaps"]
+    for file_name in TECHNIQUE_FILES:
+        assert [e["step"] for e in history(run_dir, file_name)] == [0, 2, 2, 4]
+
+
 def test_deep_visualization_without_images_uses_no_image_key(tmp_path):
     callback = DeepVisualization(str(tmp_path), [(4, 1)], 1, 2, interval=100)
     x, y = tiny_data(16)
