@@ -115,8 +115,12 @@ class Servers:
                                         stderr=subprocess.STDOUT, start_new_session=True,
                                         preexec_fn=preexec_fn)
         log.close()
-        wait_for(self._answering, START_TIMEOUT_S, interval=0.3,
-                 what="the servers to answer on ports %d and %d" % (self.port, self.bokeh_port))
+        try:
+            wait_for(self._answering, START_TIMEOUT_S, interval=0.3,
+                     what="the servers to answer on ports %d and %d" % (self.port, self.bokeh_port))
+        except BaseException:  # a fixture that fails before its yield gets no teardown
+            self.cleanup()
+            raise
         return self
 
     def _answering(self):
