@@ -104,7 +104,8 @@ class ActivationModel:
         # fixed signature (any batch size) never retraces, and the graph reads the
         # model's variables, so it follows training.
         signature = [tf.TensorSpec((None,) + tuple(inputs.shape[1:]), tf.float32)]
-        self._forward = tf.function(self._forward_graph, input_signature=signature)
+        self._forward = tf.function(self._forward_graph, input_signature=signature,
+                                    autograph=False)
 
     def _forward_graph(self, images):
         # keras.tree.flatten: a model with one output returns a tensor, not a list of one.

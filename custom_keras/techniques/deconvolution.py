@@ -281,7 +281,8 @@ class DeconvolutionModel:
         self.forward_model = keras.Model(single_input(model), outputs)
         self._deconvolve = self._forward_and_reverse
         if compiled:
-            self._deconvolve = tf.function(self._forward_and_reverse, reduce_retracing=True)
+            self._deconvolve = tf.function(self._forward_and_reverse, reduce_retracing=True,
+                                           autograph=False)
 
     def __call__(self, images):
         """Reconstruct the selected feature maps of every image.

@@ -44,7 +44,8 @@ class SaliencyModel:
         # reused at every later one: a fixed signature (any batch size) never retraces,
         # and the graph reads the model's variables, so it follows training.
         signature = [tf.TensorSpec((None,) + tuple(inputs.shape[1:]), tf.float32)]
-        self._gradients = tf.function(self._gradients_graph, input_signature=signature)
+        self._gradients = tf.function(self._gradients_graph, input_signature=signature,
+                                      autograph=False)
 
     def _gradients_graph(self, images):
         with tf.GradientTape() as tape:

@@ -156,11 +156,13 @@ class UnitObjective:
                 [[i] + np.atleast_1d(self.units[i][1]).tolist() for i in rows]))
         # Compiled once (any batch size, so no retracing) for calls from outside a graph.
         signature = [tf.TensorSpec((None,) + tuple(model.inputs[0].shape[1:]), tf.float32)]
-        self._values_function = tf.function(self._values, input_signature=signature)
+        self._values_function = tf.function(self._values, input_signature=signature,
+                                            autograph=False)
         self._value_and_gradients = tf.function(self._value_and_gradients_graph,
-                                                input_signature=signature)
+                                                input_signature=signature, autograph=False)
         self._value_and_redirected_gradients = tf.function(self._value_and_redirected_graph,
-                                                           input_signature=signature)
+                                                           input_signature=signature,
+                                                           autograph=False)
 
     def __call__(self, images):
         """Each image's unit activation: float32 numpy array (N,); image i belongs to units[i]."""

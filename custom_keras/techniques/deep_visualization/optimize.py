@@ -83,7 +83,8 @@ def gradient_ascent(objective, images, learning_rate, no_of_iterations, regulari
         The optimised images, float32 numpy array, same shape as ``images``.
     """
     ascent = tf.function(lambda start: ascent_graph(
-        objective, start, learning_rate, no_of_iterations, regularizers, redirected_relu_steps))
+        objective, start, learning_rate, no_of_iterations, regularizers, redirected_relu_steps),
+        autograph=False)
     return ascent(tf.convert_to_tensor(images, tf.float32)).numpy()
 
 
@@ -112,7 +113,10 @@ class DeepVisualizationModel:
         units = len(self.objective.units)
         self._optimise = tf.function(
             self._optimise_graph,
-            input_signature=[tf.TensorSpec((units,) + self.input_shape, tf.float32)])
+            input_signature=[tf.TensorSpec((units,) + self.input_shape, tf.float32)],
+            # Plain Python around explicit tf.while_loop / tf.cond: no AutoGraph, whose
+            # source transformation took most of the 2-5 s of the first trace.
+            autograph=False)
 
     def _optimise_graph(self, start):
         images = ascent_graph(self.objective, start, self.learning_rate, self.no_of_iterations,
