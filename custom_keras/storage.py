@@ -139,11 +139,23 @@ def append_line(path, line):
         os.close(fd)
 
 
+def append_lines(path, lines):
+    """Append complete lines with a single write, so readers never see half a row."""
+    if lines:
+        append_line(path, "\n".join(line.rstrip("\n") for line in lines))
+
+
 def append_row(path, columns, values):
     """Append a tab-separated row to a table file, writing the header line first if new."""
-    if not os.path.exists(path):
-        append_line(path, "\t".join(columns))
-    append_line(path, "\t".join(_format_value(v) for v in values))
+    append_rows(path, columns, [values])
+
+
+def append_rows(path, columns, rows):
+    """Append tab-separated rows to a table file in one write, the header line first if new."""
+    lines = ["\t".join(_format_value(v) for v in values) for values in rows]
+    if lines and not os.path.exists(path):
+        lines.insert(0, "\t".join(columns))
+    append_lines(path, lines)
 
 
 def _format_value(value):

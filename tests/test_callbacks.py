@@ -223,6 +223,27 @@ def test_per_batch_values_are_derived_exactly_with_a_smaller_last_batch(tmp_path
     assert not os.path.exists(storage.results_path(str(tmp_path), "training_progress_val.txt"))
 
 
+def test_progress_rows_are_written_in_chunks_and_all_by_the_end(tmp_path, monkeypatch):
+    """The first row of a fit at once, later rows at most every FLUSH_SECONDS, every row by the
+    end of each epoch; the same rows as one write per batch."""
+    monkeypatch.setattr(TrainingProgress, "FLUSH_SECONDS", 3600)
+    path = storage.results_path(str(tmp_path), "training_progress.txt")
+    table = storage.results_path(str(tmp_path), "training_progress.tsv")
+    seen = []
+
+    def rows_on_disk(batch, logs):
+        seen.append((len(read_rows(path)), len(storage.read_table(table)[1])))
+
+    x, y = tiny_data(40)
+    tiny_model().fit(x, y, batch_size=8, epochs=2, verbose=0, callbacks=[
+        TrainingProgress(str(tmp_path)), keras.callbacks.LambdaCallback(on_batch_end=rows_on_disk)])
+    assert seen == [(1, 1)] * 5 + [(5, 5)] * 5
+    rows = read_rows(path)
+    assert [float(row[0]) for row in rows] == [epoch + batch / 5 for epoch in range(2)
+                                               for batch in range(5)]
+    assert len(storage.read_table(table)[1]) == 10
+
+
 def test_validation_tables_record_every_validation_metric(tmp_path):
     model = tiny_model(metrics=("accuracy", "mse"))
     x, y = tiny_data()
