@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Run every benchmark: techniques and training overhead, then the dashboards in
 # Debian's chromium. Each figure is a ratio measured within one run. Extra
-# arguments go to benchmarks.techniques (e.g. --quick for a shorter epoch).
+# arguments go to benchmarks.techniques (--quick for a shorter epoch, --rounds N for
+# N epochs of each kind instead of one).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
