@@ -46,9 +46,10 @@ class SaliencyModel:
         signature = [tf.TensorSpec((None,) + tuple(inputs.shape[1:]), tf.float32)]
         self._gradients = tf.function(self._gradients_graph, input_signature=signature,
                                       autograph=False)
+        self._traced = None  # its one concrete function: called without the dispatch
 
     def _gradients_graph(self, images):
-        with tf.GradientTape() as tape:
+        with tf.GradientTape(watch_accessed_variables=False) as tape:
             tape.watch(images)
             scores = self._score(images, training=False)
             predicted = tf.argmax(scores, axis=-1)
@@ -67,7 +68,9 @@ class SaliencyModel:
             ``(gradients float32 (N, H, W, C), scores float32 (N, classes))``: the gradient of
             the predicted class's pre-softmax score w.r.t. the image, and the pre-softmax scores.
         """
-        gradients, scores = self._gradients(tf.convert_to_tensor(check_images(self.model, images)))
+        if self._traced is None:
+            self._traced = self._gradients.get_concrete_function()
+        gradients, scores = self._traced(tf.convert_to_tensor(check_images(self.model, images)))
         return gradients.numpy(), scores.numpy()
 
     def __call__(self, images, mode="absolute"):
