@@ -5,7 +5,10 @@
 processes; ``client`` is its test client; ``auth`` creates users and logs in.
 CSRF checks are off here; tests/test_security.py turns them on.
 """
+import builtins
+import errno
 import io
+import os
 from types import SimpleNamespace
 
 import pytest
@@ -114,3 +117,21 @@ def script_folder(app, script_id):
     from visualizer.models import Script, db
     with app.app_context():
         return run_dir(app, db.session.get(Script, script_id))
+
+
+class DiskFullWhileWriting:
+    """``open`` for a file whose writes put a few bytes on disk, then fail: the disk is full."""
+
+    def __init__(self, path, *args, **kwargs):
+        self._file = builtins.open(path, *args, **kwargs)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        self._file.close()
+
+    def write(self, data):
+        self._file.write(data[:3])
+        self._file.flush()
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))

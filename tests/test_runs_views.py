@@ -1,6 +1,5 @@
 """Run and stop (with a fake runner), the Output tab and its JSON, images, technique tabs,
 the ended-run banner and reconciling runs at start."""
-import builtins
 import datetime
 import errno
 import io
@@ -8,7 +7,8 @@ import os
 import time
 
 import pytest
-from conftest import FakeRunner, make_test_config, png_bytes, run_update, script_folder, upload_script
+from conftest import (DiskFullWhileWriting, FakeRunner, make_test_config, png_bytes, run_update,
+                      script_folder, upload_script)
 from markupsafe import escape
 from PIL import Image
 
@@ -125,24 +125,6 @@ def test_new_images_replace_the_previous_run_in_one_step(app, client, script):
     assert sorted(os.listdir(script)) == ["images", "mnist_keras.py"]  # nothing left over
     assert storage.list_images(script) == ["c.png", "d.png"]  # in upload order, d the newest
     assert client.get("/scripts/1/images/d.png").data == png_bytes(color=2)
-
-
-class DiskFullWhileWriting:
-    """``open`` for a file whose writes put a few bytes on disk, then fail: the disk is full."""
-
-    def __init__(self, path, *args, **kwargs):
-        self._file = builtins.open(path, *args, **kwargs)
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc_info):
-        self._file.close()
-
-    def write(self, data):
-        self._file.write(data[:3])
-        self._file.flush()
-        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
 
 def test_a_full_disk_while_writing_new_images_keeps_the_previous_run(app, client, script,

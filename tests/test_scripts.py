@@ -1,11 +1,9 @@
 """Uploading scripts, the file list (sort, search), the Overview tab, tags, delete, downloads,
 storage write errors, and the favicon."""
-import builtins
-import errno
 import os
 
 import pytest
-from conftest import script_folder, upload_script
+from conftest import DiskFullWhileWriting, script_folder, upload_script
 
 from visualizer import scripts
 from visualizer.models import Run, Script, Tag, db, utcnow
@@ -104,24 +102,6 @@ def test_a_file_where_the_users_folder_should_be_is_named_and_nothing_is_saved(a
     os.remove(blocker)  # repaired: the same upload works
     assert upload_script(client, "blocked.py").status_code == 302
     assert scripts_of(app) == {"blocked.py": ["blocked"]}
-
-
-class DiskFullWhileWriting:
-    """``open`` for a file whose writes put a few bytes on disk, then fail: the disk is full."""
-
-    def __init__(self, path, *args, **kwargs):
-        self._file = builtins.open(path, *args, **kwargs)
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc_info):
-        self._file.close()
-
-    def write(self, data):
-        self._file.write(data[:3])
-        self._file.flush()
-        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
 
 def test_a_full_disk_leaves_no_half_written_script_or_row(app, client, user, monkeypatch):
