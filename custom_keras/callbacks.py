@@ -32,11 +32,11 @@ training go on.
 import atexit
 import glob
 import os
-import weakref
 import shutil
 import sys
 import tempfile
 import time
+import weakref
 
 import keras
 import numpy as np
