@@ -353,18 +353,6 @@ class DeconvolutionModel:
         maximum = tf.reshape(tf.reduce_max(chosen, axis=-1), [-1])
         return map_nos, (position // width, position % width, tf.reshape(map_nos, [-1]), maximum)
 
-    def _select_maps(self, feature_maps):
-        """Choose the maps per image and keep only each one's maximum entry.
-
-        Returns:
-            map_nos int32 (N, K) and the processed feature maps (N*K, h, w, maps): row
-            i*K + k is zero but for the maximum entry of map ``map_nos[i, k]`` of image i.
-        """
-        import tensorflow as tf
-
-        map_nos, entries = self._select_entries(feature_maps)
-        return map_nos, _entries_to_signal(entries, tf.shape(feature_maps)[1:])
-
     def _reverse_stack(self, signal, pool_inputs, input_shapes, entries=None):
         """Map the processed feature maps back to the input: unpool, ReLU, transposed convolution.
 
