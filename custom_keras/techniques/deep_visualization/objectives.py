@@ -158,28 +158,10 @@ class UnitObjective:
         signature = [tf.TensorSpec((None,) + tuple(model.inputs[0].shape[1:]), tf.float32)]
         self._values_function = tf.function(self._values, input_signature=signature,
                                             autograph=False)
-        self._value_and_gradients = tf.function(self._value_and_gradients_graph,
-                                                input_signature=signature, autograph=False)
-        self._value_and_redirected_gradients = tf.function(self._value_and_redirected_graph,
-                                                           input_signature=signature,
-                                                           autograph=False)
 
     def __call__(self, images):
         """Each image's unit activation: float32 numpy array (N,); image i belongs to units[i]."""
         return self._values_function(tf.convert_to_tensor(images, tf.float32)).numpy()
-
-    def value_and_gradients(self, images, redirect_relu=False):
-        """(activations (N,), gradients like ``images``) as numpy, from one gradient call.
-
-        Args:
-            images: float32 batch, one image per unit.
-            redirect_relu: use ``redirected_relu`` gradients for every ReLU
-                activation of the model's layers.
-        """
-        function = (self._value_and_redirected_gradients if redirect_relu
-                    else self._value_and_gradients)
-        values, gradients = function(tf.convert_to_tensor(images, tf.float32))
-        return values.numpy(), gradients.numpy()
 
     def values(self, images):
         """Each image's unit activation as a tensor; for use inside a graph."""
