@@ -171,6 +171,11 @@ class Servers:
                     found[pid] = entry.split(b"=", 1)[1].decode()
         return found
 
+    def alive(self):
+        """Whether the Flask server and its Bokeh server are both running."""
+        return (self.process is not None and self.process.poll() is None
+                and bool(self.bokeh_pids()))
+
     def rss_kb(self):
         """Resident memory of the server process (``VmRSS`` in /proc/<pid>/status), in kB."""
         with open("/proc/%d/status" % self.pid) as f:
