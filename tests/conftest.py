@@ -77,11 +77,13 @@ class AuthActions:
             "username": username, "password": password,
             "confirm": password if confirm is None else confirm})
 
-    def login(self, username="alice_1", password="password123", next_url=None):
+    def login(self, username="alice_1", password="password123", next_url=None,
+              address="127.0.0.1"):
         data = {"username": username, "password": password}
         if next_url is not None:
             data["next"] = next_url
-        return self._client.post("/auth/login", data=data)
+        return self._client.post("/auth/login", data=data,
+                                 environ_base={"REMOTE_ADDR": address})
 
     def register_and_login(self, username="alice_1", password="password123"):
         self.register(username, password)

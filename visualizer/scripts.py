@@ -72,9 +72,14 @@ def parse_tags(text):
     return tags
 
 
-def get_or_create_tags(names):
-    existing = {t.name: t for t in Tag.query.filter(Tag.name.in_(names)).all()} if names else {}
-    return [existing.get(name) or Tag(name=name) for name in names]
+def get_or_create_tags(user_id, names):
+    """The user's tags of these names, new rows for those the user does not have yet.
+
+    Tags are per user, so another user's tag of the same name is neither reused nor revealed.
+    """
+    existing = {t.name: t for t in Tag.query.filter(Tag.user_id == user_id,
+                                                    Tag.name.in_(names))} if names else {}
+    return [existing.get(name) or Tag(user_id=user_id, name=name) for name in names]
 
 
 def delete_orphan_tags():
@@ -157,7 +162,7 @@ def upload():
             flash(str(error), "error")
             return render_template("scripts/upload.html", tags=tags_text), 400
         script = Script(user_id=current_user.id, filename=filename,
-                        tags=get_or_create_tags(tag_names))
+                        tags=get_or_create_tags(current_user.id, tag_names))
         try:
             save_script(script, source)
         except OSError as error:
@@ -238,7 +243,7 @@ def add_tags(script_id):
         flash(str(error), "error")
         return redirect(url_for("scripts.overview", script_id=script.id))
     current = {t.name for t in script.tags}
-    script.tags.extend(get_or_create_tags([n for n in names if n not in current]))
+    script.tags.extend(get_or_create_tags(current_user.id, [n for n in names if n not in current]))
     db.session.commit()
     return redirect(url_for("scripts.overview", script_id=script.id))
 
