@@ -292,3 +292,15 @@ def test_the_header_links_to_the_change_password_page(client, auth):
     assert 'name="current"' in page and 'name="confirm"' in page
     auth.logout()
     assert client.get("/auth/password").headers["Location"].startswith("/auth/login")
+
+
+def test_a_login_session_older_than_the_session_lifetime_no_longer_works(app, client, auth):
+    auth.register_and_login()
+    with app.app_context():
+        LoginSession.query.one().created_at = (
+            utcnow() - app.permanent_session_lifetime - datetime.timedelta(minutes=1))
+        db.session.commit()
+    assert client.get("/").headers["Location"].startswith("/auth/login")
+    AuthActions(app.test_client()).login()  # a new login deletes the expired row
+    with app.app_context():
+        assert LoginSession.query.count() == 1

@@ -6,7 +6,7 @@ from urllib.parse import urlsplit
 
 import sqlalchemy
 from alembic import command
-from flask import Flask, flash, g, redirect, render_template, request, session, url_for
+from flask import Flask, current_app, flash, g, redirect, render_template, request, session, url_for
 from flask_login import LoginManager, current_user
 from flask_migrate import Migrate
 from flask_wtf.csrf import CSRFError, CSRFProtect
@@ -14,7 +14,8 @@ from markupsafe import Markup
 
 from custom_keras import registry
 from visualizer import config
-from visualizer.models import ACTIVE_STATES, LoginSession, Run, User, db, utc_from_timestamp
+from visualizer.models import (ACTIVE_STATES, LoginSession, Run, User, db, utc_from_timestamp,
+                               utcnow)
 
 # Pages an anonymous visitor may open; every other page sends them to the login page.
 PUBLIC_ENDPOINTS = {"auth.login", "auth.register", "static", "favicon"}
@@ -157,11 +158,18 @@ def format_local_time(value, with_date=True):
 
 @login_manager.user_loader
 def load_user(user_id):
-    """The session's user while its login session exists server-side (logout deletes it)."""
+    """The session's user while its login session exists server-side (logout deletes it)
+    and is younger than PERMANENT_SESSION_LIFETIME."""
     login_session = db.session.get(LoginSession, session.get(LOGIN_SESSION_KEY) or "")
-    if login_session is None or str(login_session.user_id) != user_id:
+    if (login_session is None or str(login_session.user_id) != user_id
+            or login_session.created_at < login_sessions_expired_before()):
         return None
     return db.session.get(User, login_session.user_id)
+
+
+def login_sessions_expired_before():
+    """Login sessions created before this time no longer log anyone in."""
+    return utcnow() - current_app.permanent_session_lifetime
 
 
 def csp_nonce():

@@ -9,7 +9,8 @@ HTTP 429. The counts live in the database, so a restart does not reset them.
 
 Each login is a ``LoginSession`` row named in the Flask session: logout deletes
 it, a password change deletes the user's others, and ``load_user`` accepts a
-session cookie only while its row exists.
+session cookie only while its row exists and is younger than Flask's
+PERMANENT_SESSION_LIFETIME (31 days; older rows are deleted at the next login).
 """
 import datetime
 import math
@@ -23,7 +24,7 @@ from sqlalchemy import delete, func, update
 from sqlalchemy.exc import IntegrityError
 from werkzeug.security import check_password_hash, generate_password_hash
 
-from visualizer import LOGIN_SESSION_KEY
+from visualizer import LOGIN_SESSION_KEY, login_sessions_expired_before
 from visualizer.models import LoginSession, LoginThrottle, User, db, utcnow
 
 bp = Blueprint("auth", __name__, url_prefix="/auth")
@@ -164,6 +165,8 @@ def locked_response(template, lock, **context):
 def start_login_session(user):
     """Logs ``user`` in with a fresh session id, recorded server-side."""
     session.clear()  # nothing of an earlier session carries over
+    db.session.execute(delete(LoginSession).where(
+        LoginSession.created_at < login_sessions_expired_before()))
     login_session = LoginSession(id=secrets.token_urlsafe(32), user_id=user.id)
     db.session.add(login_session)
     db.session.commit()
