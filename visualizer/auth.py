@@ -203,8 +203,8 @@ def login():
     username = ""
     if request.method == "POST":
         username = request.form.get("username", "").strip()
-        keys, now = throttle_keys(username), utcnow()
-        lock = locked_out(keys, now)
+        keys = throttle_keys(username)
+        lock = locked_out(keys, utcnow())
         if lock:
             return locked_response("auth/login.html", lock, username=username, next_url=next_url)
         user = User.query.filter_by(username=username).first()
@@ -212,7 +212,7 @@ def login():
             clear_failures(username)
             start_login_session(user)
             return redirect(next_url or url_for("scripts.index"))
-        record_failure(keys, now)
+        record_failure(keys, utcnow())  # after the hash: a lock-out starts as this answer leaves
         flash("Incorrect username or password.", "error")
     return render_template("auth/login.html", username=username, next_url=next_url)
 
@@ -220,12 +220,12 @@ def login():
 @bp.route("/password", methods=("GET", "POST"))
 def change_password():
     if request.method == "POST":
-        keys, now = throttle_keys(current_user.username), utcnow()
-        lock = locked_out(keys, now)
+        keys = throttle_keys(current_user.username)
+        lock = locked_out(keys, utcnow())
         if lock:
             return locked_response("auth/password.html", lock)
         if not current_user.check_password(request.form.get("current", "")):
-            record_failure(keys, now)
+            record_failure(keys, utcnow())
             flash("The current password is not correct; the password was not changed.", "error")
             return render_template("auth/password.html"), 400
         password = request.form.get("password", "")

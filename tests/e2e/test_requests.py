@@ -1,12 +1,14 @@
-"""Requests against the real servers: the pages' Content-Security-Policy in Chromium, and
-request bodies over the limit refused by the WSGI server before they are read."""
+"""Requests against the real servers: the pages' Content-Security-Policy in Chromium, request
+bodies over the limit refused by the WSGI server before they are read, logins throttled, and
+sessions ended on the server at logout."""
 import select
 import socket
 
 import pytest
 
 from custom_keras import registry
-from e2e.harness import bokeh_state, fake_training, screenshot, wait_for
+from e2e.harness import (CSRF_PATTERN, Servers, WebUser, bokeh_state, fake_training, screenshot,
+                         wait_for)
 
 MB = 1024 * 1024
 HUGE_BODY = 200 * MB
@@ -95,3 +97,39 @@ def test_a_200_mb_post_to_login_is_refused_before_the_body_is_read(servers, fram
     assert servers.rss_kb() - rss_before < 20 * 1024
     with socket.create_connection(("127.0.0.1", servers.port), timeout=10):
         pass  # still serving
+
+
+def test_a_cookie_copied_before_logout_is_refused_after_it(playwright, servers, make_user):
+    user = make_user("cookie_user1")
+    thief = playwright.request.new_context(base_url=servers.url,
+                                           storage_state=user.request.storage_state())
+    try:
+        assert thief.get("/", max_redirects=0).status == 200
+        response = user.post("/auth/logout", form={"csrf_token": user.csrf_token("/")})
+        assert response.status == 302
+        response = thief.get("/", max_redirects=0)
+        assert response.status == 302 and "/auth/login" in response.headers["location"]
+    finally:
+        thief.dispose()
+
+
+def test_wrong_passwords_are_refused_with_429_after_five(playwright, tmp_path):
+    # Servers of its own: the lock-out also holds this test's address (127.0.0.1).
+    servers = Servers(tmp_path / "throttled").start()
+    try:
+        WebUser(playwright, servers, "victim_user").register_and_login().request.dispose()
+        attacker = playwright.request.new_context(base_url=servers.url)
+        responses = []
+        for attempt in range(30):
+            token = CSRF_PATTERN.search(attacker.get("/auth/login").text()).group(1)
+            responses.append(attacker.post("/auth/login", max_redirects=0, form={
+                "csrf_token": token, "username": "victim_user", "password": "guess %d" % attempt}))
+        statuses = [response.status for response in responses]
+        assert statuses[:6] == [200] * 5 + [429]
+        assert statuses.count(200) < 10  # a few more only as lock-outs of 1 s, 2 s ... end
+        assert ("Too many failed logins for this user name. Try again in 1 second"
+                in responses[5].text())
+        assert responses[5].headers["retry-after"] == "1"
+        attacker.dispose()
+    finally:
+        servers.cleanup()
