@@ -2,13 +2,14 @@
 its users, scripts, tags and runs; a fresh one gets the newest schema."""
 import sqlite3
 
+from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from conftest import AuthActions, make_test_config
 from werkzeug.security import generate_password_hash
 
-from visualizer import MIGRATIONS_DIR, create_app
+from visualizer import BASELINE_REVISION, MIGRATIONS_DIR, create_app
 from visualizer.models import Run, Script, Tag, User, db
 
 # The tables as create_all made them before migrations existed (commit e248c72), and some rows.
@@ -101,3 +102,16 @@ def test_a_fresh_database_gets_the_newest_schema_and_revision(tmp_path):
     with app.app_context():
         assert db.session.execute(db.text("SELECT version_num FROM alembic_version")).scalar() \
             == newest_revision()
+
+
+def test_a_downgrade_to_the_baseline_merges_tags_by_name_and_keeps_them_on_their_scripts(tmp_path):
+    make_old_database(tmp_path / "test.sqlite")
+    app = create_app(make_test_config(tmp_path))
+    with app.app_context():
+        command.downgrade(app.extensions["migrate"].migrate.get_config(), BASELINE_REVISION)
+    connection = sqlite3.connect(tmp_path / "test.sqlite")
+    assert connection.execute("SELECT id, name FROM tag ORDER BY id").fetchall() == [
+        (1, "mnist"), (2, "shared")]
+    assert connection.execute("SELECT * FROM script_tags ORDER BY script_id, tag_id").fetchall() \
+        == [(1, 1), (1, 2), (2, 2)]
+    connection.close()
