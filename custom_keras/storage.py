@@ -539,14 +539,20 @@ def file_size(path):
         return 0
 
 
-def disk_usage(folder):
-    """Bytes that the files below ``folder`` take, walked with lstat, never following a link.
+def disk_usage(path):
+    """Bytes that ``path`` takes (a file, or a folder with everything below it); 0 when missing.
 
-    A file counts with the larger of its size and its allocated blocks (a sparse
-    file counts at its full size), a hard-linked file once.
+    Walked with lstat, never following a link. A file counts with the larger of
+    its size and its allocated blocks (a sparse file counts at its full size), a
+    hard-linked file once.
     """
-    total, seen = 0, set()
-    pending = [folder]
+    try:
+        info = os.lstat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        return 0
+    if not stat.S_ISDIR(info.st_mode):
+        return _bytes_taken(info)
+    total, seen, pending = 0, set(), [path]
     while pending:
         try:
             entries = list(os.scandir(pending.pop()))
@@ -559,9 +565,13 @@ def disk_usage(folder):
                 continue
             if stat.S_ISDIR(info.st_mode):
                 pending.append(entry.path)
-            if info.st_nlink > 1 and not stat.S_ISDIR(info.st_mode):
+            elif info.st_nlink > 1:
                 if (info.st_dev, info.st_ino) in seen:
                     continue
                 seen.add((info.st_dev, info.st_ino))
-            total += max(info.st_size, info.st_blocks * 512)
+            total += _bytes_taken(info)
     return total
+
+
+def _bytes_taken(info):
+    return max(info.st_size, info.st_blocks * 512)

@@ -192,7 +192,7 @@ def test_run_refused_while_running(app, client, script):
 
 
 def test_runner_failure_marks_run_failed(app, client, script):
-    def refuse(*args):
+    def refuse(*args, **kwargs):
         raise OSError("no slot")
     app.extensions["runner"].start = refuse
     response = post_run(client, choice="none")

@@ -14,7 +14,7 @@ from werkzeug.utils import secure_filename
 
 from custom_bokeh.auth import embed_script
 from custom_keras import registry, storage
-from visualizer import run_dir, script_path
+from visualizer import quotas, run_dir, script_path
 from visualizer.models import Run, db
 from visualizer.scripts import mark_seen, owned_script, send_run_file, storage_error_text
 
@@ -102,8 +102,7 @@ def clear_previous_results(folder, new_images):
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
-    old_names = [storage.RESULTS_DIR, storage.NETWORKS_DIR, storage.OUTPUT_FILE,
-                 storage.STATUS_FILE] + ([storage.IMAGES_DIR] if staging else [])
+    old_names = replaced_by_run(staging is not None)
     moved = []
     try:
         trash = tempfile.mkdtemp(prefix=TRASH_PREFIX, dir=folder)
@@ -125,6 +124,12 @@ def clear_previous_results(folder, new_images):
         if staging:
             shutil.rmtree(staging, ignore_errors=True)  # gone already when it was put in place
     shutil.rmtree(trash, ignore_errors=True)
+
+
+def replaced_by_run(new_images):
+    """The entries of a run folder that a new run replaces (the images only when new ones come)."""
+    return [storage.RESULTS_DIR, storage.NETWORKS_DIR, storage.OUTPUT_FILE,
+            storage.STATUS_FILE] + ([storage.IMAGES_DIR] if new_images else [])
 
 
 def _remove_leftovers(folder):
@@ -155,6 +160,8 @@ def run(script_id):
             raise ValueError("Choose a visualization image to upload, or keep the previous one.")
         if choice == "keep" and not storage.list_images(folder):
             raise ValueError("There is no previous image to keep; upload one.")
+        disk_limit_mb = quotas.run_disk_limit_mb(
+            script, folder, replaced_by_run(choice != "keep"), sum(len(d) for _, d in new_images))
     except ValueError as error:
         flash(str(error), "error")
         return redirect(overview)
@@ -169,7 +176,8 @@ def run(script_id):
     db.session.add(run)
     db.session.commit()
     try:
-        current_app.extensions["runner"].start(run.id, folder, script_path(current_app, script))
+        current_app.extensions["runner"].start(run.id, folder, script_path(current_app, script),
+                                               disk_limit_mb=disk_limit_mb)
     except Exception as error:
         run.state, run.message = "failed", "could not start: %s" % error
         db.session.commit()

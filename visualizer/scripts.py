@@ -13,7 +13,7 @@ from werkzeug.http import dump_options_header
 from werkzeug.utils import secure_filename
 
 from custom_keras import storage
-from visualizer import run_dir, script_path
+from visualizer import quotas, run_dir, script_path
 from visualizer.models import ENDED_STATES, Script, Tag, db, script_tags, utcnow
 
 bp = Blueprint("scripts", __name__)
@@ -155,6 +155,7 @@ def upload():
             if Script.query.filter_by(user_id=current_user.id, filename=filename).first():
                 raise ValueError("You already have a file named %s; file names must be unique. "
                                  "Rename the file or delete the old one." % filename)
+            quotas.check_upload(current_user.id, len(source.encode("utf-8")))
         except ValueError as error:
             flash(str(error), "error")
             return render_template("scripts/upload.html", tags=tags_text), 400
