@@ -139,7 +139,8 @@ def check_drawable(*values):
                              (arrays, MAX_DRAWN_ARRAYS, "arrays"),
                              (text, MAX_DRAWN_TEXT, "characters of text")):
         if count > cap:
-            raise TooMuchToDraw("it holds %d %s; the dashboards draw at most %d" % (count, what, cap))
+            raise TooMuchToDraw("it holds %d %s; the dashboards draw at most %d"
+                                % (count, what, cap))
 
 
 def run_has_ended(run_dir):
