@@ -366,6 +366,8 @@ class ImageDashboard:
         info = info if isinstance(info, dict) else {}
         input_image = input_images.get(image_name)
         try:
+            if isinstance(result, TooMuchToDraw):  # found when the snapshot was read
+                raise result.with_traceback(None)
             check_drawable(result, info, input_image, image_name)
             layout = self.render(result, info, input_image, image_name)
         except TooMuchToDraw as error:
@@ -393,11 +395,17 @@ class ImageDashboard:
                 snapshot = storage.read_snapshot(self.run_dir, self.technique.results_file, entry)
                 if not (isinstance(snapshot, dict) and isinstance(snapshot.get("images"), dict)):
                     raise ValueError("a snapshot must be a dict with a dict of images")
+                for name, result in snapshot["images"].items():
+                    try:
+                        check_drawable(result)
+                    except TooMuchToDraw as error:  # kept as the reason, not as the result
+                        snapshot["images"][name] = error.with_traceback(None)
                 self._snapshot_cache = (key, snapshot, None)
             except (OSError, EOFError, pickle.UnpicklingError, ValueError) as error:
-                self._snapshot_cache = (key, None, error)
+                self._snapshot_cache = (key, None, error.with_traceback(None))
         if self._snapshot_cache[2] is not None:
-            raise self._snapshot_cache[2]
+            # without its last traceback, which holds the frames (and data) of the last raise
+            raise self._snapshot_cache[2].with_traceback(None)
         return key, self._snapshot_cache[1]
 
     def _choose_image(self, names):
@@ -426,9 +434,9 @@ class ImageDashboard:
                     raise ValueError("%s must hold a dict" % storage.INPUT_IMAGES_FILE)
                 self._input_images = (images, None)
             except (OSError, EOFError, pickle.UnpicklingError, ValueError) as error:
-                self._input_images = ({}, error)
+                self._input_images = ({}, error.with_traceback(None))
         if self._input_images[1] is not None:
-            raise self._input_images[1]
+            raise self._input_images[1].with_traceback(None)
         return self._input_images[0]
 
     def _index_was_replaced(self):

@@ -213,8 +213,8 @@ def write_run_status(run_dir, state, exit_code=None, message=None):
 
 KIB = 1024
 MIB = 1024 * KIB
-MAX_RESULT_BYTES = 64 * MIB          # one results pickle or history snapshot
-MAX_INPUT_IMAGES_BYTES = 64 * MIB    # results/input_images.pickle
+MAX_RESULT_BYTES = 32 * MIB          # one results pickle or history snapshot
+MAX_INPUT_IMAGES_BYTES = 32 * MIB    # results/input_images.pickle
 MAX_STATUS_BYTES = 64 * KIB          # status.json
 MAX_LINES_BYTES = 1 * MIB            # one call of read_complete_lines (tables, history index)
 MAX_IMAGE_BYTES = 32 * MIB           # one file of images/, served by the image route
@@ -234,18 +234,29 @@ class FileTooLargeError(UnsafeFileError):
     """A file in a run folder is larger than the servers read."""
 
 
-class RunFile:
+class RunFile(io.RawIOBase):
     """A regular file of a run folder, opened without following links (``open_run_file``).
 
-    ``size`` is its size when it was opened; ``read`` never goes past it, so a file
-    that a run keeps growing costs no more than it did then. Use it as a context
-    manager, or call ``close``.
+    ``size`` is its size when it was opened; no read goes past it, so a file that
+    a run keeps growing costs no more than it did then. Read it as a stream
+    (``read``, or wrapped in ``io.BufferedReader``) or at an offset (``read_at``).
+    Use it as a context manager, or call ``close``.
     """
 
     def __init__(self, fd, size, name):
-        self.fd, self.size, self.name = fd, size, name
+        super().__init__()
+        self.fd, self.size, self.name, self._position = fd, size, name, 0
 
-    def read(self, offset=0, count=None):
+    def readable(self):
+        return True
+
+    def readinto(self, buffer):
+        data = self.read_at(self._position, len(buffer))
+        buffer[:len(data)] = data
+        self._position += len(data)
+        return len(data)
+
+    def read_at(self, offset=0, count=None):
         """Up to ``count`` bytes from byte ``offset`` (all up to ``size`` when None)."""
         end = self.size if count is None else min(self.size, offset + count)
         chunks = []
@@ -261,12 +272,7 @@ class RunFile:
         if self.fd is not None:
             os.close(self.fd)
             self.fd = None
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc_info):
-        self.close()
+        super().close()
 
 
 def _parts_inside(run_dir, path):
@@ -353,7 +359,7 @@ def open_run_file(run_dir, path, max_bytes):
 def read_run_file(run_dir, path, max_bytes):
     """The bytes of a regular file of a run folder; raises like ``open_run_file``."""
     with open_run_file(run_dir, path, max_bytes) as run_file:
-        return run_file.read()
+        return run_file.read_at()
 
 
 def is_run_file(run_dir, path):
@@ -415,7 +421,9 @@ def safe_load(run_dir, path, max_bytes=MAX_RESULT_BYTES):
         FileNotFoundError, UnsafeFileError, FileTooLargeError: as ``open_run_file``.
         UnsafePickleError: the file holds something other than arrays and containers.
     """
-    return safe_loads(read_run_file(run_dir, path, max_bytes))
+    with open_run_file(run_dir, path, max_bytes) as run_file:
+        # unpickled from the file, not from a copy of its bytes: arrays take their size once
+        return _RestrictedUnpickler(io.BufferedReader(run_file)).load()
 
 
 def read_latest(run_dir, file_name, image_name=None):
@@ -451,7 +459,7 @@ def read_complete_lines(run_dir, path, offset=0, max_bytes=MAX_LINES_BYTES):
     except FileNotFoundError:
         return [], offset
     with run_file:
-        data = run_file.read(offset, max_bytes)
+        data = run_file.read_at(offset, max_bytes)
     end = data.rfind(b"\n") + 1
     if not end and len(data) == max_bytes:
         raise FileTooLargeError("%s has a line longer than %s" % (

@@ -360,11 +360,11 @@ def test_an_image_dashboard_refuses_a_results_file_over_its_cap(runs, rel_path, 
 def test_a_result_too_large_to_draw_is_reported_not_drawn(tmp_path):
     run = str(tmp_path / "run")
     storage.write_snapshot(run, SALIENCY.results_file,
-                           {"digit.png": np.zeros((6000, 6000, 1), np.uint8)}, "digit.png",
+                           {"digit.png": np.zeros((4000, 4000, 1), np.uint8)}, "digit.png",
                            {"stage": 0, "epoch": 0, "batch": 0, "step": 0})
     dashboard = ImageDashboard(run, SALIENCY, saliency_maps.render)
     assert dashboard.message.text == (
-        "The saliency maps of image digit.png is not drawn: it holds 36000000 array values; "
+        "The saliency maps of image digit.png is not drawn: it holds 16000000 array values; "
         "the dashboards draw at most %d." % MAX_DRAWN_VALUES)
     assert drawn_values(dashboard.layout) == set()
 

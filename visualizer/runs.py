@@ -337,7 +337,7 @@ def tail_lines(folder, count=OUTPUT_LINES):
         start, data = end, b""
         while start > 0 and data.count(b"\n") <= count and end - start < storage.MAX_TAIL_BYTES:
             start = max(0, start - TAIL_BLOCK_BYTES, end - storage.MAX_TAIL_BYTES)
-            data = output_file.read(start, end - start)
+            data = output_file.read_at(start, end - start)
     lines = data.decode("utf-8", errors="replace").split("\n")
     if start > 0 and len(lines) > 1:
         lines = lines[1:]  # the first line is cut off

@@ -313,7 +313,7 @@ def send_run_file(run_file, download_name, mimetype):
     def blocks():
         offset = 0
         while offset < run_file.size:
-            block = run_file.read(offset, DOWNLOAD_BLOCK_BYTES)
+            block = run_file.read_at(offset, DOWNLOAD_BLOCK_BYTES)
             if not block:
                 break
             offset += len(block)
