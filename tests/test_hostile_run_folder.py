@@ -10,16 +10,17 @@ A named pipe would hang a read forever: the timeout marks turn that into a failu
 import io
 import json
 import os
+import time
 
 import numpy as np
 import pytest
-from conftest import make_test_config, png_bytes, script_folder, upload_script
+from conftest import make_test_config, png_bytes, run_update, script_folder, upload_script
 
 from custom_bokeh import saliency_maps
 from custom_bokeh.dashboard import MAX_DRAWN_VALUES, ImageDashboard
 from custom_bokeh.training_progress import MAX_TABLE_COLUMNS, TrainingProgressDashboard
 from custom_keras import registry, storage
-from visualizer import create_app
+from visualizer import apply_run_update, create_app
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -187,6 +188,20 @@ def test_downloads_send_the_file_as_it_was_when_opened(client, mallory):
         f.write(b"written after the download started\n")
     assert b"".join(response.response) == b"first part\n"
     response.close()
+
+
+def test_a_run_folder_replaced_by_a_link_is_not_prepared_for_a_run(app, client, mallory):
+    run, alice_run, _ = mallory
+    alices_files(alice_run, ["results/history.pickle", "output.txt"])
+    os.rename(run, run + ".moved")
+    os.symlink(alice_run, run)
+    apply_run_update(app, run_update(1, "finished", exit_code=0, ended_at=time.time()))
+    before = sorted(os.listdir(alice_run))
+    page = client.post("/scripts/1/run", data={"images": "none"}, follow_redirects=True
+                       ).get_data(as_text=True)
+    assert "The run folder of mnist_keras.py was replaced by a link" in page
+    assert sorted(os.listdir(alice_run)) == before
+    assert app.extensions["runner"].started == [(1, run, os.path.join(run, "mnist_keras.py"))]
 
 
 # --- storage --------------------------------------------------------------------

@@ -153,6 +153,10 @@ def run(script_id):
     folder = run_dir(current_app, script)
     choice = request.form.get("images", "new")
     try:
+        if os.path.islink(folder) or os.path.islink(os.path.dirname(folder)):
+            # preparing a run moves and deletes files: never in a folder a link points to
+            raise ValueError("The run folder of %s was replaced by a link; delete the file and "
+                             "upload it again." % script.filename)
         if choice not in ("new", "keep", "none"):
             raise ValueError("Choose new image(s), the previous image(s) or no image.")
         new_images = check_images(request.files.getlist("image")) if choice == "new" else []
