@@ -222,7 +222,7 @@ MAX_SCRIPT_BYTES = 2 * MIB           # the script shown in the Overview tab
 MAX_TAIL_BYTES = 256 * KIB           # the end of output.txt shown live
 MAX_DOWNLOAD_BYTES = 2048 * MIB      # output.txt or the network, streamed as a download
 
-_FOLDER_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+_FOLDER_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 _FILE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 
 

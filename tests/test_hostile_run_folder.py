@@ -225,6 +225,15 @@ def test_open_run_file_refuses_a_link_at_every_component(tmp_path):
             os.rename(moved, run / link)
 
 
+def test_a_named_pipe_where_a_folder_should_be_is_refused(tmp_path):
+    os.makedirs(tmp_path / "run")
+    os.mkfifo(tmp_path / "run" / "results")
+    os.mkfifo(tmp_path / "run" / "images")
+    with pytest.raises(storage.UnsafeFileError, match="results is a link or not a folder"):
+        storage.read_complete_lines(str(tmp_path / "run"), "results/training_progress.tsv")
+    assert storage.list_images(str(tmp_path / "run")) == []
+
+
 @pytest.mark.parametrize("path", ["../2/alice/output.txt", "/etc/passwd", "results/../../x", ""])
 def test_open_run_file_refuses_paths_that_leave_the_run_folder(tmp_path, path):
     os.makedirs(tmp_path / "run")
