@@ -15,7 +15,6 @@ import os
 import pickle
 
 import numpy as np
-
 from bokeh.application import Application
 from bokeh.application.handlers import FunctionHandler
 from bokeh.layouts import column, row
@@ -410,9 +409,9 @@ class ImageDashboard:
 
     def _choose_image(self, names):
         """The selected image if the snapshot has it, else the newest visualization image."""
+        names = [name for name in names if isinstance(name, str)][:MAX_IMAGE_CHOICES]
         if not names:
             return None
-        names = [str(name) for name in names[:MAX_IMAGE_CHOICES]]
         self._choosing_image = True  # setting the Select below must not start another show()
         try:
             self.image_select.update(options=names, visible=len(names) > 1)
