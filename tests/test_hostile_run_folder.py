@@ -293,6 +293,14 @@ def test_a_run_status_through_a_trick_reads_as_none(tmp_path, trick):
     assert storage.read_run_status(run) is None
 
 
+def test_a_run_status_over_its_cap_reads_as_none(tmp_path):
+    run = str(tmp_path / "run")
+    storage.write_run_status(run, "finished", 0)
+    with open(os.path.join(run, storage.STATUS_FILE), "ab") as f:
+        f.write(b" " * storage.MAX_STATUS_BYTES)
+    assert storage.read_run_status(run) is None
+
+
 def test_disk_usage_follows_no_link_and_counts_sparse_files_whole(tmp_path):
     folder = tmp_path / "user"
     os.makedirs(folder / "run")
