@@ -411,7 +411,7 @@ def _is_numpy_scalar(name):
 
 def safe_loads(data):
     """Unpickle bytes with the restricted unpickler; raises UnsafePickleError."""
-    return _RestrictedUnpickler(io.BytesIO(data)).load()
+    return _restricted_load(io.BytesIO(data))
 
 
 def safe_load(run_dir, path, max_bytes=MAX_RESULT_BYTES):
@@ -420,10 +420,21 @@ def safe_load(run_dir, path, max_bytes=MAX_RESULT_BYTES):
     Raises:
         FileNotFoundError, UnsafeFileError, FileTooLargeError: as ``open_run_file``.
         UnsafePickleError: the file holds something other than arrays and containers.
+        pickle.UnpicklingError: the file is not a complete, well-formed pickle.
     """
     with open_run_file(run_dir, path, max_bytes) as run_file:
         # unpickled from the file, not from a copy of its bytes: arrays take their size once
-        return _RestrictedUnpickler(io.BufferedReader(run_file)).load()
+        return _restricted_load(io.BufferedReader(run_file))
+
+
+def _restricted_load(file):
+    try:
+        return _RestrictedUnpickler(file).load()
+    except (pickle.UnpicklingError, OSError):
+        raise
+    except Exception as error:  # crafted arguments make allowed callables raise anything
+        raise pickle.UnpicklingError("not a well-formed results pickle: %s: %s"
+                                     % (type(error).__name__, error)) from None
 
 
 def read_latest(run_dir, file_name, image_name=None):
@@ -486,7 +497,10 @@ def read_history_index(run_dir, file_name, offset=0):
     """Tags of the snapshots written since byte ``offset``: (list of dicts, new offset)."""
     lines, new_offset = read_complete_lines(
         run_dir, os.path.join(history_dir(run_dir, file_name), HISTORY_INDEX), offset)
-    return [json.loads(line) for line in lines if line], new_offset
+    try:
+        return [json.loads(line) for line in lines if line], new_offset
+    except RecursionError:  # a line of thousands of nested brackets
+        raise ValueError("%s has a line nested too deeply" % HISTORY_INDEX) from None
 
 
 def read_snapshot(run_dir, file_name, entry):

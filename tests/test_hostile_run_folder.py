@@ -10,6 +10,7 @@ A named pipe would hang a read forever: the timeout marks turn that into a failu
 import io
 import json
 import os
+import pickle
 import time
 
 import numpy as np
@@ -420,11 +421,31 @@ def test_a_snapshot_that_is_not_a_dict_is_reported(tmp_path):
                                       "dict with a dict of images")
 
 
-def test_a_garbled_history_index_is_reported(tmp_path):
+@pytest.mark.parametrize("data, error", [
+    # an allowed callable with crafted arguments
+    (b"cbuiltins\ncomplex\n(I1\nS'y'\ntR.", "not a well-formed results pickle: TypeError: "),
+    (b"\x80\x05\x95", "pickle data was truncated"),
+])
+def test_a_malformed_snapshot_is_reported_and_not_read_again(tmp_path, monkeypatch, data, error):
+    run = str(tmp_path / "run")
+    write_saliency_run(run, 7)
+    storage.atomic_write_bytes(os.path.join(run, SNAPSHOT), data)
+    with pytest.raises(pickle.UnpicklingError, match=error):
+        storage.read_snapshot(run, SALIENCY.results_file, {"file": "000000000.pickle"})
+    dashboard = ImageDashboard(run, SALIENCY, saliency_maps.render)
+    assert dashboard.message.text.startswith("Could not read 000000000.pickle: " + error)
+    reads = []
+    monkeypatch.setattr(storage, "read_snapshot", lambda *args: reads.append(args))
+    dashboard.update()
+    assert reads == [] and error in dashboard.message.text
+
+
+@pytest.mark.parametrize("line", [b"not json", b"[" * 100_000])
+def test_a_garbled_history_index_is_reported(tmp_path, line):
     run = str(tmp_path / "run")
     write_saliency_run(run, 7)
     with open(os.path.join(run, INDEX), "ab") as f:
-        f.write(b"not json\n")
+        f.write(line + b"\n")
     dashboard = ImageDashboard(run, SALIENCY, saliency_maps.render)
     assert dashboard.message.text.startswith("Could not read the history of snapshots: ")
 
