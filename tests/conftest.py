@@ -21,12 +21,14 @@ class FakeRunner:
 
     def __init__(self, reconcile_updates=()):
         self.started = []
+        self.disk_limits_mb = {}  # run id: the disk_limit_mb it was started with
         self.stopped = []
         self.reconciled = []
         self.reconcile_updates = list(reconcile_updates)
 
-    def start(self, run_id, run_dir, script_file):
+    def start(self, run_id, run_dir, script_file, disk_limit_mb=None):
         self.started.append((run_id, run_dir, script_file))
+        self.disk_limits_mb[run_id] = disk_limit_mb
 
     def stop(self, run_id):
         self.stopped.append(run_id)

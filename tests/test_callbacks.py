@@ -195,8 +195,8 @@ def test_per_batch_values_are_derived_exactly_with_a_smaller_last_batch(tmp_path
     history_ = model.fit(x, y, batch_size=8, epochs=2, shuffle=False, callbacks=[progress],
                          verbose=0)
 
-    columns, rows, _ = storage.read_table(storage.results_path(str(tmp_path),
-                                                               "training_progress.tsv"))
+    columns, rows, _ = storage.read_table(str(tmp_path), storage.results_path(
+        str(tmp_path), "training_progress.tsv"))
     assert columns == ["progress", "epoch", "batch", "loss", "mae", "rmse",
                        "loss_avg", "mae_avg", "rmse_avg"]
     table = {name: np.array([row[i] for row in rows]) for i, name in enumerate(columns)}
@@ -232,7 +232,7 @@ def test_progress_rows_are_written_in_chunks_and_all_by_the_end(tmp_path, monkey
     seen = []
 
     def rows_on_disk(batch, logs):
-        seen.append((len(read_rows(path)), len(storage.read_table(table)[1])))
+        seen.append((len(read_rows(path)), len(storage.read_table(str(tmp_path), table)[1])))
 
     x, y = tiny_data(40)
     tiny_model().fit(x, y, batch_size=8, epochs=2, verbose=0, callbacks=[
@@ -241,7 +241,7 @@ def test_progress_rows_are_written_in_chunks_and_all_by_the_end(tmp_path, monkey
     rows = read_rows(path)
     assert [float(row[0]) for row in rows] == [epoch + batch / 5 for epoch in range(2)
                                                for batch in range(5)]
-    assert len(storage.read_table(table)[1]) == 10
+    assert len(storage.read_table(str(tmp_path), table)[1]) == 10
 
 
 def test_validation_tables_record_every_validation_metric(tmp_path):
@@ -249,8 +249,8 @@ def test_validation_tables_record_every_validation_metric(tmp_path):
     x, y = tiny_data()
     fit = model.fit(x, y, batch_size=8, epochs=2, validation_data=tiny_data(16, seed=1),
                     callbacks=[TrainingProgress(str(tmp_path))], verbose=0)
-    columns, rows, _ = storage.read_table(storage.results_path(str(tmp_path),
-                                                               "training_progress_val.tsv"))
+    columns, rows, _ = storage.read_table(str(tmp_path), storage.results_path(
+        str(tmp_path), "training_progress_val.tsv"))
     assert columns == ["epoch", "val_accuracy", "val_loss", "val_mse"]
     assert [row[0] for row in rows] == [1, 2]
     np.testing.assert_allclose([row[3] for row in rows], fit.history["val_mse"], rtol=1e-6)
@@ -258,7 +258,8 @@ def test_validation_tables_record_every_validation_metric(tmp_path):
     np.testing.assert_allclose([[float(v) for v in row[1:]] for row in val_rows],
                                np.transpose([fit.history["val_accuracy"], fit.history["val_loss"]]),
                                rtol=1e-6)
-    columns, _, _ = storage.read_table(storage.results_path(str(tmp_path), "training_progress.tsv"))
+    columns, _, _ = storage.read_table(str(tmp_path), storage.results_path(
+        str(tmp_path), "training_progress.tsv"))
     assert {"accuracy", "loss", "mse", "accuracy_avg", "loss_avg", "mse_avg"} <= set(columns)
 
 
@@ -508,15 +509,17 @@ def check_run_folder_is_readable(run_dir):
     pickles = glob.glob(os.path.join(run_dir, "results", "**", "*.pickle"), recursive=True)
     assert pickles
     for path in pickles:  # glob skips the ".tmp-" files a kill may leave behind
-        storage.safe_load(path)
+        storage.safe_load(run_dir, path)
     for file_name in TECHNIQUE_FILES:
         for entry in history(run_dir, file_name):
             storage.read_snapshot(run_dir, file_name, entry)
     for table in ("training_progress.tsv", "training_progress_val.tsv"):
-        storage.read_table(storage.results_path(run_dir, table))
-    columns, rows, _ = storage.read_table(storage.results_path(run_dir, "training_progress.tsv"))
+        storage.read_table(run_dir, storage.results_path(run_dir, table))
+    columns, rows, _ = storage.read_table(run_dir, storage.results_path(
+        run_dir, "training_progress.tsv"))
     assert all(len(row) == len(columns) for row in rows)
-    lines, _ = storage.read_complete_lines(storage.results_path(run_dir, "training_progress.txt"))
+    lines, _ = storage.read_complete_lines(run_dir, storage.results_path(
+        run_dir, "training_progress.txt"))
     assert all(len([float(v) for v in line.split()]) == 3 for line in lines)
     for network in glob.glob(os.path.join(run_dir, "networks", "*.keras")):
         keras.saving.load_model(network)

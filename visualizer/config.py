@@ -16,6 +16,8 @@ VISUALIZER_RUN_MEMORY_MB       none (memory limit of one run)              RUN_M
 VISUALIZER_RUN_WALL_TIME_S     none (wall-time limit of one run)           RUN_WALL_TIME_S
 VISUALIZER_MAX_UPLOAD_MB       20                                          MAX_CONTENT_LENGTH (bytes)
 VISUALIZER_HTTPS               0 (1: browsers reach the app over HTTPS)    HTTPS
+VISUALIZER_USER_MAX_SCRIPTS    100 (files one user may keep)               USER_MAX_SCRIPTS
+VISUALIZER_USER_STORAGE_MB     10240 (storage of one user, runs included)  USER_STORAGE_MB
 =============================  ==========================================  =====================
 """
 import os
@@ -61,6 +63,8 @@ def settings_from_env(environ=None):
         "RUN_WALL_TIME_S": _number(env, "VISUALIZER_RUN_WALL_TIME_S", None),
         "MAX_CONTENT_LENGTH": int(upload_mb * 1024 * 1024),
         "HTTPS": _flag(env, "VISUALIZER_HTTPS"),
+        "USER_MAX_SCRIPTS": _number(env, "VISUALIZER_USER_MAX_SCRIPTS", 100),
+        "USER_STORAGE_MB": _number(env, "VISUALIZER_USER_STORAGE_MB", 10240),
     }
 
 
