@@ -78,6 +78,13 @@ class LayerScore:
             return self.model(images, training=training)
 
 
+def softmax(scores):
+    """The softmax of a vector of scores, float64, stable for large scores."""
+    scores = np.asarray(scores, dtype=np.float64)
+    exponentials = np.exp(scores - scores.max(axis=-1, keepdims=True))
+    return exponentials / exponentials.sum(axis=-1, keepdims=True)
+
+
 def to_uint8(array):
     """Scale an array to 0..255 by its own minimum and maximum (a constant array becomes 0)."""
     array = np.asarray(array, dtype=np.float64)

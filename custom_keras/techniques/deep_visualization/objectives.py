@@ -74,6 +74,19 @@ def _output_shape(layer, argument):
     return tuple(output.shape[1:])
 
 
+def check_unit_list(units_to_visualize):
+    """Raise TypeError naming the argument unless it is a non-empty list of
+    ``(layer_no, index)`` pairs with int layer numbers; what needs the model is
+    ``check_units``'s."""
+    if not isinstance(units_to_visualize, (list, tuple)) or not units_to_visualize:
+        raise TypeError("units_to_visualize must be a non-empty list of (layer_no, index) tuples, "
+                        "got %r" % (units_to_visualize,))
+    for position, unit in enumerate(units_to_visualize):
+        if not isinstance(unit, (list, tuple)) or len(unit) != 2 or not _is_int(unit[0]):
+            raise TypeError("units_to_visualize[%d] must be a (layer_no, index) tuple with an int "
+                            "layer_no, got %r" % (position, unit))
+
+
 def check_units(model, units_to_visualize):
     """Raise ValueError/TypeError naming the argument unless every unit exists in the model.
 
@@ -83,9 +96,7 @@ def check_units(model, units_to_visualize):
             layers with 1-D output, a tuple with one int per axis (``(row, col,
             channel)``) for layers with 3-D output.
     """
-    if not isinstance(units_to_visualize, (list, tuple)) or not units_to_visualize:
-        raise TypeError("units_to_visualize must be a non-empty list of (layer_no, index) tuples, "
-                        "got %r" % (units_to_visualize,))
+    check_unit_list(units_to_visualize)
     if len(model.inputs) != 1 or None in tuple(model.inputs[0].shape[1:]):
         raise ValueError("model: deep visualization needs one input of fixed shape, got %s" % (
             [tuple(x.shape) for x in model.inputs],))
