@@ -82,9 +82,12 @@ def check_unit_list(units_to_visualize):
         raise TypeError("units_to_visualize must be a non-empty list of (layer_no, index) tuples, "
                         "got %r" % (units_to_visualize,))
     for position, unit in enumerate(units_to_visualize):
-        if not isinstance(unit, (list, tuple)) or len(unit) != 2 or not _is_int(unit[0]):
-            raise TypeError("units_to_visualize[%d] must be a (layer_no, index) tuple with an int "
-                            "layer_no, got %r" % (position, unit))
+        argument = "units_to_visualize[%d]" % position
+        if not isinstance(unit, (list, tuple)) or len(unit) != 2:
+            raise TypeError("%s must be a (layer_no, index) tuple, got %r" % (argument, unit))
+        if not _is_int(unit[0]):
+            raise TypeError("%s layer_no must be an int index into model.layers, got %r"
+                            % (argument, unit[0]))
 
 
 def check_units(model, units_to_visualize):
