@@ -49,8 +49,9 @@ import keras
 import numpy as np
 
 from custom_keras import images as visualization_images
-from custom_keras import inputs as visualization_inputs_module
 from custom_keras import storage
+from custom_keras.inputs import (NotApplicable, check_inputs_array, input_kind, input_names,
+                                 prepare_inputs)
 from custom_keras.techniques.activations import (EXCLUDE_LAYERS, ActivationModel,
                                                  check_exclude_layers)
 from custom_keras.techniques.common import softmax, to_uint8
@@ -292,8 +293,9 @@ class TechniqueRecord:
     """What the script registered and what became of each technique, in ``results/techniques.json``.
 
     One record per run folder, shared by the callbacks of a ``CustomCallbacks``
-    (format in ``custom_keras.storage``). The file is replaced whole, so the
-    first write of a run drops the entries of an earlier run in the same folder.
+    (format in ``custom_keras.storage``). The file is replaced whole at every
+    registration and state change, so the first write of a run drops the
+    entries of an earlier run in the same folder.
 
     Args:
         run_dir: the run folder.
@@ -311,10 +313,13 @@ class TechniqueRecord:
         return cls._shared.setdefault(run_dir, cls(run_dir))
 
     def register(self, key, title, results_file, params, interval):
+        """Add a technique in state "registered"; written at once, so a script that fails
+        before training still shows what it registered."""
         self.entries[key] = {"registered": True, "title": title, "results_file": results_file,
                              "params": _json_safe(params), "interval": interval,
                              "state": "registered", "reason": None, "first_snapshot_step": None,
                              "input_kind": None}
+        self.write()
 
     def update(self, key, **changes):
         self.entries[key].update(changes)
@@ -393,8 +398,7 @@ class _SnapshotCallback(keras.callbacks.Callback):
         self.interval = _check_interval(interval)
         self.custom_preprocess = _check_function(custom_preprocess, "custom_preprocess")
         self.custom_postprocess = _check_function(custom_postprocess, "custom_postprocess")
-        self.visualization_inputs = visualization_inputs_module.check_inputs_array(
-            visualization_inputs)
+        self.visualization_inputs = check_inputs_array(visualization_inputs)
         self.uses_images = uses_images
         self._loaded_images = (visualization_images.load_images(self.run_dir)
                                if uses_images and self.visualization_inputs is None else {})
@@ -453,12 +457,12 @@ class _SnapshotCallback(keras.callbacks.Callback):
 
     def prepare_inputs(self):
         """(input kind, names, {name: uint8 image} or None, float32 batch) for this model."""
-        return visualization_inputs_module.prepare_inputs(
-            self.model, self._loaded_images, self.visualization_inputs, self.custom_preprocess)
+        return prepare_inputs(self.model, self._loaded_images, self.visualization_inputs,
+                              self.custom_preprocess)
 
     def _switch_off(self, error, when):
         self.switched_off, self._ready = True, False
-        reason = (" ".join(str(error).split()) if isinstance(error, visualization_inputs_module.NotApplicable)
+        reason = (" ".join(str(error).split()) if isinstance(error, NotApplicable)
                   else _one_line(error))
         print("[visualizer] %s switched off %s: %s" % (self.title, when, reason),
               file=sys.stderr, flush=True)
@@ -603,7 +607,8 @@ class SaliencyMaps(_SnapshotCallback):
                                  "gradient_x_input": gradients[i] * self.inputs[i]}
                 if self.feature_names is not None:
                     results[name]["feature_names"] = list(self.feature_names)
-        return results, {name: prediction_info(score) for name, score in zip(self.image_names, scores)}
+        info = {name: prediction_info(score) for name, score in zip(self.image_names, scores)}
+        return results, info
 
 
 def prediction_info(scores):
@@ -667,7 +672,7 @@ class DeconvolutionalNetwork(_SnapshotCallback):
 
     def build(self):
         if self.input_kind == "tabular":
-            raise visualization_inputs_module.NotApplicable(
+            raise NotApplicable(
                 "needs feature maps: a model with a feature-vector input %s has none"
                 % (tuple(self.inputs.shape[1:]),))
         self._deconvolution = DeconvolutionModel(
@@ -735,9 +740,9 @@ class DeepVisualization(_SnapshotCallback):
 
     def prepare_inputs(self):
         """The input kind and the names to store the results under; no inputs of its own."""
-        kind = visualization_inputs_module.input_kind(self.model)
+        kind = input_kind(self.model)
         if self.visualization_inputs is not None:
-            names = visualization_inputs_module.input_names(len(self.visualization_inputs))
+            names = input_names(len(self.visualization_inputs))
         else:
             names = storage.list_images(self.run_dir) or [NO_IMAGE]
         return kind, names, None, None
@@ -786,8 +791,7 @@ class CustomCallbacks:
         self.custom_preprocess = _check_function(custom_preprocess, "custom_preprocess")
         self.custom_postprocess = _check_function(custom_postprocess, "custom_postprocess")
         self.base_interval = _check_interval(base_interval, "base_interval")
-        self.visualization_inputs = visualization_inputs_module.check_inputs_array(
-            visualization_inputs)
+        self.visualization_inputs = check_inputs_array(visualization_inputs)
         self.feature_names = _check_feature_names(feature_names)
         self.record = TechniqueRecord(self.file_folder)
         self.callback_list = []

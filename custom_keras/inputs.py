@@ -27,8 +27,8 @@ def input_kind(model):
     """
     inputs = model.inputs
     if len(inputs) != 1:
-        raise NotApplicable("the model has %d inputs; the visualizations need a model with one input"
-                            % len(inputs))
+        raise NotApplicable("the model has %d inputs; the visualizations need a model with one "
+                            "input" % len(inputs))
     shape = tuple(inputs[0].shape[1:])
     if len(shape) not in INPUT_KINDS:
         raise NotApplicable("the model's input has shape %s per sample; the visualizations take "
@@ -44,8 +44,8 @@ def check_inputs_array(visualization_inputs):
     try:
         array = np.asarray(visualization_inputs, dtype=np.float32)
     except (TypeError, ValueError):
-        raise TypeError("visualization_inputs must be a numeric array (N, ...) as fed to the model, "
-                        "got %r" % (type(visualization_inputs).__name__,)) from None
+        raise TypeError("visualization_inputs must be a numeric array (N, ...) as fed to the "
+                        "model, got %r" % (type(visualization_inputs).__name__,)) from None
     if array.ndim < 2 or array.shape[0] == 0:
         raise ValueError("visualization_inputs must be a batch (N,) + the model's input shape with "
                          "N >= 1, got shape %s" % (array.shape,))
@@ -82,8 +82,8 @@ def prepare_inputs(model, loaded_images, visualization_inputs, custom_preprocess
         return kind, names, as_fed, batch
     if kind != "image":
         raise NotApplicable(
-            "needs visualization_inputs: a model with %s input %s takes its visualization inputs from "
-            "the script, CustomCallbacks(..., visualization_inputs=array of shape (N,) + %s)"
+            "needs visualization_inputs: a model with %s input %s takes its visualization inputs "
+            "from the script, CustomCallbacks(..., visualization_inputs=array of shape (N,) + %s)"
             % (kind, tuple(model.inputs[0].shape[1:]), tuple(model.inputs[0].shape[1:])))
     if not loaded_images:
         raise NotApplicable("needs an image: the images folder holds none and the script gave no "

@@ -23,9 +23,10 @@ server read run folders through it too. Layout of one run folder::
             history/<technique>/<step>.pickle      {"tags": {...}, "images": {image: result},
                                                     "info": {image: {...}}}
 
-``techniques.json`` is rewritten (atomically) at train begin and whenever a
-technique changes state: ``{key: entry}`` with the registry's keys (plus
-``"network_saver"``); a technique the script did not register has no entry.
+``techniques.json`` is rewritten (atomically) at every register call, at train
+begin and whenever a technique changes state: ``{key: entry}`` with the
+registry's keys (plus ``"network_saver"``); a technique the script did not
+register has no entry.
 Each entry::
 
     {"registered": true,
