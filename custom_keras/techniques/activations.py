@@ -17,8 +17,8 @@ layer on one scale, so their brightness can be compared):
 - A layer with any negative output (linear, tanh, batch normalisation) is
   scaled from its minimum (black) to its maximum (255); clipping negatives
   to black would hide half of what such a layer computes.
-- Layers with any other output rank (Conv3D) or with several outputs have no picture in this format: they are skipped and
-  listed, with the reason, in ``ActivationModel.skipped_layers`` (and a
+- Layers with any other output rank (Conv3D) or with several outputs have
+  no picture in this format: they are skipped and listed, with the reason, in ``ActivationModel.skipped_layers`` (and a
   warning says so once, when the model is built).
 - A layer used at several places in the model shows its first use.
 """
@@ -69,7 +69,7 @@ class ActivationModel:
     Build it once (for example when training starts) and call it at every stage.
 
     Args:
-        model: a built Keras model (Sequential or Functional) with one image input.
+        model: a built Keras model (Sequential or Functional) with one input.
         exclude_layers: tuple of layer classes not to show.
 
     Attributes:
@@ -126,7 +126,7 @@ class ActivationModel:
         """Layer activations for each image.
 
         Args:
-            images: float32 (N, H, W, C), preprocessed for the model.
+            images: float32 (N, ...) as the model's input (images, sequences or rows).
 
         Returns:
             A list with one entry per image: ``[(layer_name, uint8 array), ...]``
@@ -145,8 +145,8 @@ def layer_activations(model, images, exclude_layers=EXCLUDE_LAYERS):
     Builds an ``ActivationModel``; keep one instead when calling this repeatedly.
 
     Args:
-        model: a built Keras model (Sequential or Functional) with one image input.
-        images: float32 (N, H, W, C), preprocessed for the model.
+        model: a built Keras model (Sequential or Functional) with one input.
+        images: float32 (N, ...) as the model's input (images, sequences or rows).
         exclude_layers: tuple of layer classes not to show.
 
     Returns:

@@ -111,7 +111,7 @@ def single_input(model):
         raise ValueError("the model is not built yet: give it an Input, call model.build(input_shape) "
                          "or train it on data first") from None
     if len(inputs) != 1:
-        raise ValueError("the model has %d inputs; the visualizations need a model with one image input"
+        raise ValueError("the model has %d inputs; the visualizations need a model with one input"
                          % len(inputs))
     return inputs[0]
 

@@ -33,7 +33,7 @@ class SaliencyModel:
     """Images -> saliency maps of the predicted class, built once over the trained model's layers.
 
     Args:
-        model: a built Keras model (Sequential or Functional) with one image input
+        model: a built Keras model (Sequential or Functional) with one input
             and one output of class scores or probabilities, shape (N, classes).
     """
 
@@ -63,7 +63,7 @@ class SaliencyModel:
         """The un-scaled gradients of each image's predicted class score.
 
         Args:
-            images: float32 (N, H, W, C), preprocessed for the model.
+            images: float32 (N, ...) as the model's input (images, sequences or rows).
 
         Returns:
             ``(gradients float32 (N, H, W, C), scores float32 (N, classes))``: the gradient of
@@ -78,7 +78,7 @@ class SaliencyModel:
         """Saliency maps, predicted classes and their confidences.
 
         Args:
-            images: float32 (N, H, W, C), preprocessed for the model.
+            images: float32 (N, ...) as the model's input (images, sequences or rows).
             mode: "absolute" (abs of the gradient), "positive" (only pixels that raise the
                 score) or "negative" (only pixels that lower it, by magnitude).
 
@@ -113,9 +113,9 @@ def saliency_maps(model, images, mode="absolute"):
     Builds a ``SaliencyModel``; keep one instead when calling this repeatedly.
 
     Args:
-        model: a built Keras model (Sequential or Functional) with one image input
+        model: a built Keras model (Sequential or Functional) with one input
             and one output of class scores or probabilities, shape (N, classes).
-        images: float32 (N, H, W, C), preprocessed for the model.
+        images: float32 (N, ...) as the model's input (images, sequences or rows).
         mode: "absolute", "positive" or "negative".
 
     Returns:
