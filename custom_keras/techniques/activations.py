@@ -18,8 +18,9 @@ layer on one scale, so their brightness can be compared):
   scaled from its minimum (black) to its maximum (255); clipping negatives
   to black would hide half of what such a layer computes.
 - Layers with any other output rank (Conv3D) or with several outputs have
-  no picture in this format: they are skipped and listed, with the reason, in ``ActivationModel.skipped_layers`` (and a
-  warning says so once, when the model is built).
+  no picture in this format: they are skipped and listed, with the reason,
+  in ``ActivationModel.skipped_layers`` (and a warning says so once, when
+  the model is built).
 - A layer used at several places in the model shows its first use.
 """
 import warnings
