@@ -246,7 +246,8 @@ def test_all_pairs_go_through_one_reverse_pass_and_match_single_image_results():
         together = deconv(images)
     finally:
         tf.config.run_functions_eagerly(False)
-    assert batches == [(3 * 4, 4, 4, 5)]
+    # The chosen convolution's filters are placed; the backward pass starts at its input.
+    assert batches == [(3 * 4, 7, 7, 4)]
     for image, result in zip(images, together):
         alone = deconvolution(model, image[np.newaxis], 3, feat_map_amount=4)[0]
         assert [no for _, _, no in alone] == [no for _, _, no in result]

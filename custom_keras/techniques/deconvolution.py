@@ -25,7 +25,12 @@ transpose, except ReLU:
 
 That is the gradient of ``sum(feature maps * signal)`` with respect to the input
 with ReLU's backward step replaced by ReLU: the reverse pass is TensorFlow's
-backward pass with the ReLUs swapped while it is traced. A layer whose reverse
+backward pass with the ReLUs swapped while it is traced. Its top, from the
+chosen layer down to the first Conv2D through max pooling, ReLU and Dropout
+only (the usual case), is cheaper by hand: each row's single entry is ReLU'd
+and unpooled, and that convolution's filter is placed at it instead of a dense
+transposed convolution of a signal that is zero but for one entry; the
+backward pass starts at that convolution's input (or is not needed at all). A layer whose reverse
 is not one of the above (tanh, sigmoid, softmax and other non-linear
 activations, recurrent layers, attention, custom layers) makes the automatic
 network impossible; the error names the layer and asks for
@@ -282,6 +287,129 @@ def check_deconvolution_args(model, feat_map_layer_no, feat_map_amount=None, fea
     _check_selection(layer, feat_map_amount, feat_map_nos)
 
 
+def _dense_signal(entries, shape):
+    """The signal (rows, ..., maps) of ``(position, channel, value)`` entries, one per row, for
+    feature maps of ``shape`` (N, ..., maps)."""
+    import tensorflow as tf
+
+    position, channel, value = entries
+    positions = tf.reduce_prod(shape[1:-1])
+    signal = (tf.one_hot(position, positions)[:, :, None] * tf.one_hot(channel, shape[-1])[:, None, :]
+              * value[:, None, None])
+    return tf.reshape(signal, tf.concat([[-1], shape[1:]], axis=0))
+
+
+def _producer(tensor):
+    """The (operation, its input tensors) that computed ``tensor``, or (None, [])."""
+    history = getattr(tensor, "_keras_history", None)
+    if history is None:
+        return None, []
+    operation = history.operation
+    return operation, list(operation._inbound_nodes[history.node_index].input_tensors)
+
+
+def _entry_step(layer):
+    """How the top of the reverse pass carries one entry per row through ``layer``: "pass",
+    "relu", "unpool" or "conv" (which places its filter); None where it stops."""
+    if getattr(layer, "data_format", "channels_last") != "channels_last":
+        return None
+    activation = _activation_name(getattr(layer, "activation", None))
+    if isinstance(layer, (keras.layers.Dropout, keras.layers.GaussianNoise,
+                          keras.layers.GaussianDropout)):
+        return "pass"
+    if _plain_relu_layer(layer) or (isinstance(layer, keras.layers.Activation) and activation == "relu"):
+        return "relu"
+    if isinstance(layer, keras.layers.Activation) and activation == "linear":
+        return "pass"
+    if type(layer) is keras.layers.MaxPooling2D:
+        return "unpool"
+    if (type(layer) is keras.layers.Conv2D and tuple(layer.dilation_rate) == (1, 1)
+            and layer.groups == 1 and activation in ("relu", "linear")):
+        return "conv"
+    return None
+
+
+def _top_steps(model, layer):
+    """The layers from the chosen one down to the first Conv2D, when every one of them keeps
+    a single entry per row (ReLU, max pooling, Dropout) and the sizes are fixed; else [].
+
+    Returns:
+        ``[(layer, step, its input tensor), ...]``, top first, ending with the Conv2D.
+    """
+    if len(layer.output.shape) != 4:
+        return []
+    steps, tensor = [], layer.output
+    while True:
+        operation, inputs = _producer(tensor)
+        step = _entry_step(operation) if isinstance(operation, keras.layers.Layer) else None
+        if step is None or len(inputs) != 1 or None in tuple(inputs[0].shape[1:]):
+            return []
+        steps.append((operation, step, inputs[0]))
+        if step == "conv":
+            return steps
+        tensor = inputs[0]
+
+
+def _place_filters(entries, kernel, strides, padding, output_size, input_shape):
+    """``conv2d_transpose`` of a signal that has one non-zero entry per row.
+
+    The transposed convolution of one entry ``v`` at ``(y, x, c)`` is the filter
+    ``kernel[:, :, :, c]`` times ``v``, placed with its corner at ``(y * stride - pad,
+    x * stride - pad)``: one scatter for all rows instead of a dense convolution.
+
+    Args:
+        entries: ``(y, x, c, value)``, each of shape (rows,): row r of the signal is zero
+            but for ``value[r]`` at ``(y[r], x[r], c[r])``.
+        kernel: the Conv2D's kernel (kh, kw, in_channels, out_channels).
+        strides: the Conv2D's ``(sy, sx)``.
+        padding: the Conv2D's ``"valid"`` or ``"same"``.
+        output_size: the Conv2D's output ``(h, w)``, where the entries lie.
+        input_shape: the Conv2D's input shape ``(H, W, in_channels)`` (ints).
+
+    Returns:
+        (rows, H, W, in_channels), equal to ``tf.nn.conv2d_transpose`` of the signal.
+    """
+    import tensorflow as tf
+
+    y, x, c, value = entries
+    kh, kw = int(kernel.shape[0]), int(kernel.shape[1])
+    (sy, sx), (height, width, channels), (h, w) = strides, input_shape, output_size
+    rows = tf.shape(value)[0]
+    # (rows, kh, kw, in_channels): each row's filter scaled by its entry.
+    patches = tf.transpose(tf.gather(kernel, c, axis=3), [3, 0, 1, 2]) * value[:, None, None, None]
+    if padding == "same":  # as the forward convolution pads: the smaller half before
+        pad_top = max((h - 1) * sy + kh - height, 0) // 2
+        pad_left = max((w - 1) * sx + kw - width, 0) // 2
+    else:
+        pad_top = pad_left = 0
+    # Scatter into a canvas that holds every filter whole, then cut the input's window.
+    canvas_h = max((h - 1) * sy + kh, pad_top + height)
+    canvas_w = max((w - 1) * sx + kw, pad_left + width)
+    dy, dx = np.meshgrid(np.arange(kh, dtype=np.int32), np.arange(kw, dtype=np.int32), indexing="ij")
+    row_index = tf.broadcast_to(tf.range(rows)[:, None, None], [rows, kh, kw])
+    indices = tf.stack([row_index, (y * sy)[:, None, None] + dy, (x * sx)[:, None, None] + dx], axis=-1)
+    canvas = tf.scatter_nd(indices, patches, tf.stack([rows, canvas_h, canvas_w, channels]))
+    if (canvas_h, canvas_w) == (height, width):
+        return canvas
+    return canvas[:, pad_top:pad_top + height, pad_left:pad_left + width, :]
+
+
+def _unpool_entries(entries, pool_input, layer, per_image):
+    """Max-unpooling of one entry per row: it moves to where this input's maximum was."""
+    import tensorflow as tf
+
+    y, x, c, value = entries
+    _, switches = tf.nn.max_pool_with_argmax(
+        pool_input, ksize=layer.pool_size, strides=layer.strides, padding=layer.padding.upper(),
+        include_batch_in_index=False)
+    image = tf.range(tf.shape(value)[0]) // per_image
+    # A switch indexes within one input, over (H, W, C) of the pool's input.
+    switch = tf.cast(tf.gather_nd(switches, tf.stack([image, y, x, c], axis=1)), tf.int32)
+    shape = tf.shape(pool_input)
+    width, channels = shape[2], shape[3]
+    return switch // (width * channels), switch // channels % width, c, value
+
+
 class DeconvolutionModel:
     """Inputs -> deconvolutional reconstructions of feature maps of one layer; built once.
 
@@ -324,9 +452,16 @@ class DeconvolutionModel:
         self.amount = None if feat_map_nos is not None else (maps if feat_map_amount == -1 else feat_map_amount)
         self.feat_map_nos = None if feat_map_nos is None else [int(n) for n in feat_map_nos]
         self.custom_info = custom_keras_model_info
+        model_input = single_input(model)
+        # The top of the reverse pass, down to the first convolution, follows one entry per
+        # row and places that convolution's filter (cheap); the rest is a backward pass.
+        self._top = [] if custom_keras_model_info is not None else _top_steps(model, self.layer)
+        pool_inputs = [tensor for _, step, tensor in self._top if step == "unpool"]
+        self.forward_model = keras.Model(model_input, [self.layer.output] + pool_inputs)
+        start = self._top[-1][2] if self._top else self.layer.output
+        self._below = None if start is model_input else keras.Model(model_input, start)
         if custom_keras_model_info is None:
             self._relu_layers = _relu_users(_reverse_path(model, self.layer))
-        self.forward_model = keras.Model(single_input(model), self.layer.output)
         self._deconvolve = self._forward_and_reverse
         if compiled:
             self._deconvolve = tf.function(self._forward_and_reverse, reduce_retracing=True,
@@ -358,35 +493,61 @@ class DeconvolutionModel:
         custom deconvolutional model, the processed feature maps instead of the reconstructions."""
         import tensorflow as tf
 
-        feature_maps = self.forward_model(images, training=False)
-        map_nos, signal = self._select_signal(feature_maps)
-        if self.custom_info is not None:
+        outputs = keras.tree.flatten(self.forward_model(images, training=False))
+        feature_maps = tf.cast(outputs[0], tf.float32)
+        map_nos, entries = self._select_entries(feature_maps)
+        if self._top:
+            signal = self._top_reverse(entries, outputs[1:], tf.shape(map_nos)[1],
+                                       tf.shape(feature_maps)[2])
+        else:
+            signal = _dense_signal(entries, tf.shape(feature_maps))
+        if self.custom_info is not None or self._below is None:
             return map_nos, signal
         pairs = tf.repeat(images, tf.shape(map_nos)[1], axis=0)
         return map_nos, self._reverse(pairs, signal)
 
+    def _top_reverse(self, entries, pool_inputs, per_image, width):
+        """Unpool and ReLU the single entry of every row down to the first convolution, and
+        place that convolution's filter: the signal at the convolution's input."""
+        import tensorflow as tf
+
+        position, channel, value = entries
+        entries = position // width, position % width, channel, value
+        pool_inputs = iter(pool_inputs)
+        for layer, step, tensor in self._top:
+            y, x, c, value = entries
+            if step == "relu" or (step == "conv" and _activation_name(layer.activation) == "relu"):
+                entries = y, x, c, tf.nn.relu(value)
+            if step == "unpool":
+                entries = _unpool_entries(entries, next(pool_inputs), layer, per_image)
+            elif step == "conv":
+                return _place_filters(entries, tf.cast(layer.kernel, value.dtype), layer.strides,
+                                      layer.padding, tuple(layer.output.shape[1:3]),
+                                      tuple(tensor.shape[1:]))
+
     def _reverse(self, pairs, signal):
-        """The signal mapped back to the input: one row per (input, map) pair, input-major."""
+        """The signal mapped back to the input through the layers below the top's: the
+        backward pass with the deconvnet's ReLU, one row per (input, map) pair, input-major."""
         import tensorflow as tf
 
         with tf.GradientTape(watch_accessed_variables=False) as tape:
             tape.watch(pairs)
             with _deconvnet_relus(*self._relu_layers):
-                feature_maps = self.forward_model(pairs, training=False)
+                below = self._below(pairs, training=False)
             # Each row depends on its own input only: one gradient gives every row its own.
-            total = tf.reduce_sum(tf.cast(feature_maps, signal.dtype) * signal)
+            total = tf.reduce_sum(tf.cast(below, signal.dtype) * signal)
         return tape.gradient(total, pairs)
 
-    def _select_signal(self, feature_maps):
-        """Choose the maps per input and keep each one's maximum entry.
+    def _select_entries(self, feature_maps):
+        """Choose the maps per input and each one's maximum entry.
 
         Returns:
-            map_nos int32 (N, K) and the signal (N*K, ..., maps): row i*K + k is zero but
-            for the maximum entry of map ``map_nos[i, k]`` of input i.
+            map_nos int32 (N, K) and the entries ``(position, channel, value)``, each (N*K,):
+            row i*K + k is the maximum of map ``map_nos[i, k]`` of input i, at ``position``
+            in the flattened axes before the channels.
         """
         import tensorflow as tf
 
-        feature_maps = tf.cast(feature_maps, tf.float32)
         shape = tf.shape(feature_maps)
         images, maps = shape[0], shape[-1]
         # (N, maps, positions): every map of every input as one row.
@@ -397,12 +558,9 @@ class DeconvolutionModel:
         else:
             map_nos = tf.tile(tf.constant([self.feat_map_nos], dtype=tf.int32), [images, 1])
         chosen = tf.gather(flat, map_nos, batch_dims=1)
-        positions = tf.shape(flat)[2]
         position = tf.reshape(tf.argmax(chosen, axis=-1, output_type=tf.int32), [-1])
         maximum = tf.reshape(tf.reduce_max(chosen, axis=-1), [-1])
-        signal = (tf.one_hot(position, positions)[:, :, None]
-                  * tf.one_hot(tf.reshape(map_nos, [-1]), maps)[:, None, :] * maximum[:, None, None])
-        return map_nos, tf.reshape(signal, tf.concat([[-1], shape[1:]], axis=0))
+        return map_nos, (position, tf.reshape(map_nos, [-1]), maximum)
 
     def _custom_reverse(self, signal):
         """Feed the processed feature maps to the user's deconvolutional model."""
