@@ -564,7 +564,8 @@ class SaliencyMaps(_SnapshotCallback):
     and feature vectors the dict of ``custom_keras.storage``'s docstring (the
     gradient, gradient x input, the input, and ``feature_names`` if given). Each
     snapshot's history also holds the predicted class and its confidence per
-    input (or the output's value, for a model with one output unit).
+    input (or ``{"score": ...}`` for a model with one output unit: a sigmoid's
+    logit, a regression's value).
 
     Args:
         file_folder: should always be ``os.path.dirname(__file__)``.
@@ -612,9 +613,10 @@ class SaliencyMaps(_SnapshotCallback):
 
 
 def prediction_info(scores):
-    """What the model predicted for one input, from its pre-softmax scores."""
+    """What the model predicted for one input, from its pre-softmax scores: the class and its
+    probability, or for one output unit its score (a sigmoid's logit, a regression's value)."""
     if len(scores) == 1:
-        return {"output": float(scores[0])}
+        return {"score": float(scores[0])}
     return {"predicted_class": int(np.argmax(scores)), "confidence": float(softmax(scores).max())}
 
 

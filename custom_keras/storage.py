@@ -52,7 +52,7 @@ Results of non-image inputs (``input_kind`` "sequence" (T, C) or "tabular" (F,))
     saliency_maps: {"gradient": float32 like the input, "gradient_x_input":
         float32 like the input, "input": float32, and "feature_names": [str]
         when the script gave them}; the gradient is of the predicted class's
-        pre-softmax score (or of the single output unit).
+        pre-softmax score (or of the single output unit, before its sigmoid).
     deconvolutional_network: ``[(float32 (T, C) reconstruction, layer_name,
         feat_map_no), ...]`` (sequences only; tabular models have no feature maps).
     deep_visualization: ``[(float32 (T, C) or (F,) synthetic input, layer_name,

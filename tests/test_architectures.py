@@ -301,3 +301,14 @@ def test_feature_names_are_kept_with_tabular_saliency(tmp_path):
               callbacks=callbacks.get_list())
     result = storage.read_latest(str(tmp_path), "saliency_maps.pickle", "input_0")
     assert result["feature_names"] == names
+
+
+def test_a_sigmoid_output_is_scored_by_its_logit():
+    model, _ = sigmoid_binary()
+    images = np.random.default_rng(4).uniform(0, 1, (2, 8, 8, 1)).astype(np.float32)
+    score = LayerScore(model, len(model.layers) - 1)
+    logits = keras.Model(model.inputs, model.layers[-1].input)(images) @ model.layers[-1].kernel \
+        + model.layers[-1].bias
+    np.testing.assert_allclose(np.asarray(score(images)), np.asarray(logits), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(model(images)), 1 / (1 + np.exp(-np.asarray(logits))),
+                               rtol=1e-5)  # the model itself is untouched

@@ -4,7 +4,8 @@ Units are ``(layer_no, index)``: ``index`` an int for layers with 1-D output
 (Dense), a ``(row, col, channel)`` tuple for 3-D output (Conv2D, pooling), in
 general a tuple with one entry per output axis. Units of the output layer use
 the pre-softmax score, as a softmax unit can grow by pushing the other classes
-down instead of finding its own features.
+down instead of finding its own features (and an output sigmoid's logit, which
+does not saturate).
 
 A ReLU that is off passes no gradient, so a unit that is off for its start
 image would stay black for ever (the thesis' own example result has two such
@@ -155,10 +156,10 @@ class UnitObjective:
         scores = [common.LayerScore(model, layer_no) for layer_no in layer_nos]
         self.model = keras.Model(common.model_inputs(model),
                                  [score.model.outputs[0] for score in scores])
-        # LayerScore's rule: a softmax inside a chosen layer is the identity while
-        # the objective runs (a multi-output model needs it for all layers at once).
-        self._softmax_layers = [score.layer for score in scores
-                                if common.is_softmax(getattr(score.layer, "activation", None))]
+        # LayerScore's rule: a softmax (or an output's sigmoid) inside a chosen layer is the
+        # identity while the objective runs (a multi-output model needs it for all layers at once).
+        self._softmax_layers = [score.linear_layer for score in scores
+                                if score.linear_layer is not None]
         self._relu_layers = [layer for layer in model.layers
                              if _is_relu(getattr(layer, "activation", None))]
         # For every layer: which images belong to it, and where their units are.
