@@ -407,6 +407,7 @@ class _SnapshotCallback(keras.callbacks.Callback):
                              dict(params or {}, interval=self.interval), self.interval)
         self.switched_off = False
         self._ready = False
+        self._has_started = False  # built and took stage 0 at least once
         self._started = False
         self._stage = 0
         self._step = 0
@@ -452,7 +453,7 @@ class _SnapshotCallback(keras.callbacks.Callback):
         except OSError as error:
             print("[visualizer] %s: inputs not written: %s" % (self.title, _one_line(error)),
                   file=sys.stderr, flush=True)
-        self._ready = True
+        self._ready = self._has_started = True
         self._snapshot(batch)
 
     def prepare_inputs(self):
@@ -466,7 +467,8 @@ class _SnapshotCallback(keras.callbacks.Callback):
                   else _one_line(error))
         print("[visualizer] %s switched off %s: %s" % (self.title, when, reason),
               file=sys.stderr, flush=True)
-        self.record.update(self.key, state="switched_off", reason=reason)
+        changes = {} if self._has_started else {"first_snapshot_step": None}
+        self.record.update(self.key, state="switched_off", reason=reason, **changes)
 
     def _clear_previous_run(self):
         """A new run starts a new history rather than mixing with an old run's."""
@@ -489,6 +491,10 @@ class _SnapshotCallback(keras.callbacks.Callback):
         if not self._ready:
             if _model_is_built(self.model):
                 self._start(batch=batches_done)
+            else:
+                self._switch_off(NotApplicable(
+                    "needs a Sequential or functional model: this one has no inputs to trace even "
+                    "after its first batch (a subclassed keras.Model)"), "after the first batch")
             return
         if self._step // self.interval > previous // self.interval:
             self._stage += 1

@@ -472,6 +472,29 @@ def test_a_sequential_model_without_input_takes_stage_0_after_its_first_batch(tm
         assert [(e["stage"], e["step"]) for e in entries] == [(0, 1), (1, 2), (2, 4), (3, 6), (4, 8)]
 
 
+class Subclassed(keras.Model):
+    def __init__(self):
+        super().__init__()
+        self.dense = keras.layers.Dense(3, activation="softmax")
+
+    def call(self, inputs):
+        return self.dense(inputs)
+
+
+def test_a_subclassed_model_switches_the_techniques_off_after_its_first_batch(tmp_path):
+    model = Subclassed()
+    model.compile(optimizer="sgd", loss="categorical_crossentropy")
+    callbacks = CustomCallbacks(str(tmp_path), visualization_inputs=np.zeros((1, 4)))
+    callbacks.register_saliency_maps()
+    callbacks.register_training_progress()
+    fit = model.fit(np.zeros((8, 4)), np.zeros((8, 3)), batch_size=4, epochs=2, verbose=0,
+                    callbacks=callbacks.get_list())
+    assert len(fit.history["loss"]) == 2
+    entry = techniques(str(tmp_path))["saliency_maps"]
+    assert (entry["state"], entry["first_snapshot_step"]) == ("switched_off", None)
+    assert entry["reason"].startswith("needs a Sequential or functional model")
+
+
 # --- failures during training ------------------------------------------------
 
 def test_a_technique_failing_at_a_snapshot_is_switched_off_and_training_goes_on(tmp_path, capfd):
