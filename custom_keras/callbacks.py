@@ -399,7 +399,6 @@ class _SnapshotCallback(keras.callbacks.Callback):
         self.custom_preprocess = _check_function(custom_preprocess, "custom_preprocess")
         self.custom_postprocess = _check_function(custom_postprocess, "custom_postprocess")
         self.visualization_inputs = check_inputs_array(visualization_inputs)
-        self.uses_images = uses_images
         self._loaded_images = (visualization_images.load_images(self.run_dir)
                                if uses_images and self.visualization_inputs is None else {})
         self.record = record or TechniqueRecord.shared(self.run_dir)
@@ -440,7 +439,7 @@ class _SnapshotCallback(keras.callbacks.Callback):
                 self.build()
                 self._built_for = self.model
         except Exception as error:  # a technique that cannot serve this model: off, not fatal
-            self._switch_off(error, "when training began")
+            self._switch_off(error, "when training began" if batch == 0 else "after the first batch")
             return
         self.record.update(self.key, state="active", reason=None, first_snapshot_step=self._step,
                            input_kind=self.input_kind)
