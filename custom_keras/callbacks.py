@@ -131,7 +131,7 @@ class NetworkSaver(keras.callbacks.Callback):
         self.record.register(self.key, "network saver", None, {}, None)
 
     def on_train_begin(self, logs=None):
-        self.record.update(self.key, state="active")
+        self.record.update(self.key, state=storage.TECHNIQUE_ACTIVE)
 
     def on_epoch_end(self, epoch, logs=None):
         tmp = None
@@ -203,7 +203,7 @@ class TrainingProgress(keras.callbacks.Callback):
         return storage.results_path(self.run_dir, file_name)
 
     def on_train_begin(self, logs=None):
-        self.record.update(self.key, state="active", first_snapshot_step=0)
+        self.record.update(self.key, state=storage.TECHNIQUE_ACTIVE, first_snapshot_step=0)
         self._flush()  # rows of an earlier fit that ended without on_train_end
         if not self._started:
             # A new run starts new tables rather than continuing an old run's.
@@ -317,8 +317,8 @@ class TechniqueRecord:
         before training still shows what it registered."""
         self.entries[key] = {"registered": True, "title": title, "results_file": results_file,
                              "params": _json_safe(params), "interval": interval,
-                             "state": "registered", "reason": None, "first_snapshot_step": None,
-                             "input_kind": None}
+                             "state": storage.TECHNIQUE_REGISTERED, "reason": None,
+                             "first_snapshot_step": None, "input_kind": None}
         self.write()
 
     def update(self, key, **changes):
@@ -427,7 +427,8 @@ class _SnapshotCallback(keras.callbacks.Callback):
         if _model_is_built(self.model):
             self._start(batch=0)
         else:
-            self.record.update(self.key, state="waiting", first_snapshot_step=self._step + 1,
+            self.record.update(self.key, state=storage.TECHNIQUE_WAITING,
+                               first_snapshot_step=self._step + 1,
                                reason="the model is built by its first batch (no keras.Input), "
                                       "so the first snapshot comes after it")
 
@@ -439,10 +440,11 @@ class _SnapshotCallback(keras.callbacks.Callback):
                 self.build()
                 self._built_for = self.model
         except Exception as error:  # a technique that cannot serve this model: off, not fatal
-            self._switch_off(error, "when training began" if batch == 0 else "after the first batch")
+            self._switch_off(error,
+                             "when training began" if batch == 0 else "after the first batch")
             return
-        self.record.update(self.key, state="active", reason=None, first_snapshot_step=self._step,
-                           input_kind=self.input_kind)
+        self.record.update(self.key, state=storage.TECHNIQUE_ACTIVE, reason=None,
+                           first_snapshot_step=self._step, input_kind=self.input_kind)
         try:
             if as_fed is not None:
                 storage.write_input_images(self.run_dir, as_fed)
@@ -467,7 +469,7 @@ class _SnapshotCallback(keras.callbacks.Callback):
         print("[visualizer] %s switched off %s: %s" % (self.title, when, reason),
               file=sys.stderr, flush=True)
         changes = {} if self._has_started else {"first_snapshot_step": None}
-        self.record.update(self.key, state="switched_off", reason=reason, **changes)
+        self.record.update(self.key, state=storage.TECHNIQUE_SWITCHED_OFF, reason=reason, **changes)
 
     def _clear_previous_run(self):
         """A new run starts a new history rather than mixing with an old run's."""

@@ -78,7 +78,13 @@ STATUS_FILE = "status.json"
 INPUT_IMAGES_FILE = "input_images.pickle"
 VISUALIZATION_INPUTS_FILE = "visualization_inputs.pickle"
 TECHNIQUES_FILE = "techniques.json"
-TECHNIQUE_STATES = ("registered", "waiting", "active", "switched_off")
+# The states of a technique in techniques.json (see the module docstring).
+TECHNIQUE_REGISTERED = "registered"
+TECHNIQUE_WAITING = "waiting"
+TECHNIQUE_ACTIVE = "active"
+TECHNIQUE_SWITCHED_OFF = "switched_off"
+TECHNIQUE_STATES = (TECHNIQUE_REGISTERED, TECHNIQUE_WAITING, TECHNIQUE_ACTIVE,
+                    TECHNIQUE_SWITCHED_OFF)
 PER_IMAGE_DIR = "per_image"
 HISTORY_DIR = "history"
 HISTORY_INDEX = "index.jsonl"
