@@ -26,8 +26,7 @@ server read run folders through it too. Layout of one run folder::
 ``techniques.json`` is rewritten (atomically) at every register call, at train
 begin and whenever a technique changes state: ``{key: entry}`` with the
 registry's keys (plus ``"network_saver"``); a technique the script did not
-register has no entry.
-Each entry::
+register has no entry. Each entry::
 
     {"registered": true,
      "title": "saliency maps",
@@ -76,15 +75,6 @@ NETWORKS_DIR = "networks"
 OUTPUT_FILE = "output.txt"
 STATUS_FILE = "status.json"
 INPUT_IMAGES_FILE = "input_images.pickle"
-VISUALIZATION_INPUTS_FILE = "visualization_inputs.pickle"
-TECHNIQUES_FILE = "techniques.json"
-# The states of a technique in techniques.json (see the module docstring).
-TECHNIQUE_REGISTERED = "registered"
-TECHNIQUE_WAITING = "waiting"
-TECHNIQUE_ACTIVE = "active"
-TECHNIQUE_SWITCHED_OFF = "switched_off"
-TECHNIQUE_STATES = (TECHNIQUE_REGISTERED, TECHNIQUE_WAITING, TECHNIQUE_ACTIVE,
-                    TECHNIQUE_SWITCHED_OFF)
 PER_IMAGE_DIR = "per_image"
 HISTORY_DIR = "history"
 HISTORY_INDEX = "index.jsonl"
@@ -243,6 +233,17 @@ def write_snapshot(run_dir, file_name, results_by_image, newest_image, tags, inf
 def write_run_status(run_dir, state, exit_code=None, message=None):
     atomic_write_json(status_path(run_dir), {"state": state, "exit_code": exit_code,
                                              "message": message, "time": time.time()})
+
+
+VISUALIZATION_INPUTS_FILE = "visualization_inputs.pickle"
+TECHNIQUES_FILE = "techniques.json"
+# The states of a technique in techniques.json (see the module docstring).
+TECHNIQUE_REGISTERED = "registered"
+TECHNIQUE_WAITING = "waiting"
+TECHNIQUE_ACTIVE = "active"
+TECHNIQUE_SWITCHED_OFF = "switched_off"
+TECHNIQUE_STATES = (TECHNIQUE_REGISTERED, TECHNIQUE_WAITING, TECHNIQUE_ACTIVE,
+                    TECHNIQUE_SWITCHED_OFF)
 
 
 def write_visualization_inputs(run_dir, inputs_by_name):
