@@ -15,11 +15,47 @@ server read run folders through it too. Layout of one run folder::
             training_progress.tsv      header + every metric per batch, and running averages
             training_progress_val.tsv  header + every validation metric per epoch
             input_images.pickle        {image name: uint8 (H, W, C) as fed to the model}
+            visualization_inputs.pickle  {input name: float32 array exactly as fed to the model}
+            techniques.json            what the script registered and what became of it (below)
             <technique>.pickle         latest snapshot for the newest image (Appendix D)
             per_image/<image>/<technique>.pickle   latest snapshot for every image
             history/<technique>/index.jsonl        one JSON line of tags per snapshot
             history/<technique>/<step>.pickle      {"tags": {...}, "images": {image: result},
                                                     "info": {image: {...}}}
+
+``techniques.json`` is rewritten (atomically) at every register call, at train
+begin and whenever a technique changes state: ``{key: entry}`` with the
+registry's keys (plus ``"network_saver"``); a technique the script did not
+register has no entry. Each entry::
+
+    {"registered": true,
+     "title": "saliency maps",
+     "results_file": "saliency_maps.pickle",      # null for the network saver
+     "params": {"interval": 10, ...},             # the register call's arguments, JSON-safe
+     "interval": 10,                              # batches between snapshots; null if none
+     "state": "registered" | "waiting" | "active" | "switched_off",
+     "reason": null | "one line",                 # why waiting or switched off
+     "first_snapshot_step": 0 | 1 | null,         # the batch (all epochs) of stage 0
+     "input_kind": "image" | "sequence" | "tabular" | null}
+
+"registered": the script registered it, training has not begun. "waiting": the
+model is built by its first batch (a Sequential without keras.Input), so stage 0
+comes after batch 1. "active": built, snapshots at ``first_snapshot_step`` and
+every ``interval`` batches. "switched_off": it cannot handle this model or these
+inputs (for example ``"needs an image: ..."``) or it failed at a snapshot;
+training went on without it and ``reason`` says why.
+
+Results of non-image inputs (``input_kind`` "sequence" (T, C) or "tabular" (F,)):
+    layer_activations: as for images, plus ``uint8 (C, T)`` for layers with
+        (T, C) outputs (one row per filter over time).
+    saliency_maps: {"gradient": float32 like the input, "gradient_x_input":
+        float32 like the input, "input": float32, and "feature_names": [str]
+        when the script gave them}; the gradient is of the predicted class's
+        pre-softmax score (or of the single output unit, before its sigmoid).
+    deconvolutional_network: ``[(float32 (T, C) reconstruction, layer_name,
+        feat_map_no), ...]`` (sequences only; tabular models have no feature maps).
+    deep_visualization: ``[(float32 (T, C) or (F,) synthetic input, layer_name,
+        unit_index, loss_value), ...]``.
 
 The servers read a run folder as hostile input (the user's script writes it): through
 ``open_run_file`` and the readers built on it, which follow no link at any component,
@@ -203,6 +239,30 @@ def write_snapshot(run_dir, file_name, results_by_image, newest_image, tags, inf
 def write_run_status(run_dir, state, exit_code=None, message=None):
     atomic_write_json(status_path(run_dir), {"state": state, "exit_code": exit_code,
                                              "message": message, "time": time.time()})
+
+
+VISUALIZATION_INPUTS_FILE = "visualization_inputs.pickle"
+TECHNIQUES_FILE = "techniques.json"
+# The states of a technique in techniques.json (see the module docstring).
+TECHNIQUE_REGISTERED = "registered"
+TECHNIQUE_WAITING = "waiting"
+TECHNIQUE_ACTIVE = "active"
+TECHNIQUE_SWITCHED_OFF = "switched_off"
+TECHNIQUE_STATES = (TECHNIQUE_REGISTERED, TECHNIQUE_WAITING, TECHNIQUE_ACTIVE,
+                    TECHNIQUE_SWITCHED_OFF)
+
+
+def write_visualization_inputs(run_dir, inputs_by_name):
+    """Store the visualization inputs exactly as fed to the model: {name: float32 array}."""
+    atomic_write_pickle(results_path(run_dir, VISUALIZATION_INPUTS_FILE), dict(inputs_by_name))
+
+
+def write_techniques(run_dir, entries):
+    """Replace ``results/techniques.json`` with {key: entry} (format in the module docstring)."""
+    atomic_write_json(results_path(run_dir, TECHNIQUES_FILE), entries)
+
+
+# --- reading -----------------------------------------------------------------
 
 
 # --- reading a run folder: hostile input ---------------------------------------
