@@ -42,7 +42,7 @@ def make_applications(storage_dir, secret_key):
     """{"/<key>": application} for every technique in the registry."""
     return {"/" + technique.key: RunApplication(
                 importlib.import_module("custom_bokeh." + technique.key).make_document,
-                storage_dir, secret_key)
+                storage_dir, secret_key, technique.key)
             for technique in registry.TECHNIQUES}
 
 

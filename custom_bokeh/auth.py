@@ -1,13 +1,14 @@
 """Signed, short-lived session tokens that bind a Bokeh session to one user's run.
 
 The Flask app calls ``embed_script``: it mints a JWT (Bokeh's own token format,
-signed with the installation's secret key) whose payload carries the user id
-and the run folder relative to the storage folder, and uses the whole token as
-the Bokeh session id. The Bokeh server runs with ``sign_sessions=True`` and
-``generate_session_ids=False``, so it refuses (403) any session id that the
-secret key did not sign; ``verify_token`` then checks the payload (expiry, run
-belongs to the user, run inside the storage folder). No user or file name
-travels as a plain query argument. This module imports no keras.
+signed with the installation's secret key) whose payload carries the user id,
+the run folder relative to the storage folder and the technique, and uses the
+whole token as the Bokeh session id. The Bokeh server runs with
+``sign_sessions=True`` and ``generate_session_ids=False``, so it refuses (403)
+any session id that the secret key did not sign; ``verify_token`` then checks
+the payload (expiry, run belongs to the user, run inside the storage folder and
+reached without links, the app is the technique the token was minted for). No
+user or file name travels as a plain query argument. This module imports no keras.
 """
 import calendar
 import datetime
@@ -22,22 +23,26 @@ class InvalidToken(ValueError):
     """A session token that is unsigned, forged, expired or names a run it may not open."""
 
 
-def make_token(secret_key, user_id, run_rel_dir, expiration_s=300):
-    """A signed token for one user's run, valid for ``expiration_s`` seconds.
+def make_token(secret_key, user_id, run_rel_dir, technique_key, expiration_s=300):
+    """A signed token for one technique of one user's run, valid for ``expiration_s`` seconds.
 
     Args:
         secret_key: the installation's secret key (str or bytes).
         user_id: the id of the logged-in user who owns the run.
         run_rel_dir: the run folder relative to the storage folder, e.g. ``"3/mnist_digits"``.
+        technique_key: the registry key of the one technique (Bokeh app) the token opens.
         expiration_s: seconds within which the session must be opened; an open
             session keeps working after that.
     """
     if not secret_key:
         raise ValueError("secret_key must be a non-empty string")
+    if not technique_key or not isinstance(technique_key, str):
+        raise ValueError("technique_key must be a technique's key, got %r" % (technique_key,))
     _check_run_rel_dir(user_id, run_rel_dir)
     session_id = generate_session_id(secret_key=_as_bytes(secret_key), signed=True)
     return generate_jwt_token(session_id, secret_key=_as_bytes(secret_key), signed=True,
-                              extra_payload={"user_id": user_id, "run": run_rel_dir},
+                              extra_payload={"user_id": user_id, "run": run_rel_dir,
+                                             "technique": technique_key},
                               expiration=int(expiration_s))
 
 
@@ -52,17 +57,19 @@ def embed_script(bokeh_url, secret_key, technique_key, user_id, run_rel_dir, exp
         run_rel_dir: the run folder relative to the storage folder, e.g. ``"3/mnist_digits"``.
         expiration_s: seconds within which the page must open the session.
     """
-    token = make_token(secret_key, user_id, run_rel_dir, expiration_s)
+    token = make_token(secret_key, user_id, run_rel_dir, technique_key, expiration_s)
     return server_session(session_id=token, url="%s/%s" % (bokeh_url.rstrip("/"), technique_key))
 
 
-def verify_token(token, secret_key, storage_dir):
-    """The run folder a token grants, or ``InvalidToken`` saying why not.
+def verify_token(token, secret_key, storage_dir, technique_key):
+    """The run folder a token grants to one technique's app, or ``InvalidToken`` saying why not.
 
     Args:
         token: the session id the page opened the session with.
         secret_key: the secret key the server signs with.
         storage_dir: the folder that holds every user's runs.
+        technique_key: the technique of the app being opened; the token must be
+            minted for it.
     """
     if not token:
         raise InvalidToken("no session token")
@@ -76,11 +83,14 @@ def verify_token(token, secret_key, storage_dir):
     now = calendar.timegm(datetime.datetime.now(tz=datetime.timezone.utc).timetuple())
     if now >= payload.get("session_expiry", 0):
         raise InvalidToken("the session token has expired; reload the page")
+    if payload.get("technique") != technique_key:
+        raise InvalidToken("the session token was made for another dashboard")
     user_id, run_rel_dir = payload.get("user_id"), payload.get("run")
     _check_run_rel_dir(user_id, run_rel_dir, InvalidToken)
     storage_dir = os.path.realpath(storage_dir)
-    run_dir = os.path.realpath(os.path.join(storage_dir, run_rel_dir))
-    if os.path.dirname(os.path.dirname(run_dir)) != storage_dir:
+    run_dir = os.path.join(storage_dir, run_rel_dir)
+    # a run folder (or the user's folder) replaced by a link could lead to another user's run
+    if os.path.realpath(run_dir) != run_dir:
         raise InvalidToken("the session token names a run outside the storage folder")
     return run_dir
 

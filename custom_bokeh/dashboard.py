@@ -5,12 +5,16 @@
 a live page: a slider over the snapshot history (following the newest by
 default), a play button, an image choice, and a periodic callback that reads
 only new history lines, redraws only when a file changed and stops once the
-run has ended. Results files are read with the restricted unpickler; a refused
-file is reported on the page, never executed. This module imports no keras.
+run has ended. Run folders are hostile input: every file is read through
+``custom_keras.storage``'s safe readers (no links, regular files, capped sizes)
+with the restricted unpickler, a snapshot is drawn only within the drawing caps
+below, and whatever is refused is reported on the page, never executed. This
+module imports no keras.
 """
 import os
 import pickle
 
+import numpy as np
 from bokeh.application import Application
 from bokeh.application.handlers import FunctionHandler
 from bokeh.layouts import column, row
@@ -24,31 +28,44 @@ from custom_keras import storage
 ENDED_STATES = ("finished", "failed", "stopped")
 POLL_MS = 250
 PLAY_MS = 600
+
+# Caps on what one dashboard draws (results are written by user code); over a cap the
+# dashboard says so instead of drawing.
+MAX_DRAWN_VALUES = 8 * 1024 * 1024  # array values of one snapshot of one image, input included
+MAX_DRAWN_ARRAYS = 256              # arrays (layers, reconstructions, units) in one snapshot
+MAX_DRAWN_TEXT = 64 * 1024          # characters of names and labels in one snapshot
+MAX_DRAWN_MAPS = 16_384             # feature maps and units of one snapshot, each with a hover
+MAX_DRAWN_ITEMS = 100_000           # containers and values of one snapshot, walked to count
+MAX_HISTORY_ENTRIES = 100_000       # snapshots on the slider
+MAX_IMAGE_CHOICES = 100             # images in the image choice
 _MESSAGE_STYLES = {"font-size": "14px", "padding": "8px 12px", "border-radius": "4px",
                    "background-color": "#f4f6f8", "color": "#222", "white-space": "pre-wrap"}
 _ERROR_STYLES = dict(_MESSAGE_STYLES, **{"background-color": "#fdecea", "color": "#8a1c12"})
 
 
 class RunApplication(Application):
-    """A technique app that opens a session only for a valid signed run token.
+    """A technique app that opens a session only for a valid run token minted for it.
 
     Args:
         make_document: the app's ``make_document(doc)``.
         storage_dir: the folder that holds every user's runs.
         secret_key: the secret key the server signs sessions with.
+        technique_key: the technique this app shows (its path is ``/<technique_key>``);
+            a token minted for another technique is refused.
     """
 
-    def __init__(self, make_document, storage_dir, secret_key):
+    def __init__(self, make_document, storage_dir, secret_key, technique_key):
         super().__init__(FunctionHandler(make_document))
         self.storage_dir = storage_dir
         self.secret_key = secret_key
+        self.technique_key = technique_key
 
     def process_request(self, request):
         """Refuses (403) a session whose token is expired or names a run it may not open."""
         token = request.headers.get("Bokeh-Session-Id") or request.query_arguments.get(
             "bokeh-session-id", [b""])[0].decode("utf-8", "replace")
         try:
-            verify_token(token, self.secret_key, self.storage_dir)
+            verify_token(token, self.secret_key, self.storage_dir, self.technique_key)
         except InvalidToken as error:
             raise HTTPError(403, reason=str(error))
         return super().process_request(request)
@@ -58,8 +75,8 @@ def open_run(doc):
     """The run folder this session may show, or None after putting the reason on the page.
 
     The session id is the token that ``auth.embed_script`` signed; it is checked
-    again here (signature, expiry, owner, inside the storage folder) so that no
-    path into a session skips the check.
+    again here (signature, expiry, owner, inside the storage folder, minted for
+    this app's technique) so that no path into a session skips the check.
 
     Args:
         doc: the session's document.
@@ -73,7 +90,8 @@ def open_run(doc):
                                  error=True))
         return None
     try:
-        return verify_token(context.id, application.secret_key, application.storage_dir)
+        return verify_token(context.id, application.secret_key, application.storage_dir,
+                            application.technique_key)
     except InvalidToken as error:
         doc.add_root(message_div("Access refused: %s." % error, error=True))
         return None
@@ -89,6 +107,39 @@ def show_message(div, text, error=False):
     div.text = text
     div.styles = _ERROR_STYLES if error else _MESSAGE_STYLES
     div.visible = bool(text)
+
+
+class TooMuchToDraw(ValueError):
+    """A snapshot holds more than the dashboards draw (``MAX_DRAWN_*``)."""
+
+
+def check_drawable(*values):
+    """Raises ``TooMuchToDraw`` when ``values`` hold more than the drawing caps.
+
+    Walks lists, tuples, sets and dicts without recursion and stops after
+    ``MAX_DRAWN_ITEMS``, so a deep or self-referencing structure costs no more.
+    """
+    pending, items, arrays, array_values, text = list(values), 0, 0, 0, 0
+    while pending:
+        value = pending.pop()
+        items += 1
+        if isinstance(value, np.ndarray):
+            arrays, array_values = arrays + 1, array_values + value.size
+        elif isinstance(value, (str, bytes)):
+            text += len(value)
+        elif isinstance(value, dict):
+            pending.extend(value.keys())
+            pending.extend(value.values())
+        elif isinstance(value, (list, tuple, set, frozenset)):
+            pending.extend(value)
+        if items > MAX_DRAWN_ITEMS:
+            raise TooMuchToDraw("it holds more than %d values and containers" % MAX_DRAWN_ITEMS)
+    for count, cap, what in ((array_values, MAX_DRAWN_VALUES, "array values"),
+                             (arrays, MAX_DRAWN_ARRAYS, "arrays"),
+                             (text, MAX_DRAWN_TEXT, "characters of text")):
+        if count > cap:
+            raise TooMuchToDraw("it holds %d %s; the dashboards draw at most %d"
+                                % (count, what, cap))
 
 
 def run_has_ended(run_dir):
@@ -214,7 +265,8 @@ class ImageDashboard:
         self._snapshot_cache = (None, None, None)
         self._choosing_image = False
         self._ended = False
-        self._input_images, self._input_images_mtime = {}, None
+        self._input_images, self._input_images_mtime = ({}, None), None
+        self._index_problem = ""
         self._doc = self._poll_callback = self._play_callback = None
 
         self.message = message_div()
@@ -249,8 +301,12 @@ class ImageDashboard:
         if self._index_was_replaced():
             self.entries, self._index_offset, self._shown_key = [], 0, None
             self.follow_latest = True
-        new_entries, self._index_offset = storage.read_history_index(
-            self.run_dir, self.technique.results_file, self._index_offset)
+        try:
+            new_entries = self._read_new_entries()
+            self._index_problem = ""
+        except (OSError, ValueError) as error:  # a link, a pipe, a huge line, not JSON
+            new_entries, self._index_problem = [], (
+                "Could not read the history of snapshots: %s" % error)
         if new_entries:
             self.entries.extend(new_entries)
             count = len(self.entries)
@@ -263,10 +319,22 @@ class ImageDashboard:
             self._doc.remove_periodic_callback(self._poll_callback)
             self._poll_callback = None
 
+    def _read_new_entries(self):
+        """History entries written since the last call, up to ``MAX_HISTORY_ENTRIES`` in all."""
+        room = MAX_HISTORY_ENTRIES - len(self.entries)
+        if room <= 0:
+            raise TooMuchToDraw("the slider holds the first %d snapshots; later ones are not "
+                                "shown" % MAX_HISTORY_ENTRIES)
+        entries, self._index_offset = storage.read_history_index(
+            self.run_dir, self.technique.results_file, self._index_offset)
+        return [entry for entry in entries
+                if isinstance(entry, dict) and isinstance(entry.get("file"), str)][:room]
+
     def show(self):
         """Renders the chosen snapshot and image, unless exactly that is already shown."""
         if not self.entries:
-            show_message(self.message, no_data_text(self.technique, self._ended))
+            show_message(self.message, self._index_problem or
+                         no_data_text(self.technique, self._ended), error=bool(self._index_problem))
             return
         position = min(int(self.slider.value), len(self.entries) - 1)
         entry = self.entries[position]
@@ -274,13 +342,15 @@ class ImageDashboard:
         try:
             snapshot_key, snapshot = self._read_snapshot(entry)
             input_images = self._read_input_images()
-        except storage.UnsafePickleError as error:
+        except (storage.UnsafePickleError, storage.UnsafeFileError) as error:
+            self._shown_key = None
             show_message(self.message, "Refused to read a results file: %s" % error, error=True)
             return
         except (OSError, EOFError, pickle.UnpicklingError, ValueError) as error:
+            self._shown_key = None
             show_message(self.message, "Could not read %s: %s" % (entry["file"], error), error=True)
             return
-        image_name = self._choose_image(list(snapshot.get("images", {})))
+        image_name = self._choose_image(list(snapshot["images"]))
         key = (snapshot_key, image_name, self._input_images_mtime)
         if key == self._shown_key:
             return
@@ -289,15 +359,25 @@ class ImageDashboard:
             show_message(self.message, "Snapshot %s holds no image results." % entry["file"],
                          error=True)
             return
+        result = snapshot["images"][image_name]
+        info = snapshot.get("info")
+        info = info.get(image_name) if isinstance(info, dict) else None
+        info = info if isinstance(info, dict) else {}
+        input_image = input_images.get(image_name)
         try:
-            layout = self.render(snapshot["images"][image_name],
-                                 snapshot.get("info", {}).get(image_name, {}),
-                                 input_images.get(image_name), image_name)
+            if isinstance(result, TooMuchToDraw):  # found when the snapshot was read
+                raise result.with_traceback(None)
+            check_drawable(result, info, input_image, image_name)
+            layout = self.render(result, info, input_image, image_name)
+        except TooMuchToDraw as error:
+            show_message(self.message, "The %s of image %s is not drawn: %s." % (
+                self.technique.title.lower(), image_name, error), error=True)
+            return
         except Exception as error:  # results are written by user code: report, do not crash
             show_message(self.message, "Could not show the %s of image %s: %s: %s" % (
                 self.technique.title.lower(), image_name, type(error).__name__, error), error=True)
             return
-        show_message(self.message, "")
+        show_message(self.message, self._index_problem, error=True)
         signature = layout_signature(layout)
         if self.content.children and _same(signature, self._shown_signature):
             copy_content(self.content.children[0], layout)
@@ -307,21 +387,29 @@ class ImageDashboard:
 
     def _read_snapshot(self, entry):
         """(path and mtime, snapshot), read again only when the file changed; errors are kept too."""
-        path = os.path.join(storage.history_dir(self.run_dir, self.technique.results_file),
-                            os.path.basename(entry["file"]))
+        path = storage.snapshot_path(self.run_dir, self.technique.results_file, entry)
         key = (path, storage.file_mtime(path))
         if self._snapshot_cache[0] != key:
             try:
-                self._snapshot_cache = (key, storage.read_snapshot(
-                    self.run_dir, self.technique.results_file, entry), None)
+                snapshot = storage.read_snapshot(self.run_dir, self.technique.results_file, entry)
+                if not (isinstance(snapshot, dict) and isinstance(snapshot.get("images"), dict)):
+                    raise ValueError("a snapshot must be a dict with a dict of images")
+                for name, result in snapshot["images"].items():
+                    try:
+                        check_drawable(result)
+                    except TooMuchToDraw as error:  # kept as the reason, not as the result
+                        snapshot["images"][name] = error.with_traceback(None)
+                self._snapshot_cache = (key, snapshot, None)
             except (OSError, EOFError, pickle.UnpicklingError, ValueError) as error:
-                self._snapshot_cache = (key, None, error)
+                self._snapshot_cache = (key, None, error.with_traceback(None))
         if self._snapshot_cache[2] is not None:
-            raise self._snapshot_cache[2]
+            # without its last traceback, which holds the frames (and data) of the last raise
+            raise self._snapshot_cache[2].with_traceback(None)
         return key, self._snapshot_cache[1]
 
     def _choose_image(self, names):
         """The selected image if the snapshot has it, else the newest visualization image."""
+        names = [name for name in names if isinstance(name, str)][:MAX_IMAGE_CHOICES]
         if not names:
             return None
         self._choosing_image = True  # setting the Select below must not start another show()
@@ -335,18 +423,26 @@ class ImageDashboard:
         return self.image_select.value
 
     def _read_input_images(self):
+        """{image name: array}, read again only when the file changed; errors are kept too."""
         mtime = storage.file_mtime(storage.results_path(self.run_dir, storage.INPUT_IMAGES_FILE))
         if mtime != self._input_images_mtime:
-            self._input_images = storage.read_input_images(self.run_dir)
             self._input_images_mtime = mtime
-        return self._input_images
+            try:
+                images = storage.read_input_images(self.run_dir)
+                if not isinstance(images, dict):
+                    raise ValueError("%s must hold a dict" % storage.INPUT_IMAGES_FILE)
+                self._input_images = (images, None)
+            except (OSError, EOFError, pickle.UnpicklingError, ValueError) as error:
+                self._input_images = ({}, error.with_traceback(None))
+        if self._input_images[1] is not None:
+            raise self._input_images[1].with_traceback(None)
+        return self._input_images[0]
 
     def _index_was_replaced(self):
         """True when the history index shrank (a re-run deleted the previous results)."""
         index = os.path.join(storage.history_dir(self.run_dir, self.technique.results_file),
                              storage.HISTORY_INDEX)
-        size = os.path.getsize(index) if os.path.exists(index) else 0
-        return size < self._index_offset
+        return storage.file_size(index) < self._index_offset
 
     def _on_slider(self, attr, old, new):
         self.follow_latest = new >= len(self.entries) - 1

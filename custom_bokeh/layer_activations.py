@@ -11,7 +11,7 @@ from bokeh.layouts import column
 from bokeh.models import ColumnDataSource, HoverTool
 
 from custom_bokeh import images
-from custom_bokeh.dashboard import image_dashboard
+from custom_bokeh.dashboard import MAX_DRAWN_MAPS, TooMuchToDraw, image_dashboard
 from custom_keras import registry
 
 TECHNIQUE = registry.get("layer_activations")
@@ -36,15 +36,26 @@ def render(result, info, input_image, image_name):
     if not isinstance(result, (list, tuple)):
         raise ValueError("layer activations must be a list of (layer name, array) pairs, got %s"
                          % type(result).__name__)
-    figures = []
-    if input_image is not None:
-        figures.append(images.image_figure(input_image, "Input: %s" % image_name))
     for position, entry in enumerate(result):
         if not (isinstance(entry, (list, tuple)) and len(entry) == 2):
             raise ValueError("layer activations entry %d must be a (layer name, array) pair, got %r"
                              % (position, entry))
-        figures.append(layer_figure(str(entry[0]), entry[1]))
+    maps = sum(map_count(activations) for _, activations in result)
+    if maps > MAX_DRAWN_MAPS:
+        raise TooMuchToDraw("its layers hold %d feature maps and units; the dashboard draws at "
+                            "most %d" % (maps, MAX_DRAWN_MAPS))
+    figures = []
+    if input_image is not None:
+        figures.append(images.image_figure(input_image, "Input: %s" % image_name))
+    for layer_name, activations in result:
+        figures.append(layer_figure(str(layer_name), activations))
     return column(*figures, spacing=12)
+
+
+def map_count(activations):
+    """How many maps (filters) or units a layer's output draws, each with its hover rectangle."""
+    shape = np.shape(activations)
+    return 1 if len(shape) == 2 else (shape[0] if shape else 0)
 
 
 def layer_figure(layer_name, activations):

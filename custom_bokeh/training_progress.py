@@ -7,6 +7,10 @@ only has the Appendix D files ``training_progress.txt`` ("progress accuracy
 loss") and ``training_progress_val.txt`` ("epoch val_accuracy val_loss") is
 shown from those. Tables are read from a byte offset and new rows are
 *streamed* to the browser, so an update costs the same however long the run is.
+The tables are hostile input: read through ``custom_keras.storage``'s safe readers
+(a link or a named pipe is reported, never followed or waited on), at most
+``storage.MAX_LINES_BYTES`` per update, and drawn up to ``MAX_TABLE_ROWS`` rows of
+``MAX_TABLE_COLUMNS`` columns, with a message once a cap is reached.
 """
 import os
 
@@ -23,6 +27,8 @@ POSITION_COLUMNS = ("progress", "epoch", "batch")
 BATCH_COLOR = "#1f77b4"
 VALIDATION_COLOR = "green"
 TOOLS = "pan,wheel_zoom,box_zoom,reset,save"
+MAX_TABLE_ROWS = 200_000   # rows of one table drawn; a run of 200 epochs of 1000 batches fits
+MAX_TABLE_COLUMNS = 64     # metrics and positions of one table
 
 
 class TableReader:
@@ -36,15 +42,27 @@ class TableReader:
 
     Reads from a byte offset like ``storage.read_table``, but a malformed line
     is skipped and counted (``bad_lines``, ``last_bad_line``) instead of stopping
-    every later read.
+    every later read. Once ``MAX_TABLE_ROWS`` rows were read, later rows are not
+    (``capped``); a table of more than ``MAX_TABLE_COLUMNS`` columns is refused.
+
+    Raises (``read``):
+        OSError: the table is a link, not a regular file, or has a line over
+            ``storage.MAX_LINES_BYTES`` (``storage.UnsafeFileError``).
+        ValueError: the header has more than ``MAX_TABLE_COLUMNS`` columns.
     """
 
     def __init__(self, run_dir, tsv_name, txt_name, txt_columns):
+        self.run_dir = run_dir
         self.tsv_path = storage.results_path(run_dir, tsv_name)
         self.txt_path = storage.results_path(run_dir, txt_name)
         self.txt_columns = list(txt_columns)
         self.path, self.offset, self.columns = None, 0, None
         self.bad_lines, self.last_bad_line = 0, None
+        self.rows_read = 0
+
+    @property
+    def capped(self):
+        return self.rows_read >= MAX_TABLE_ROWS
 
     def read(self):
         """(columns, new rows as {column: values}, restarted).
@@ -53,17 +71,27 @@ class TableReader:
         ``restarted`` says that rows read before must be dropped (the .tsv
         appeared, or a re-run replaced the file).
         """
-        path = self.tsv_path if os.path.exists(self.tsv_path) else self.txt_path
-        if not os.path.exists(path):
+        # lexists: a link counts as there, so that reading it reports it
+        path = self.tsv_path if os.path.lexists(self.tsv_path) else self.txt_path
+        if not os.path.lexists(path):
             return None, {}, False
-        restarted = self.path is not None and (path != self.path or _size(path) < self.offset)
+        restarted = self.path is not None and (
+            path != self.path or storage.file_size(path) < self.offset)
         if restarted or self.path is None:
-            self.path, self.offset, self.columns = path, 0, None
+            self.path, self.offset, self.columns, self.rows_read = path, 0, None, 0
+        if self.capped:
+            return None, {}, restarted
         at_top = self.offset == 0
-        lines, self.offset = storage.read_complete_lines(path, self.offset)
+        lines, self.offset = storage.read_complete_lines(self.run_dir, path, self.offset)
         tsv = path == self.tsv_path
         if at_top and lines:
-            self.columns = lines.pop(0).split("\t") if tsv else self.txt_columns
+            columns = lines.pop(0).split("\t") if tsv else self.txt_columns
+            if len(columns) > MAX_TABLE_COLUMNS:
+                self.offset = 0  # read the header again next time; it is refused again
+                raise ValueError("%s has %d columns; the dashboard draws at most %d" % (
+                    os.path.basename(path), len(columns), MAX_TABLE_COLUMNS))
+            self.columns = columns
+        lines = lines[:MAX_TABLE_ROWS - self.rows_read]
         rows = []
         for line in lines:
             row = _parse_row(line.split("\t") if tsv else line.split(), len(self.columns))
@@ -71,15 +99,20 @@ class TableReader:
                 self.bad_lines, self.last_bad_line = self.bad_lines + 1, line
             else:
                 rows.append(row)
+        self.rows_read += len(lines)
         new_rows = {name: [row[i] for row in rows] for i, name in enumerate(self.columns or [])}
         return (self.columns if at_top else None), (new_rows if rows else {}), restarted
 
     def problem(self):
-        """A sentence about skipped lines, or ""."""
-        if not self.bad_lines:
-            return ""
-        return "Skipped %d malformed line(s) of %s, the last: %r" % (
-            self.bad_lines, os.path.basename(self.path), self.last_bad_line[:200])
+        """Sentences about skipped lines and the row cap, or ""."""
+        problems = []
+        if self.bad_lines:
+            problems.append("Skipped %d malformed line(s) of %s, the last: %r" % (
+                self.bad_lines, os.path.basename(self.path), self.last_bad_line[:200]))
+        if self.capped:
+            problems.append("Showing the first %d rows of %s; later rows are not drawn." % (
+                MAX_TABLE_ROWS, os.path.basename(self.path)))
+        return "\n".join(problems)
 
 
 def _parse_row(values, count):
@@ -88,13 +121,6 @@ def _parse_row(values, count):
     except ValueError:
         return None
     return row if len(row) == count else None
-
-
-def _size(path):
-    try:
-        return os.path.getsize(path)
-    except FileNotFoundError:
-        return 0
 
 
 class TrainingProgressDashboard:
@@ -137,10 +163,14 @@ class TrainingProgressDashboard:
     def update(self):
         """Streams the rows written since the last call; stops polling after the run ended."""
         self._ended = run_has_ended(self.run_dir)  # read before the tables: no row is missed
-        self._read_batches()
-        if self.metrics:
-            self._read_validation()
-        problems = [reader.problem() for reader in (self.batches, self.validation)]
+        problems = []
+        try:
+            self._read_batches()
+            if self.metrics:
+                self._read_validation()
+        except (OSError, ValueError) as error:  # a link, a named pipe, a huge line or header
+            problems.append("Could not read the training progress: %s" % error)
+        problems += [reader.problem() for reader in (self.batches, self.validation)]
         if any(problems):
             show_message(self.message, "\n".join(p for p in problems if p), error=True)
         else:

@@ -24,10 +24,17 @@ snapshot is tagged with ``stage``, ``epoch`` (0-based, as Keras counts),
 ``batch`` (batches done in that epoch), ``step`` (batches done in all),
 ``progress`` (``step`` in epochs, the training-progress x axis) and ``time``.
 
-Bad arguments raise a ValueError or TypeError naming the argument: at
-registration, or when training begins for what needs the model. A technique
-that fails at one snapshot writes nothing, prints one line to stderr and lets
-training go on.
+Failure isolation: arguments that are wrong whatever the model (an interval of
+0, a negative learning rate, feat_map_amount together with feat_map_nos) raise
+a ValueError or TypeError naming the argument at registration. Everything that
+depends on the model or the inputs (a layer number out of range, a layer the
+deconvolutional network cannot reverse, a model without image input and no
+``visualization_inputs``) switches that technique off for this run instead: one
+line on stderr, the reason in ``results/techniques.json`` (see
+``custom_keras.storage``), and the training and the other techniques go on. So
+does a technique that fails at any snapshot. The techniques are built when
+training begins, or right after the first batch for a model that Keras builds
+then (a Sequential without keras.Input); stage 0 is taken at that moment.
 """
 import atexit
 import glob
@@ -43,10 +50,15 @@ import numpy as np
 
 from custom_keras import images as visualization_images
 from custom_keras import storage
-from custom_keras.techniques.activations import EXCLUDE_LAYERS, ActivationModel
-from custom_keras.techniques.common import to_uint8
-from custom_keras.techniques.deconvolution import DeconvolutionModel
-from custom_keras.techniques.deep_visualization import DeepVisualizationModel, check_regularizers
+from custom_keras.inputs import (NotApplicable, check_inputs_array, input_kind, input_names,
+                                 prepare_inputs)
+from custom_keras.techniques.activations import (EXCLUDE_LAYERS, ActivationModel,
+                                                 check_exclude_layers)
+from custom_keras.techniques.common import softmax, to_uint8
+from custom_keras.techniques.deconvolution import (DeconvolutionModel,
+                                                   check_deconvolution_selection)
+from custom_keras.techniques.deep_visualization import (DeepVisualizationModel, check_regularizers,
+                                                        check_unit_list)
 from custom_keras.techniques.saliency import SaliencyModel
 
 TRAINING_PROGRESS_FILE = "training_progress.txt"
@@ -106,12 +118,20 @@ class NetworkSaver(keras.callbacks.Callback):
 
     Args:
         file_folder: should always be ``os.path.dirname(__file__)``.
+        record: the run's ``TechniqueRecord``.
     """
 
-    def __init__(self, file_folder):
+    key = "network_saver"
+
+    def __init__(self, file_folder, record=None):
         super().__init__()
         self.run_dir = storage.resolve_run_dir(file_folder)
         self.path = os.path.join(storage.networks_dir(self.run_dir), script_name() + ".keras")
+        self.record = record or TechniqueRecord.shared(self.run_dir)
+        self.record.register(self.key, "network saver", None, {}, None)
+
+    def on_train_begin(self, logs=None):
+        self.record.update(self.key, state=storage.TECHNIQUE_ACTIVE)
 
     def on_epoch_end(self, epoch, logs=None):
         tmp = None
@@ -161,13 +181,17 @@ class TrainingProgress(keras.callbacks.Callback):
 
     Args:
         file_folder: should always be ``os.path.dirname(__file__)``.
+        record: the run's ``TechniqueRecord``.
     """
 
     FLUSH_SECONDS = 0.2
+    key = "training_progress"
 
-    def __init__(self, file_folder):
+    def __init__(self, file_folder, record=None):
         super().__init__()
         self.run_dir = storage.resolve_run_dir(file_folder)
+        self.record = record or TechniqueRecord.shared(self.run_dir)
+        self.record.register(self.key, "training progress", TRAINING_PROGRESS_FILE, {}, None)
         self._started = False
         self._step = 0
         self._lines, self._rows, self._columns = [], [], None
@@ -179,6 +203,7 @@ class TrainingProgress(keras.callbacks.Callback):
         return storage.results_path(self.run_dir, file_name)
 
     def on_train_begin(self, logs=None):
+        self.record.update(self.key, state=storage.TECHNIQUE_ACTIVE, first_snapshot_step=0)
         self._flush()  # rows of an earlier fit that ended without on_train_end
         if not self._started:
             # A new run starts new tables rather than continuing an old run's.
@@ -264,15 +289,89 @@ class TrainingProgress(keras.callbacks.Callback):
                            [epoch + 1] + [float(logs[name]) for name in val_names])
 
 
-class _SnapshotCallback(keras.callbacks.Callback):
-    """Schedule and output shared by the visualizing callbacks.
+class TechniqueRecord:
+    """What the script registered and what became of each technique, in ``results/techniques.json``.
 
-    A subclass sets ``results_file`` and ``title`` and defines ``build()``,
-    which prepares its technique when training begins (the model is known then;
-    ``image_names`` and ``inputs`` are set), and ``compute()``, which returns
-    ``(results_by_image, info_by_image)`` for one snapshot. ``build()`` runs once
-    per model: a later ``fit`` of the same model reuses the technique (and its
-    compiled graphs), which reads the weights as they are at each snapshot.
+    One record per run folder, shared by the callbacks of a ``CustomCallbacks``
+    (format in ``custom_keras.storage``). The file is replaced whole at every
+    registration and state change, so the first write of a run drops the
+    entries of an earlier run in the same folder.
+
+    Args:
+        run_dir: the run folder.
+    """
+
+    _shared = {}
+
+    def __init__(self, run_dir):
+        self.run_dir = run_dir
+        self.entries = {}
+
+    @classmethod
+    def shared(cls, run_dir):
+        """The record of callbacks created on their own (without ``CustomCallbacks``)."""
+        return cls._shared.setdefault(run_dir, cls(run_dir))
+
+    def register(self, key, title, results_file, params, interval):
+        """Add a technique in state "registered"; written at once, so a script that fails
+        before training still shows what it registered."""
+        self.entries[key] = {"registered": True, "title": title, "results_file": results_file,
+                             "params": _json_safe(params), "interval": interval,
+                             "state": storage.TECHNIQUE_REGISTERED, "reason": None,
+                             "first_snapshot_step": None, "input_kind": None}
+        self.write()
+
+    def update(self, key, **changes):
+        self.entries[key].update(changes)
+        self.write()
+
+    def write(self):
+        try:
+            storage.write_techniques(self.run_dir, self.entries)
+        except OSError as error:  # the record must never stop the training
+            print("[visualizer] %s not written: %s" % (storage.TECHNIQUES_FILE, _one_line(error)),
+                  file=sys.stderr, flush=True)
+
+
+def _json_safe(value):
+    """Arguments as JSON: numbers, strings, lists and dicts as they are, anything else by name."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, dict):
+        return {str(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    if isinstance(value, np.ndarray):
+        return "array %s" % (value.shape,)
+    return getattr(value, "__name__", None) or type(value).__name__
+
+
+def _model_is_built(model):
+    try:
+        return bool(model.inputs)
+    except (AttributeError, ValueError):
+        return False
+
+
+class _SnapshotCallback(keras.callbacks.Callback):
+    """Schedule, output and failure isolation shared by the visualizing callbacks.
+
+    A subclass sets ``key``, ``results_file`` and ``title`` and defines
+    ``build()``, which prepares its technique once the model is built (the
+    inputs are known then: ``input_kind``, ``image_names``, ``inputs``), and
+    ``compute()``, which returns ``(results_by_image, info_by_image)`` for one
+    snapshot. ``build()`` runs once per model: a later ``fit`` of the same model
+    reuses the technique (and its compiled graphs), which reads the weights as
+    they are at each snapshot.
+
+    The technique is built when training begins, or, for a model that Keras
+    builds with its first batch (a Sequential without ``keras.Input``), right
+    after that batch, and stage 0 is taken then. A technique that cannot handle
+    the model or the inputs (at build, or at any snapshot) is switched off for
+    this run: one line on stderr, the reason in ``techniques.json``, and the
+    training goes on.
 
     Args:
         file_folder: should always be ``os.path.dirname(__file__)``.
@@ -281,43 +380,96 @@ class _SnapshotCallback(keras.callbacks.Callback):
             model's input; replaces the default scaling to [0, 1].
         custom_postprocess: optional function applied to every output image
             before it is saved.
-        uses_images: whether the technique needs the visualization images.
+        uses_images: whether the technique needs the visualization inputs.
+        visualization_inputs: optional array (N,) + the model's input shape, as
+            fed to the model; replaces the images folder.
+        record: the run's ``TechniqueRecord``; by default the one of the run folder.
+        params: the register call's arguments, for the record.
     """
 
+    key = None
     results_file = None
     title = None
 
     def __init__(self, file_folder, interval, custom_preprocess=None, custom_postprocess=None,
-                 uses_images=True):
+                 uses_images=True, visualization_inputs=None, record=None, params=None):
         super().__init__()
         self.run_dir = storage.resolve_run_dir(file_folder)
         self.interval = _check_interval(interval)
         self.custom_preprocess = _check_function(custom_preprocess, "custom_preprocess")
         self.custom_postprocess = _check_function(custom_postprocess, "custom_postprocess")
-        self._loaded_images = visualization_images.load_images(self.run_dir) if uses_images else None
+        self.visualization_inputs = check_inputs_array(visualization_inputs)
+        self._loaded_images = (visualization_images.load_images(self.run_dir)
+                               if uses_images and self.visualization_inputs is None else {})
+        self.record = record or TechniqueRecord.shared(self.run_dir)
+        self.record.register(self.key, self.title, self.results_file,
+                             dict(params or {}, interval=self.interval), self.interval)
+        self.switched_off = False
+        self._ready = False
+        self._has_started = False  # built and took stage 0 at least once
         self._started = False
         self._stage = 0
         self._step = 0
+        self._epoch = 0
+        self._epoch_start_step = 0
         self._built_for = None
 
     def on_train_begin(self, logs=None):
-        # Everything that can reject the arguments comes before the first write.
-        as_fed = None
-        if self._loaded_images is not None:
-            self.image_names, as_fed, self.inputs = visualization_images.prepare_images(
-                self.model, self._loaded_images, self.custom_preprocess)
-        if self._built_for is not self.model:
-            self.build()
-            self._built_for = self.model
         if not self._started:
             self._clear_previous_run()
             self._started = True
         else:
             self._stage += 1
-        if as_fed is not None:
-            storage.write_input_images(self.run_dir, as_fed)
         self._epoch = 0
-        self._snapshot(batch=0)
+        self._ready = False
+        if self.switched_off:
+            return
+        if _model_is_built(self.model):
+            self._start(batch=0)
+        else:
+            self.record.update(self.key, state=storage.TECHNIQUE_WAITING,
+                               first_snapshot_step=self._step + 1,
+                               reason="the model is built by its first batch (no keras.Input), "
+                                      "so the first snapshot comes after it")
+
+    def _start(self, batch):
+        """Prepare the inputs, build the technique once per model, take stage 0."""
+        try:
+            self.input_kind, self.image_names, as_fed, self.inputs = self.prepare_inputs()
+            if self._built_for is not self.model:
+                self.build()
+                self._built_for = self.model
+        except Exception as error:  # a technique that cannot serve this model: off, not fatal
+            self._switch_off(error,
+                             "when training began" if batch == 0 else "after the first batch")
+            return
+        self.record.update(self.key, state=storage.TECHNIQUE_ACTIVE, reason=None,
+                           first_snapshot_step=self._step, input_kind=self.input_kind)
+        try:
+            if as_fed is not None:
+                storage.write_input_images(self.run_dir, as_fed)
+            if self.inputs is not None:
+                storage.write_visualization_inputs(self.run_dir,
+                                                   dict(zip(self.image_names, self.inputs)))
+        except OSError as error:
+            print("[visualizer] %s: inputs not written: %s" % (self.title, _one_line(error)),
+                  file=sys.stderr, flush=True)
+        self._ready = self._has_started = True
+        self._snapshot(batch)
+
+    def prepare_inputs(self):
+        """(input kind, names, {name: uint8 image} or None, float32 batch) for this model."""
+        return prepare_inputs(self.model, self._loaded_images, self.visualization_inputs,
+                              self.custom_preprocess)
+
+    def _switch_off(self, error, when):
+        self.switched_off, self._ready = True, False
+        reason = (" ".join(str(error).split()) if isinstance(error, NotApplicable)
+                  else _one_line(error))
+        print("[visualizer] %s switched off %s: %s" % (self.title, when, reason),
+              file=sys.stderr, flush=True)
+        changes = {} if self._has_started else {"first_snapshot_step": None}
+        self.record.update(self.key, state=storage.TECHNIQUE_SWITCHED_OFF, reason=reason, **changes)
 
     def _clear_previous_run(self):
         """A new run starts a new history rather than mixing with an old run's."""
@@ -335,6 +487,16 @@ class _SnapshotCallback(keras.callbacks.Callback):
         # the schedule.
         batches_done = min(batch + 1, self.params.get("steps") or batch + 1)
         previous, self._step = self._step, self._epoch_start_step + batches_done
+        if self.switched_off:
+            return
+        if not self._ready:
+            if _model_is_built(self.model):
+                self._start(batch=batches_done)
+            else:
+                self._switch_off(NotApplicable(
+                    "needs a Sequential or functional model: this one has no inputs to trace even "
+                    "after its first batch (a subclassed keras.Model)"), "after the first batch")
+            return
         if self._step // self.interval > previous // self.interval:
             self._stage += 1
             self._snapshot(batch=batches_done)
@@ -345,25 +507,33 @@ class _SnapshotCallback(keras.callbacks.Callback):
                 "progress": self._step / steps if steps else float(self._step)}
         try:
             results_by_image, info_by_image = self.compute()
+        except Exception as error:  # a visualization must never stop the training
+            self._switch_off(error, "at stage %d" % self._stage)
+            return
+        try:
             newest = self.image_names[-1] if self.image_names else NO_IMAGE
             storage.write_snapshot(self.run_dir, self.results_file, results_by_image, newest,
                                    tags, info_by_image)
-        except Exception as error:  # a visualization must never stop the training
-            print("[visualizer] %s failed at stage %d: %s" % (self.title, self._stage, _one_line(error)),
+        except OSError as error:  # a full disk may clear up: the next snapshot tries again
+            print("[visualizer] %s not written at stage %d: %s" % (self.title, self._stage,
+                                                                   _one_line(error)),
                   file=sys.stderr, flush=True)
 
     def postprocess(self, image):
-        """An output image as uint8: ``custom_postprocess`` if given, then scaled unless already uint8."""
+        """An output as stored: for image inputs uint8 (``custom_postprocess`` if given, then
+        scaled unless already uint8); for sequences and feature vectors float32 as computed."""
+        if self.input_kind != "image":
+            return np.asarray(image, dtype=np.float32)
         if self.custom_postprocess is not None:
             image = np.asarray(self.custom_postprocess(image))
         return image if image.dtype == np.uint8 else to_uint8(image)
 
 
 class LayerActivations(_SnapshotCallback):
-    """Saves the output of every layer, except the excluded ones, for each visualization image.
+    """Saves the output of every layer, except the excluded ones, for each visualization input.
 
     ``results/layer_activations.pickle``: ``[("Layer 1: conv2d", uint8 (filters, H, W)),
-    ("Layer 6: dense", uint8 (units,)), ...]``.
+    ("Layer 6: dense", uint8 (units,)), ("Layer 2: conv1d", uint8 (filters, T)), ...]``.
 
     Args:
         file_folder: should always be ``os.path.dirname(__file__)``.
@@ -372,15 +542,20 @@ class LayerActivations(_SnapshotCallback):
         custom_preprocess: optional function applied to each visualization image
             (float32 (H, W, C) in 0..255) instead of scaling to [0, 1].
         interval: compute the activations every ``interval`` batches.
+        visualization_inputs: optional array (N,) + the model's input shape.
+        record: the run's ``TechniqueRecord``.
     """
 
+    key = "layer_activations"
     results_file = "layer_activations.pickle"
     title = "layer activations"
 
     def __init__(self, file_folder, exclude_layers=EXCLUDE_LAYERS, custom_preprocess=None,
-                 interval=10):
-        super().__init__(file_folder, interval, custom_preprocess)
-        self.exclude_layers = exclude_layers
+                 interval=10, visualization_inputs=None, record=None):
+        self.exclude_layers = check_exclude_layers(exclude_layers)
+        super().__init__(file_folder, interval, custom_preprocess,
+                         visualization_inputs=visualization_inputs, record=record,
+                         params=dict(exclude_layers=exclude_layers))
 
     def build(self):
         self._activations = ActivationModel(self.model, self.exclude_layers)
@@ -390,10 +565,14 @@ class LayerActivations(_SnapshotCallback):
 
 
 class SaliencyMaps(_SnapshotCallback):
-    """Saves the saliency map of each visualization image for its predicted class.
+    """Saves the saliency of each visualization input for its predicted class.
 
-    ``results/saliency_maps.pickle``: uint8 (H, W, 1); each snapshot's history
-    also holds the predicted class and its confidence per image.
+    ``results/saliency_maps.pickle``: for images uint8 (H, W, 1); for sequences
+    and feature vectors the dict of ``custom_keras.storage``'s docstring (the
+    gradient, gradient x input, the input, and ``feature_names`` if given). Each
+    snapshot's history also holds the predicted class and its confidence per
+    input (or ``{"score": ...}`` for a model with one output unit: a sigmoid's
+    logit, a regression's value).
 
     Args:
         file_folder: should always be ``os.path.dirname(__file__)``.
@@ -402,30 +581,66 @@ class SaliencyMaps(_SnapshotCallback):
         custom_postprocess: optional function applied to each saliency map
             (uint8 (H, W, 1)) before it is saved.
         interval: compute the maps every ``interval`` batches.
+        visualization_inputs: optional array (N,) + the model's input shape.
+        feature_names: optional names of the features of a tabular input.
+        record: the run's ``TechniqueRecord``.
     """
 
+    key = "saliency_maps"
     results_file = "saliency_maps.pickle"
     title = "saliency maps"
 
-    def __init__(self, file_folder, custom_preprocess=None, custom_postprocess=None, interval=10):
-        super().__init__(file_folder, interval, custom_preprocess, custom_postprocess)
+    def __init__(self, file_folder, custom_preprocess=None, custom_postprocess=None, interval=10,
+                 visualization_inputs=None, feature_names=None, record=None):
+        self.feature_names = _check_feature_names(feature_names)
+        super().__init__(file_folder, interval, custom_preprocess, custom_postprocess,
+                         visualization_inputs=visualization_inputs, record=record)
 
     def build(self):
+        if self.feature_names is not None and (
+                self.input_kind != "tabular" or len(self.feature_names) != self.inputs.shape[-1]):
+            raise ValueError("feature_names: %d names for a %s input of shape %s" % (
+                len(self.feature_names), self.input_kind, self.inputs.shape[1:]))
         self._saliency = SaliencyModel(self.model)
 
     def compute(self):
-        maps, classes, confidences = self._saliency(self.inputs)
-        results = {name: self.postprocess(maps[i]) for i, name in enumerate(self.image_names)}
-        info = {name: {"predicted_class": int(classes[i]), "confidence": float(confidences[i])}
-                for i, name in enumerate(self.image_names)}
+        gradients, scores = self._saliency.gradients(self.inputs)
+        if self.input_kind == "image":
+            maps, _, _ = self._saliency.maps_from(gradients, scores)
+            results = {name: self.postprocess(maps[i]) for i, name in enumerate(self.image_names)}
+        else:
+            results = {}
+            for i, name in enumerate(self.image_names):
+                results[name] = {"gradient": gradients[i], "input": self.inputs[i],
+                                 "gradient_x_input": gradients[i] * self.inputs[i]}
+                if self.feature_names is not None:
+                    results[name]["feature_names"] = list(self.feature_names)
+        info = {name: prediction_info(score) for name, score in zip(self.image_names, scores)}
         return results, info
+
+
+def prediction_info(scores):
+    """What the model predicted for one input, from its pre-softmax scores: the class and its
+    probability, or for one output unit its score (a sigmoid's logit, a regression's value)."""
+    if len(scores) == 1:
+        return {"score": float(scores[0])}
+    return {"predicted_class": int(np.argmax(scores)), "confidence": float(softmax(scores).max())}
+
+
+def _check_feature_names(feature_names):
+    if feature_names is None:
+        return None
+    if isinstance(feature_names, str) or not all(isinstance(n, str) for n in feature_names):
+        raise TypeError("feature_names must be a list of strings, got %r" % (feature_names,))
+    return list(feature_names)
 
 
 class DeconvolutionalNetwork(_SnapshotCallback):
     """Saves deconvolutional-network reconstructions of feature maps of one layer.
 
     ``results/deconvolutional_network.pickle``: ``[(uint8 (H, W, C), layer_name,
-    feat_map_no), ...]``, for feat_map_amount ordered by descending activation.
+    feat_map_no), ...]``, for feat_map_amount ordered by descending activation;
+    for sequences the reconstructions are float32 (T, C).
 
     Args:
         file_folder: should always be ``os.path.dirname(__file__)``.
@@ -441,22 +656,34 @@ class DeconvolutionalNetwork(_SnapshotCallback):
         custom_keras_model_info: optional hand-built deconvolutional model as
             ``(deconv_model, layer_map, update_function)`` (thesis Appendix C).
         interval: compute the reconstructions every ``interval`` batches.
+        visualization_inputs: optional array (N,) + the model's input shape.
+        record: the run's ``TechniqueRecord``.
     """
 
+    key = "deconvolutional_network"
     results_file = "deconvolutional_network.pickle"
     title = "deconvolutional network"
 
     def __init__(self, file_folder, feat_map_layer_no, feat_map_amount=None, feat_map_nos=None,
                  custom_preprocess=None, custom_postprocess=None, custom_keras_model_info=None,
-                 interval=10):
-        super().__init__(file_folder, interval, custom_preprocess, custom_postprocess)
+                 interval=10, visualization_inputs=None, record=None):
+        # What can be checked without the model is checked now; the rest at build.
+        check_deconvolution_selection(feat_map_layer_no, feat_map_amount, feat_map_nos)
+        super().__init__(file_folder, interval, custom_preprocess, custom_postprocess,
+                         visualization_inputs=visualization_inputs, record=record,
+                         params=dict(feat_map_layer_no=feat_map_layer_no,
+                                     feat_map_amount=feat_map_amount, feat_map_nos=feat_map_nos,
+                                     custom_keras_model_info=custom_keras_model_info is not None))
         self.feat_map_layer_no = feat_map_layer_no
         self.feat_map_amount = feat_map_amount
         self.feat_map_nos = feat_map_nos
         self.custom_keras_model_info = custom_keras_model_info
 
     def build(self):
-        # Checks the arguments against the model: a clear error before any batch.
+        if self.input_kind == "tabular":
+            raise NotApplicable(
+                "needs feature maps: a model with a feature-vector input %s has none"
+                % (tuple(self.inputs.shape[1:]),))
         self._deconvolution = DeconvolutionModel(
             self.model, self.feat_map_layer_no, self.feat_map_amount, self.feat_map_nos,
             self.custom_keras_model_info)
@@ -470,12 +697,13 @@ class DeconvolutionalNetwork(_SnapshotCallback):
 
 
 class DeepVisualization(_SnapshotCallback):
-    """Saves synthetic images that maximally activate the chosen units (Yosinski et al.).
+    """Saves synthetic inputs that maximally activate the chosen units (Yosinski et al.).
 
     ``results/deep_visualization.pickle``: ``[(uint8 (H, W, C), layer_name,
-    unit_index, loss_value), ...]`` in the order of ``units_to_visualize``.
-    The technique does not use the visualization images; its result is stored
-    under every image's name (or ``NO_IMAGE`` when there is none).
+    unit_index, loss_value), ...]`` in the order of ``units_to_visualize``; for
+    sequences and feature vectors the synthetic input is float32 (T, C) or (F,).
+    The technique does not use the visualization inputs; its result is stored
+    under every input's name (or ``NO_IMAGE`` when there is none).
 
     Args:
         file_folder: should always be ``os.path.dirname(__file__)``.
@@ -494,37 +722,47 @@ class DeepVisualization(_SnapshotCallback):
         custom_postprocess: optional function applied to each synthetic image
             (float32 (H, W, C) in model-input space) before scaling to uint8.
         interval: compute the images every ``interval`` batches.
+        visualization_inputs: optional array; only its names are used.
+        record: the run's ``TechniqueRecord``.
     """
 
+    key = "deep_visualization"
     results_file = "deep_visualization.pickle"
     title = "deep visualization"
 
     def __init__(self, file_folder, units_to_visualize, learning_rate, no_of_iterations,
                  l2_decay=0, blur_interval=0, blur_std=0, value_percentile=0, norm_percentile=0,
                  contribution_percentile=0, abs_contribution_percentile=0,
-                 custom_postprocess=None, interval=10):
-        super().__init__(file_folder, interval, custom_postprocess=custom_postprocess,
-                         uses_images=False)
+                 custom_postprocess=None, interval=10, visualization_inputs=None, record=None):
         self.regularizers = dict(
             learning_rate=learning_rate, no_of_iterations=no_of_iterations, l2_decay=l2_decay,
             blur_interval=blur_interval, blur_std=blur_std, value_percentile=value_percentile,
             norm_percentile=norm_percentile, contribution_percentile=contribution_percentile,
             abs_contribution_percentile=abs_contribution_percentile)
         check_regularizers(**self.regularizers)
+        check_unit_list(units_to_visualize)
+        super().__init__(file_folder, interval, custom_postprocess=custom_postprocess,
+                         uses_images=False, visualization_inputs=visualization_inputs,
+                         record=record,
+                         params=dict(self.regularizers, units_to_visualize=units_to_visualize))
         self.units_to_visualize = units_to_visualize
 
+    def prepare_inputs(self):
+        """The input kind and the names to store the results under; no inputs of its own."""
+        kind = input_kind(self.model)
+        if self.visualization_inputs is not None:
+            names = input_names(len(self.visualization_inputs))
+        else:
+            names = storage.list_images(self.run_dir) or [NO_IMAGE]
+        return kind, names, None, None
+
     def build(self):
-        height, width, _ = visualization_images.model_image_shape(self.model)
-        if height is None or width is None:
+        if None in tuple(self.model.inputs[0].shape[1:]):
             raise ValueError("model: deep visualization needs a fixed input size, the model's "
                              "input is %s" % (tuple(self.model.inputs[0].shape),))
         # Built once: its compiled optimisation loop then serves every snapshot.
         self._deep_visualization = DeepVisualizationModel(self.model, self.units_to_visualize,
                                                           **self.regularizers)
-
-    def on_train_begin(self, logs=None):
-        self.image_names = storage.list_images(self.run_dir) or [NO_IMAGE]
-        super().on_train_begin(logs)
 
     def compute(self):
         result = [(self.postprocess(image), layer_name, index, value)
@@ -535,6 +773,12 @@ class DeepVisualization(_SnapshotCallback):
 class CustomCallbacks:
     """Registers the callbacks with shared arguments; ``get_list()`` goes to ``model.fit``.
 
+    Every technique is built and run on its own: one that cannot handle the
+    model or the inputs is switched off for this run, with its reason in
+    ``results/techniques.json``, and the training goes on. Arguments that are
+    wrong whatever the model (an interval of 0, a learning rate below 0) raise
+    at the register call.
+
     Args:
         file_folder: should always be ``os.path.dirname(__file__)``.
         custom_preprocess: optional function applied to each visualization image
@@ -543,14 +787,22 @@ class CustomCallbacks:
             before it is saved.
         base_interval: compute the visualizations every this many batches,
             unless a register call gives its own ``interval``.
+        visualization_inputs: optional array (N,) + the model's input shape,
+            exactly as fed to the model: the inputs to visualize instead of the
+            images folder. Needed for sequence (T, C) and tabular (F,) models.
+        feature_names: optional names of the features of a tabular input, kept
+            with the saliency results.
     """
 
     def __init__(self, file_folder, custom_preprocess=None, custom_postprocess=None,
-                 base_interval=10):
+                 base_interval=10, visualization_inputs=None, feature_names=None):
         self.file_folder = storage.resolve_run_dir(file_folder)
         self.custom_preprocess = _check_function(custom_preprocess, "custom_preprocess")
         self.custom_postprocess = _check_function(custom_postprocess, "custom_postprocess")
         self.base_interval = _check_interval(base_interval, "base_interval")
+        self.visualization_inputs = check_inputs_array(visualization_inputs)
+        self.feature_names = _check_feature_names(feature_names)
+        self.record = TechniqueRecord(self.file_folder)
         self.callback_list = []
 
     def get_list(self):
@@ -561,19 +813,20 @@ class CustomCallbacks:
         return self.base_interval if interval is None else interval
 
     def register_network_saver(self):
-        self.callback_list.append(NetworkSaver(self.file_folder))
+        self.callback_list.append(NetworkSaver(self.file_folder, record=self.record))
 
     def register_training_progress(self):
-        self.callback_list.append(TrainingProgress(self.file_folder))
+        self.callback_list.append(TrainingProgress(self.file_folder, record=self.record))
 
     def register_layer_activations(self, exclude_layers=EXCLUDE_LAYERS, interval=None):
         self.callback_list.append(LayerActivations(
-            self.file_folder, exclude_layers, self.custom_preprocess, self._interval(interval)))
+            self.file_folder, exclude_layers, self.custom_preprocess, self._interval(interval),
+            self.visualization_inputs, self.record))
 
     def register_saliency_maps(self, interval=None):
         self.callback_list.append(SaliencyMaps(
             self.file_folder, self.custom_preprocess, self.custom_postprocess,
-            self._interval(interval)))
+            self._interval(interval), self.visualization_inputs, self.feature_names, self.record))
 
     def register_deconvolutional_network(self, feat_map_layer_no, feat_map_amount=None,
                                          feat_map_nos=None, custom_keras_model_info=None,
@@ -581,7 +834,7 @@ class CustomCallbacks:
         self.callback_list.append(DeconvolutionalNetwork(
             self.file_folder, feat_map_layer_no, feat_map_amount, feat_map_nos,
             self.custom_preprocess, self.custom_postprocess, custom_keras_model_info,
-            self._interval(interval)))
+            self._interval(interval), self.visualization_inputs, self.record))
 
     def register_deep_visualization(self, units_to_visualize, learning_rate, no_of_iterations,
                                     l2_decay=0, blur_interval=0, blur_std=0, value_percentile=0,
@@ -590,4 +843,5 @@ class CustomCallbacks:
         self.callback_list.append(DeepVisualization(
             self.file_folder, units_to_visualize, learning_rate, no_of_iterations, l2_decay,
             blur_interval, blur_std, value_percentile, norm_percentile, contribution_percentile,
-            abs_contribution_percentile, self.custom_postprocess, self._interval(interval)))
+            abs_contribution_percentile, self.custom_postprocess, self._interval(interval),
+            self.visualization_inputs, self.record))

@@ -22,17 +22,13 @@ def load_images(run_dir):
         run_dir: the run folder.
 
     Returns:
-        {image name: PIL image, fully loaded}.
+        {image name: PIL image, fully loaded}; empty when the folder holds none.
 
     Raises:
-        ValueError: the folder holds no image, or Pillow cannot read one of them.
+        ValueError: Pillow cannot read one of them.
     """
     folder = storage.images_dir(run_dir)
     names = storage.list_images(run_dir)
-    if not names:
-        raise ValueError(
-            "no visualization image: put at least one image (%s) into the images folder %s"
-            % (", ".join(storage.IMAGE_EXTENSIONS), folder))
     images = {}
     for name in names:
         path = os.path.join(folder, name)

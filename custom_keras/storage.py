@@ -15,21 +15,63 @@ server read run folders through it too. Layout of one run folder::
             training_progress.tsv      header + every metric per batch, and running averages
             training_progress_val.tsv  header + every validation metric per epoch
             input_images.pickle        {image name: uint8 (H, W, C) as fed to the model}
+            visualization_inputs.pickle  {input name: float32 array exactly as fed to the model}
+            techniques.json            what the script registered and what became of it (below)
             <technique>.pickle         latest snapshot for the newest image (Appendix D)
             per_image/<image>/<technique>.pickle   latest snapshot for every image
             history/<technique>/index.jsonl        one JSON line of tags per snapshot
             history/<technique>/<step>.pickle      {"tags": {...}, "images": {image: result},
                                                     "info": {image: {...}}}
 
+``techniques.json`` is rewritten (atomically) at every register call, at train
+begin and whenever a technique changes state: ``{key: entry}`` with the
+registry's keys (plus ``"network_saver"``); a technique the script did not
+register has no entry. Each entry::
+
+    {"registered": true,
+     "title": "saliency maps",
+     "results_file": "saliency_maps.pickle",      # null for the network saver
+     "params": {"interval": 10, ...},             # the register call's arguments, JSON-safe
+     "interval": 10,                              # batches between snapshots; null if none
+     "state": "registered" | "waiting" | "active" | "switched_off",
+     "reason": null | "one line",                 # why waiting or switched off
+     "first_snapshot_step": 0 | 1 | null,         # the batch (all epochs) of stage 0
+     "input_kind": "image" | "sequence" | "tabular" | null}
+
+"registered": the script registered it, training has not begun. "waiting": the
+model is built by its first batch (a Sequential without keras.Input), so stage 0
+comes after batch 1. "active": built, snapshots at ``first_snapshot_step`` and
+every ``interval`` batches. "switched_off": it cannot handle this model or these
+inputs (for example ``"needs an image: ..."``) or it failed at a snapshot;
+training went on without it and ``reason`` says why.
+
+Results of non-image inputs (``input_kind`` "sequence" (T, C) or "tabular" (F,)):
+    layer_activations: as for images, plus ``uint8 (C, T)`` for layers with
+        (T, C) outputs (one row per filter over time).
+    saliency_maps: {"gradient": float32 like the input, "gradient_x_input":
+        float32 like the input, "input": float32, and "feature_names": [str]
+        when the script gave them}; the gradient is of the predicted class's
+        pre-softmax score (or of the single output unit, before its sigmoid).
+    deconvolutional_network: ``[(float32 (T, C) reconstruction, layer_name,
+        feat_map_no), ...]`` (sequences only; tabular models have no feature maps).
+    deep_visualization: ``[(float32 (T, C) or (F,) synthetic input, layer_name,
+        unit_index, loss_value), ...]``.
+
+The servers read a run folder as hostile input (the user's script writes it): through
+``open_run_file`` and the readers built on it, which follow no link at any component,
+read regular files only, never block and cap every read (the ``MAX_*_BYTES`` caps).
+
 Pickles are replaced atomically (temporary file in the same folder, then
 ``os.replace``). Text tables and the history index are append-only: each row is
 appended with a single ``write`` of a complete line, and readers ignore an
 unterminated last line, so a reader never sees half a row, even after a kill.
 """
+import errno
 import io
 import json
 import os
 import pickle
+import stat
 import tempfile
 import time
 
@@ -199,7 +241,202 @@ def write_run_status(run_dir, state, exit_code=None, message=None):
                                              "message": message, "time": time.time()})
 
 
+VISUALIZATION_INPUTS_FILE = "visualization_inputs.pickle"
+TECHNIQUES_FILE = "techniques.json"
+# The states of a technique in techniques.json (see the module docstring).
+TECHNIQUE_REGISTERED = "registered"
+TECHNIQUE_WAITING = "waiting"
+TECHNIQUE_ACTIVE = "active"
+TECHNIQUE_SWITCHED_OFF = "switched_off"
+TECHNIQUE_STATES = (TECHNIQUE_REGISTERED, TECHNIQUE_WAITING, TECHNIQUE_ACTIVE,
+                    TECHNIQUE_SWITCHED_OFF)
+
+
+def write_visualization_inputs(run_dir, inputs_by_name):
+    """Store the visualization inputs exactly as fed to the model: {name: float32 array}."""
+    atomic_write_pickle(results_path(run_dir, VISUALIZATION_INPUTS_FILE), dict(inputs_by_name))
+
+
+def write_techniques(run_dir, entries):
+    """Replace ``results/techniques.json`` with {key: entry} (format in the module docstring)."""
+    atomic_write_json(results_path(run_dir, TECHNIQUES_FILE), entries)
+
+
 # --- reading -----------------------------------------------------------------
+
+
+# --- reading a run folder: hostile input ---------------------------------------
+#
+# A run folder is written by the user's script, so the servers read it as hostile
+# input: no link is followed at any component of a path, only regular files are read
+# (a named pipe or a device never blocks a page), and every read is capped.
+
+KIB = 1024
+MIB = 1024 * KIB
+MAX_RESULT_BYTES = 32 * MIB          # one results pickle or history snapshot
+MAX_INPUT_IMAGES_BYTES = 32 * MIB    # results/input_images.pickle
+MAX_STATUS_BYTES = 64 * KIB          # status.json
+MAX_LINES_BYTES = 1 * MIB            # one call of read_complete_lines (tables, history index)
+MAX_IMAGE_BYTES = 32 * MIB           # one file of images/, served by the image route
+MAX_SCRIPT_BYTES = 2 * MIB           # the script shown in the Overview tab
+MAX_TAIL_BYTES = 256 * KIB           # the end of output.txt shown live
+MAX_DOWNLOAD_BYTES = 2048 * MIB      # output.txt or the network, streamed as a download
+
+_FOLDER_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+_FILE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+
+
+class UnsafeFileError(OSError):
+    """A path in a run folder is a link, leaves the folder or is not a regular file or folder."""
+
+
+class FileTooLargeError(UnsafeFileError):
+    """A file in a run folder is larger than the servers read."""
+
+
+class RunFile(io.RawIOBase):
+    """A regular file of a run folder, opened without following links (``open_run_file``).
+
+    ``size`` is its size when it was opened; no read goes past it, so a file that
+    a run keeps growing costs no more than it did then. Read it as a stream
+    (``read``, or wrapped in ``io.BufferedReader``) or at an offset (``read_at``).
+    Use it as a context manager, or call ``close``.
+    """
+
+    def __init__(self, fd, size, name):
+        super().__init__()
+        self.fd, self.size, self.name, self._position = fd, size, name, 0
+
+    def readable(self):
+        return True
+
+    def readinto(self, buffer):
+        data = self.read_at(self._position, len(buffer))
+        buffer[:len(data)] = data
+        self._position += len(data)
+        return len(data)
+
+    def read_at(self, offset=0, count=None):
+        """Up to ``count`` bytes from byte ``offset`` (all up to ``size`` when None)."""
+        end = self.size if count is None else min(self.size, offset + count)
+        chunks = []
+        while offset < end:
+            chunk = os.pread(self.fd, end - offset, offset)
+            if not chunk:  # the file shrank since it was opened
+                break
+            chunks.append(chunk)
+            offset += len(chunk)
+        return b"".join(chunks)
+
+    def close(self):
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+        super().close()
+
+
+def _parts_inside(run_dir, path):
+    """The components of ``path`` below ``run_dir``; ``path`` is absolute or relative to it."""
+    relative = os.path.relpath(path, run_dir) if os.path.isabs(path) else path
+    parts = relative.split(os.sep)
+    if any(part in ("", ".", "..") for part in parts):
+        raise UnsafeFileError("%s is not a path inside the run folder" % relative)
+    return parts
+
+
+def _open_folder_fd(run_dir, folder_parts):
+    """A descriptor of the folder ``run_dir/folder_parts``, opened without following links.
+
+    The run folder itself must not be a link either; the folders above it belong
+    to the server.
+    """
+    run_dir = os.path.normpath(os.path.abspath(run_dir))
+    fd = _open_folder_step(os.path.dirname(run_dir), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        for part in [os.path.basename(run_dir)] + list(folder_parts):
+            child = _open_folder_step(part, _FOLDER_FLAGS, dir_fd=fd)
+            os.close(fd)
+            fd = child
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _open_folder_step(path, flags, dir_fd=None):
+    try:
+        return os.open(path, flags, dir_fd=dir_fd)
+    except OSError as error:
+        if error.errno in (errno.ELOOP, errno.ENOTDIR):
+            raise UnsafeFileError("%s is a link or not a folder" % os.path.basename(path)) \
+                from None
+        raise
+
+
+def open_run_file(run_dir, path, max_bytes):
+    """Opens a regular file of a run folder without following a link at any component.
+
+    Never blocks: a named pipe is opened non-blocking and refused before anything
+    is read.
+
+    Args:
+        run_dir: the run folder.
+        path: the file, absolute inside ``run_dir`` or relative to it.
+        max_bytes: the largest size accepted.
+
+    Returns:
+        an open ``RunFile``.
+
+    Raises:
+        FileNotFoundError: the file or a folder on its way does not exist.
+        UnsafeFileError: a component is a link, or the file is not a regular file.
+        FileTooLargeError: the file is larger than ``max_bytes``.
+    """
+    parts = _parts_inside(run_dir, path)
+    folder_fd = _open_folder_fd(run_dir, parts[:-1])
+    try:
+        try:
+            fd = os.open(parts[-1], _FILE_FLAGS, dir_fd=folder_fd)
+        except OSError as error:
+            if error.errno == errno.ELOOP:
+                raise UnsafeFileError("%s is a link" % parts[-1]) from None
+            raise
+    finally:
+        os.close(folder_fd)
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise UnsafeFileError("%s is not a regular file" % parts[-1])
+        if info.st_size > max_bytes:
+            raise FileTooLargeError("%s is larger than %s" % (
+                parts[-1], format_bytes(max_bytes)))
+    except BaseException:
+        os.close(fd)
+        raise
+    return RunFile(fd, info.st_size, parts[-1])
+
+
+def read_run_file(run_dir, path, max_bytes):
+    """The bytes of a regular file of a run folder; raises like ``open_run_file``."""
+    with open_run_file(run_dir, path, max_bytes) as run_file:
+        return run_file.read_at()
+
+
+def is_run_file(run_dir, path):
+    """True when ``path`` is a regular file of the run folder, reached without links."""
+    try:
+        open_run_file(run_dir, path, float("inf")).close()
+    except (FileNotFoundError, UnsafeFileError):
+        return False
+    return True
+
+
+def format_bytes(count):
+    """E.g. "64 MB" or "512 KB" (binary units, as the caps are defined)."""
+    if count >= MIB:
+        return "%g MB" % round(count / MIB, 1)
+    return "%g KB" % round(count / KIB, 1)
+
 
 class _RestrictedUnpickler(pickle.Unpickler):
     """Allows numpy arrays, numpy scalars/dtypes and plain Python containers only."""
@@ -234,12 +471,30 @@ def _is_numpy_scalar(name):
 
 def safe_loads(data):
     """Unpickle bytes with the restricted unpickler; raises UnsafePickleError."""
-    return _RestrictedUnpickler(io.BytesIO(data)).load()
+    return _restricted_load(io.BytesIO(data))
 
 
-def safe_load(path):
-    with open(path, "rb") as f:
-        return _RestrictedUnpickler(f).load()
+def safe_load(run_dir, path, max_bytes=MAX_RESULT_BYTES):
+    """Unpickles a results file of a run folder with the restricted unpickler.
+
+    Raises:
+        FileNotFoundError, UnsafeFileError, FileTooLargeError: as ``open_run_file``.
+        UnsafePickleError: the file holds something other than arrays and containers.
+        pickle.UnpicklingError: the file is not a complete, well-formed pickle.
+    """
+    with open_run_file(run_dir, path, max_bytes) as run_file:
+        # unpickled from the file, not from a copy of its bytes: arrays take their size once
+        return _restricted_load(io.BufferedReader(run_file))
+
+
+def _restricted_load(file):
+    try:
+        return _RestrictedUnpickler(file).load()
+    except (pickle.UnpicklingError, OSError):
+        raise
+    except Exception as error:  # crafted arguments make allowed callables raise anything
+        raise pickle.UnpicklingError("not a well-formed results pickle: %s: %s"
+                                     % (type(error).__name__, error)) from None
 
 
 def read_latest(run_dir, file_name, image_name=None):
@@ -247,41 +502,50 @@ def read_latest(run_dir, file_name, image_name=None):
     path = (per_image_path(run_dir, image_name, file_name) if image_name
             else results_path(run_dir, file_name))
     try:
-        return safe_load(path)
+        return safe_load(run_dir, path)
     except FileNotFoundError:
         return None
 
 
 def read_input_images(run_dir):
     try:
-        return safe_load(results_path(run_dir, INPUT_IMAGES_FILE))
+        return safe_load(run_dir, results_path(run_dir, INPUT_IMAGES_FILE), MAX_INPUT_IMAGES_BYTES)
     except FileNotFoundError:
         return {}
 
 
-def read_complete_lines(path, offset=0):
-    """Complete lines of ``path`` from byte ``offset``: (lines, new offset).
+def read_complete_lines(run_dir, path, offset=0, max_bytes=MAX_LINES_BYTES):
+    """Complete lines of a file of a run folder from byte ``offset``: (lines, new offset).
 
     An unterminated last line (a row being written) is left for the next call.
+    One call reads at most ``max_bytes``; the next call goes on from there, so a
+    huge file is read in steps, never whole.
+
+    Raises:
+        UnsafeFileError: the file is a link or not a regular file.
+        FileTooLargeError: ``max_bytes`` from ``offset`` hold no line end.
     """
     try:
-        with open(path, "rb") as f:
-            f.seek(offset)
-            data = f.read()
+        run_file = open_run_file(run_dir, path, float("inf"))
     except FileNotFoundError:
         return [], offset
+    with run_file:
+        data = run_file.read_at(offset, max_bytes)
     end = data.rfind(b"\n") + 1
+    if not end and len(data) == max_bytes:
+        raise FileTooLargeError("%s has a line longer than %s" % (
+            run_file.name, format_bytes(max_bytes)))
     lines = data[:end].decode("utf-8", errors="replace").splitlines()
     return lines, offset + end
 
 
-def read_table(path, offset=0):
+def read_table(run_dir, path, offset=0):
     """New rows of a tab-separated table written by ``append_row``.
 
     Returns (columns, rows, new offset); rows are lists of floats. Call first
     with offset 0 (which also returns the header), then with the returned offset.
     """
-    lines, new_offset = read_complete_lines(path, offset)
+    lines, new_offset = read_complete_lines(run_dir, path, offset)
     columns = None
     if offset == 0 and lines:
         columns, lines = lines[0].split("\t"), lines[1:]
@@ -292,37 +556,104 @@ def read_table(path, offset=0):
 def read_history_index(run_dir, file_name, offset=0):
     """Tags of the snapshots written since byte ``offset``: (list of dicts, new offset)."""
     lines, new_offset = read_complete_lines(
-        os.path.join(history_dir(run_dir, file_name), HISTORY_INDEX), offset)
-    return [json.loads(line) for line in lines if line], new_offset
+        run_dir, os.path.join(history_dir(run_dir, file_name), HISTORY_INDEX), offset)
+    try:
+        return [json.loads(line) for line in lines if line], new_offset
+    except RecursionError:  # a line of thousands of nested brackets
+        raise ValueError("%s has a line nested too deeply" % HISTORY_INDEX) from None
 
 
 def read_snapshot(run_dir, file_name, entry):
     """The snapshot an index entry points to: {"tags", "images", "info"}."""
-    return safe_load(os.path.join(history_dir(run_dir, file_name), os.path.basename(entry["file"])))
+    return safe_load(run_dir, snapshot_path(run_dir, file_name, entry))
+
+
+def snapshot_path(run_dir, file_name, entry):
+    """The history file of an index entry; its ``file`` tag cannot name another folder."""
+    return os.path.join(history_dir(run_dir, file_name), os.path.basename(str(entry["file"])))
 
 
 def read_run_status(run_dir):
+    """The run state written by ``write_run_status``, or None when missing or unreadable."""
     try:
-        with open(status_path(run_dir), encoding="utf-8") as f:
-            return json.load(f)
-    except (FileNotFoundError, ValueError):
+        status = json.loads(read_run_file(run_dir, STATUS_FILE, MAX_STATUS_BYTES))
+    except (FileNotFoundError, UnsafeFileError, ValueError):
         return None
+    return status if isinstance(status, dict) else None
 
 
 def list_images(run_dir):
-    """Visualization images in ``images/``, oldest first (the last one is the newest)."""
-    folder = images_dir(run_dir)
+    """Visualization images in ``images/``, oldest first (the last one is the newest).
+
+    Links and anything but regular files are left out.
+    """
     try:
-        names = [n for n in os.listdir(folder)
-                 if n.lower().endswith(IMAGE_EXTENSIONS) and not n.startswith(".")]
-    except (FileNotFoundError, NotADirectoryError):  # no folder, or a file where one should be
+        fd = _open_folder_fd(run_dir, [IMAGES_DIR])
+    except (FileNotFoundError, UnsafeFileError):  # no folder, a link, or a file where one should be
         return []
-    return sorted(names, key=lambda n: (os.path.getmtime(os.path.join(folder, n)), n))
+    try:
+        with os.scandir(fd) as entries:
+            found = [(entry.stat(follow_symlinks=False).st_mtime_ns, entry.name)
+                     for entry in entries
+                     if entry.name.lower().endswith(IMAGE_EXTENSIONS)
+                     and not entry.name.startswith(".") and entry.is_file(follow_symlinks=False)]
+    finally:
+        os.close(fd)
+    return [name for _, name in sorted(found)]
 
 
 def file_mtime(path):
-    """Modification time in ns, or None; dashboards use it to reload only changed files."""
+    """Modification time in ns (of a link itself, never its target), or None.
+
+    Dashboards use it to reload only changed files.
+    """
     try:
-        return os.stat(path).st_mtime_ns
+        return os.lstat(path).st_mtime_ns
     except FileNotFoundError:
         return None
+
+
+def file_size(path):
+    """Size in bytes (of a link itself, never its target); 0 when missing."""
+    try:
+        return os.lstat(path).st_size
+    except FileNotFoundError:
+        return 0
+
+
+def disk_usage(path):
+    """Bytes that ``path`` takes (a file, or a folder with everything below it); 0 when missing.
+
+    Walked with lstat, never following a link. A file counts with the larger of
+    its size and its allocated blocks (a sparse file counts at its full size), a
+    hard-linked file once.
+    """
+    try:
+        info = os.lstat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        return 0
+    if not stat.S_ISDIR(info.st_mode):
+        return _bytes_taken(info)
+    total, seen, pending = 0, set(), [path]
+    while pending:
+        try:
+            entries = list(os.scandir(pending.pop()))
+        except (FileNotFoundError, NotADirectoryError, PermissionError):
+            continue
+        for entry in entries:
+            try:
+                info = entry.stat(follow_symlinks=False)
+            except FileNotFoundError:
+                continue
+            if stat.S_ISDIR(info.st_mode):
+                pending.append(entry.path)
+            elif info.st_nlink > 1:
+                if (info.st_dev, info.st_ino) in seen:
+                    continue
+                seen.add((info.st_dev, info.st_ino))
+            total += _bytes_taken(info)
+    return total
+
+
+def _bytes_taken(info):
+    return max(info.st_size, info.st_blocks * 512)

@@ -10,3 +10,5 @@ bash scripts/setup.sh
 export TF_CPP_MIN_LOG_LEVEL=2
 .venv/bin/python -m benchmarks.techniques "$@"
 .venv/bin/python -m benchmarks.dashboards
+.venv/bin/python -m benchmarks.logins
+.venv/bin/python -m benchmarks.hostile_run_folder

@@ -21,12 +21,14 @@ class FakeRunner:
 
     def __init__(self, reconcile_updates=()):
         self.started = []
+        self.disk_limits_mb = {}  # run id: the disk_limit_mb it was started with
         self.stopped = []
         self.reconciled = []
         self.reconcile_updates = list(reconcile_updates)
 
-    def start(self, run_id, run_dir, script_file):
+    def start(self, run_id, run_dir, script_file, disk_limit_mb=None):
         self.started.append((run_id, run_dir, script_file))
+        self.disk_limits_mb[run_id] = disk_limit_mb
 
     def stop(self, run_id):
         self.stopped.append(run_id)
@@ -77,11 +79,13 @@ class AuthActions:
             "username": username, "password": password,
             "confirm": password if confirm is None else confirm})
 
-    def login(self, username="alice_1", password="password123", next_url=None):
+    def login(self, username="alice_1", password="password123", next_url=None,
+              address="127.0.0.1"):
         data = {"username": username, "password": password}
         if next_url is not None:
             data["next"] = next_url
-        return self._client.post("/auth/login", data=data)
+        return self._client.post("/auth/login", data=data,
+                                 environ_base={"REMOTE_ADDR": address})
 
     def register_and_login(self, username="alice_1", password="password123"):
         self.register(username, password)

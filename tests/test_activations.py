@@ -9,6 +9,7 @@ import pytest  # noqa: E402
 
 from custom_keras.reference import build_reference_model  # noqa: E402
 from custom_keras.techniques.activations import ActivationModel, layer_activations  # noqa: E402
+from custom_keras.techniques.common import scale_by_max, to_uint8  # noqa: E402
 
 
 def expected_picture(output):
@@ -144,20 +145,27 @@ def test_built_once_follows_the_current_weights(sequential_model):
     assert not np.array_equal(before, after)
 
 
-def test_other_ranks_are_skipped_with_a_reason():
+def test_sequence_outputs_are_filter_by_time_maps_and_other_ranks_are_skipped_with_a_reason():
     model = keras.Sequential([
-        keras.Input((4, 4, 1)),
+        keras.Input((4, 4, 2)),
         keras.layers.Conv2D(2, 3, name="conv"),
         keras.layers.Reshape((4, 2), name="sequence"),
+        keras.layers.Reshape((2, 2, 2, 1), name="volume"),
         keras.layers.Flatten(name="flat"),
         keras.layers.Dense(2, name="out"),
     ])
-    with pytest.warns(UserWarning, match="sequence"):
+    with pytest.warns(UserWarning, match="volume"):
         activation_model = ActivationModel(model)
     assert activation_model.skipped_layers == [
-        ("Layer 1: sequence", "its output has 2 dimensions per image; only (units,) and (H, W, C) are shown")]
-    result = activation_model(random_images(model, 1))
-    assert [name for name, _ in result[0]] == ["Layer 0: conv", "Layer 3: out"]
+        ("Layer 2: volume", "its output has 4 dimensions per input; only (units,), (T, C) and "
+                            "(H, W, C) are shown")]
+    images = random_images(model, 1)
+    result = activation_model(images)
+    assert [name for name, _ in result[0]] == ["Layer 0: conv", "Layer 1: sequence", "Layer 4: out"]
+    sequence = np.asarray(keras.Model(model.inputs, model.layers[1].output)(images))[0]  # (T=4, C=2)
+    # One row per filter over time, all filters on one scale (linear conv: from minimum to maximum).
+    expected = to_uint8(sequence.T) if sequence.min() < 0 else scale_by_max(sequence.T)
+    np.testing.assert_array_equal(result[0][1][1], expected)
 
 
 def test_constant_layer_is_black(sequential_model):

@@ -20,6 +20,7 @@ from custom_bokeh.dashboard import RunApplication, open_run
 from custom_keras import storage
 
 SECRET = "test-secret-key-0123456789abcdefghijklmnopqrstuvwxyz"
+APP = "saliency_maps"  # the technique the tokens below are minted for
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -49,29 +50,54 @@ def tampered(token, **changes):
 
 def bad_tokens():
     """Tokens the server must refuse, by name."""
-    valid = auth.make_token(SECRET, 3, "3/mnist_digits")
+    valid = auth.make_token(SECRET, 3, "3/mnist_digits", APP)
     return {
-        "unsigned": signed_token(SECRET, {"user_id": 3, "run": "3/mnist_digits"}, signed=False),
-        "forged": auth.make_token("another-installation's-key", 3, "3/mnist_digits"),
-        "expired": auth.make_token(SECRET, 3, "3/mnist_digits", expiration_s=-1),
+        "unsigned": signed_token(SECRET, {"user_id": 3, "run": "3/mnist_digits",
+                                          "technique": APP}, signed=False),
+        "forged": auth.make_token("another-installation's-key", 3, "3/mnist_digits", APP),
+        "expired": auth.make_token(SECRET, 3, "3/mnist_digits", APP, expiration_s=-1),
         "tampered expiry": tampered(valid, session_expiry=2 ** 40),
-        "other user's run": signed_token(SECRET, {"user_id": 3, "run": "4/other_script"}),
-        "outside storage": signed_token(SECRET, {"user_id": 3, "run": "3/.."}),
-        "no run": signed_token(SECRET, {"user_id": 3}),
+        "tampered technique": tampered(valid, technique="training_progress"),
+        "other technique": auth.make_token(SECRET, 3, "3/mnist_digits", "training_progress"),
+        "no technique": signed_token(SECRET, {"user_id": 3, "run": "3/mnist_digits"}),
+        "other user's run": signed_token(SECRET, {"user_id": 3, "run": "4/other_script",
+                                                  "technique": APP}),
+        "outside storage": signed_token(SECRET, {"user_id": 3, "run": "3/..", "technique": APP}),
+        "no run": signed_token(SECRET, {"user_id": 3, "technique": APP}),
         "garbage": "not-a-token",
     }
 
 
 def test_a_valid_token_grants_exactly_its_run(storage_dir):
-    token = auth.make_token(SECRET, 3, "3/mnist_digits")
-    assert auth.verify_token(token, SECRET, storage_dir) == os.path.realpath(
+    token = auth.make_token(SECRET, 3, "3/mnist_digits", APP)
+    assert auth.verify_token(token, SECRET, storage_dir, APP) == os.path.realpath(
         os.path.join(storage_dir, "3", "mnist_digits"))
 
 
 @pytest.mark.parametrize("name", sorted(bad_tokens()))
 def test_bad_tokens_are_refused(storage_dir, name):
     with pytest.raises(auth.InvalidToken):
-        auth.verify_token(bad_tokens()[name], SECRET, storage_dir)
+        auth.verify_token(bad_tokens()[name], SECRET, storage_dir, APP)
+
+
+def test_a_token_opens_only_the_technique_it_was_minted_for(storage_dir):
+    token = auth.make_token(SECRET, 3, "3/mnist_digits", APP)
+    for other in ("training_progress", "layer_activations", "", None):
+        with pytest.raises(auth.InvalidToken, match="another dashboard"):
+            auth.verify_token(token, SECRET, storage_dir, other)
+
+
+@pytest.mark.parametrize("linked", ["run folder", "user folder"])
+def test_a_run_folder_reached_through_a_link_is_refused(tmp_path, linked):
+    os.makedirs(tmp_path / "4" / "mnist_digits")  # another user's run of the same name
+    if linked == "run folder":
+        os.makedirs(tmp_path / "3")
+        os.symlink("../4/mnist_digits", tmp_path / "3" / "mnist_digits")
+    else:
+        os.symlink("4", tmp_path / "3")
+    token = auth.make_token(SECRET, 3, "3/mnist_digits", APP)
+    with pytest.raises(auth.InvalidToken, match="outside the storage folder"):
+        auth.verify_token(token, SECRET, str(tmp_path), APP)
 
 
 @pytest.mark.parametrize("user_id, run_rel_dir", [
@@ -79,12 +105,18 @@ def test_bad_tokens_are_refused(storage_dir, name):
     (3, None)])
 def test_make_token_refuses_runs_of_other_users(user_id, run_rel_dir):
     with pytest.raises(ValueError, match="run_rel_dir"):
-        auth.make_token(SECRET, user_id, run_rel_dir)
+        auth.make_token(SECRET, user_id, run_rel_dir, APP)
 
 
 def test_make_token_needs_a_secret_key():
     with pytest.raises(ValueError, match="secret_key"):
-        auth.make_token("", 3, "3/mnist_digits")
+        auth.make_token("", 3, "3/mnist_digits", APP)
+
+
+@pytest.mark.parametrize("technique_key", ["", None])
+def test_make_token_needs_a_technique(technique_key):
+    with pytest.raises(ValueError, match="technique_key"):
+        auth.make_token(SECRET, 3, "3/mnist_digits", technique_key)
 
 
 def test_embed_script_carries_no_plain_user_or_file_name():
@@ -105,15 +137,15 @@ def session_document(token, application):
 
 
 def test_open_run_returns_the_run_of_a_valid_token(storage_dir):
-    application = RunApplication(lambda doc: None, storage_dir, SECRET)
-    doc = session_document(auth.make_token(SECRET, 3, "3/mnist_digits"), application)
+    application = RunApplication(lambda doc: None, storage_dir, SECRET, APP)
+    doc = session_document(auth.make_token(SECRET, 3, "3/mnist_digits", APP), application)
     assert open_run(doc) == os.path.realpath(os.path.join(storage_dir, "3", "mnist_digits"))
     assert doc.roots == []
 
 
-@pytest.mark.parametrize("name", ["forged", "expired", "other user's run"])
+@pytest.mark.parametrize("name", ["forged", "expired", "other user's run", "other technique"])
 def test_open_run_shows_why_it_refuses(storage_dir, name):
-    application = RunApplication(lambda doc: None, storage_dir, SECRET)
+    application = RunApplication(lambda doc: None, storage_dir, SECRET, APP)
     doc = session_document(bad_tokens()[name], application)
     assert open_run(doc) is None
     [message] = doc.roots
@@ -190,7 +222,7 @@ def autoload(url, app, token=None):
 
 
 def test_server_opens_a_session_for_a_valid_token(server):
-    status, body = autoload(server, "saliency_maps", auth.make_token(SECRET, 3, "3/mnist_digits"))
+    status, body = autoload(server, APP, auth.make_token(SECRET, 3, "3/mnist_digits", APP))
     assert status == 200
     assert "Bokeh" in body
 
@@ -198,8 +230,16 @@ def test_server_opens_a_session_for_a_valid_token(server):
 def test_server_serves_every_registered_technique(server):
     from custom_keras import registry
     for technique in registry.TECHNIQUES:
-        token = auth.make_token(SECRET, 3, "3/mnist_digits")
+        token = auth.make_token(SECRET, 3, "3/mnist_digits", technique.key)
         assert autoload(server, technique.key, token)[0] == 200, technique.key
+
+
+def test_server_refuses_a_token_minted_for_another_technique(server):
+    from custom_keras import registry
+    token = auth.make_token(SECRET, 3, "3/mnist_digits", APP)
+    for technique in registry.TECHNIQUES:
+        if technique.key != APP:
+            assert autoload(server, technique.key, token)[0] == 403, technique.key
 
 
 def test_server_refuses_a_request_without_token(server):
@@ -208,7 +248,7 @@ def test_server_refuses_a_request_without_token(server):
 
 @pytest.mark.parametrize("name", sorted(bad_tokens()))
 def test_server_refuses_bad_tokens(server, name):
-    assert autoload(server, "training_progress", bad_tokens()[name])[0] == 403
+    assert autoload(server, APP, bad_tokens()[name])[0] == 403
 
 
 def test_server_stops_cleanly_on_sigint(tmp_path):

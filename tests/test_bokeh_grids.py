@@ -248,8 +248,8 @@ def test_make_document_shows_the_run_and_picks_up_a_new_snapshot(
     first, second = result_of_stage(0), result_of_stage(9)
     write_stage(run_dir, technique, first, 0)
     storage_dir = os.path.dirname(os.path.dirname(run_dir))
-    doc = session_document(auth.make_token(SECRET, 3, "3/mnist_digits"),
-                           RunApplication(module.make_document, storage_dir, SECRET))
+    doc = session_document(auth.make_token(SECRET, 3, "3/mnist_digits", technique.key),
+                           RunApplication(module.make_document, storage_dir, SECRET, technique.key))
     module.make_document(doc)
     assert doc.title == technique.title
     [page] = doc.roots

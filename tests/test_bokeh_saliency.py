@@ -175,7 +175,7 @@ def test_a_rewritten_snapshot_file_is_drawn_again(run_dir):
     render = RecordingRender()
     dashboard = ImageDashboard(run_dir, TECHNIQUE, render)
     path = os.path.join(storage.history_dir(run_dir, TECHNIQUE.results_file), "000000000.pickle")
-    snapshot = storage.safe_load(path)
+    snapshot = storage.safe_load(run_dir, path)
     snapshot["images"]["digit_7.png"] = saliency(9, 1)
     storage.atomic_write_pickle(path, snapshot)
     os.utime(path, ns=(os.stat(path).st_mtime_ns + 10 ** 9,) * 2)
@@ -278,12 +278,14 @@ def session_document(token, application):
 def test_make_document_shows_the_run_of_the_token(run_dir):
     write_stage(run_dir, 0)
     storage_dir = os.path.dirname(os.path.dirname(run_dir))
-    application = RunApplication(saliency_maps.make_document, storage_dir, SECRET)
-    doc = session_document(auth.make_token(SECRET, 3, "3/mnist_digits"), application)
+    application = RunApplication(saliency_maps.make_document, storage_dir, SECRET, "saliency_maps")
+    doc = session_document(auth.make_token(SECRET, 3, "3/mnist_digits", "saliency_maps"),
+                           application)
     saliency_maps.make_document(doc)
     assert doc.title == "Saliency maps"
     assert len(image_renderers(doc.roots[0])) == 2
 
-    forged = session_document(auth.make_token("other key", 3, "3/mnist_digits"), application)
+    forged = session_document(auth.make_token("other key", 3, "3/mnist_digits", "saliency_maps"),
+                              application)
     saliency_maps.make_document(forged)
     assert [root.text[:16] for root in forged.roots] == ["Access refused: "]

@@ -3,6 +3,7 @@ import glob
 import json
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -14,7 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from custom_keras import storage
+from custom_keras import registry, storage
 from custom_keras.callbacks import (CustomCallbacks, DeepVisualization, NetworkSaver,
                                     SaliencyMaps, TrainingProgress)
 
@@ -195,8 +196,8 @@ def test_per_batch_values_are_derived_exactly_with_a_smaller_last_batch(tmp_path
     history_ = model.fit(x, y, batch_size=8, epochs=2, shuffle=False, callbacks=[progress],
                          verbose=0)
 
-    columns, rows, _ = storage.read_table(storage.results_path(str(tmp_path),
-                                                               "training_progress.tsv"))
+    columns, rows, _ = storage.read_table(str(tmp_path), storage.results_path(
+        str(tmp_path), "training_progress.tsv"))
     assert columns == ["progress", "epoch", "batch", "loss", "mae", "rmse",
                        "loss_avg", "mae_avg", "rmse_avg"]
     table = {name: np.array([row[i] for row in rows]) for i, name in enumerate(columns)}
@@ -232,7 +233,7 @@ def test_progress_rows_are_written_in_chunks_and_all_by_the_end(tmp_path, monkey
     seen = []
 
     def rows_on_disk(batch, logs):
-        seen.append((len(read_rows(path)), len(storage.read_table(table)[1])))
+        seen.append((len(read_rows(path)), len(storage.read_table(str(tmp_path), table)[1])))
 
     x, y = tiny_data(40)
     tiny_model().fit(x, y, batch_size=8, epochs=2, verbose=0, callbacks=[
@@ -241,7 +242,7 @@ def test_progress_rows_are_written_in_chunks_and_all_by_the_end(tmp_path, monkey
     rows = read_rows(path)
     assert [float(row[0]) for row in rows] == [epoch + batch / 5 for epoch in range(2)
                                                for batch in range(5)]
-    assert len(storage.read_table(table)[1]) == 10
+    assert len(storage.read_table(str(tmp_path), table)[1]) == 10
 
 
 def test_validation_tables_record_every_validation_metric(tmp_path):
@@ -249,8 +250,8 @@ def test_validation_tables_record_every_validation_metric(tmp_path):
     x, y = tiny_data()
     fit = model.fit(x, y, batch_size=8, epochs=2, validation_data=tiny_data(16, seed=1),
                     callbacks=[TrainingProgress(str(tmp_path))], verbose=0)
-    columns, rows, _ = storage.read_table(storage.results_path(str(tmp_path),
-                                                               "training_progress_val.tsv"))
+    columns, rows, _ = storage.read_table(str(tmp_path), storage.results_path(
+        str(tmp_path), "training_progress_val.tsv"))
     assert columns == ["epoch", "val_accuracy", "val_loss", "val_mse"]
     assert [row[0] for row in rows] == [1, 2]
     np.testing.assert_allclose([row[3] for row in rows], fit.history["val_mse"], rtol=1e-6)
@@ -258,7 +259,8 @@ def test_validation_tables_record_every_validation_metric(tmp_path):
     np.testing.assert_allclose([[float(v) for v in row[1:]] for row in val_rows],
                                np.transpose([fit.history["val_accuracy"], fit.history["val_loss"]]),
                                rtol=1e-6)
-    columns, _, _ = storage.read_table(storage.results_path(str(tmp_path), "training_progress.tsv"))
+    columns, _, _ = storage.read_table(str(tmp_path), storage.results_path(
+        str(tmp_path), "training_progress.tsv"))
     assert {"accuracy", "loss", "mse", "accuracy_avg", "loss_avg", "mse_avg"} <= set(columns)
 
 
@@ -301,30 +303,59 @@ def fit_with(run_dir, register):
     tiny_model().fit(x, y, batch_size=8, epochs=1, callbacks=callbacks.get_list(), verbose=0)
 
 
-@pytest.mark.parametrize("register, argument", [
-    (lambda c: c.register_deconvolutional_network(9, feat_map_amount=1), "feat_map_layer_no"),
-    (lambda c: c.register_deconvolutional_network(3, feat_map_amount=1), "feat_map_layer_no"),
-    (lambda c: c.register_deconvolutional_network(1), "feat_map_amount"),
-    (lambda c: c.register_deconvolutional_network(1, feat_map_nos=[7]), "feat_map_nos"),
-    (lambda c: c.register_deep_visualization([(4, 3)], 1, 2), "units_to_visualize"),
-    (lambda c: c.register_deep_visualization([(12, 0)], 1, 2), "units_to_visualize"),
-    (lambda c: c.register_layer_activations(exclude_layers=("Dropout",)), "exclude_layers"),
+def techniques(run_dir):
+    with open(storage.results_path(run_dir, storage.TECHNIQUES_FILE)) as f:
+        return json.load(f)
+
+
+@pytest.mark.parametrize("register, key, reason", [
+    (lambda c: c.register_deconvolutional_network(9, feat_map_amount=1), "deconvolutional_network",
+     "feat_map_layer_no=9 is out of range"),
+    (lambda c: c.register_deconvolutional_network(3, feat_map_amount=1), "deconvolutional_network",
+     "feat_map_layer_no=3 is layer 3 .*Flatten.*no feature maps"),
+    (lambda c: c.register_deconvolutional_network(1, feat_map_nos=[7]), "deconvolutional_network",
+     "feat_map_nos: map number 7 is out of range"),
+    (lambda c: c.register_deep_visualization([(4, 3)], 1, 2), "deep_visualization",
+     r"units_to_visualize\[0\]: index 3 is out of range"),
+    (lambda c: c.register_deep_visualization([(12, 0)], 1, 2), "deep_visualization",
+     "units_to_visualize.*layer_no=12 is out of range"),
 ])
-def test_bad_arguments_for_the_model_fail_before_any_batch(tmp_path, register, argument):
+def test_arguments_the_model_rejects_switch_the_technique_off_and_training_goes_on(
+        tmp_path, capfd, register, key, reason):
     run_dir = str(tmp_path)
     write_images(run_dir)
-    callbacks = CustomCallbacks(run_dir)
+    callbacks = CustomCallbacks(run_dir, base_interval=1)
     register(callbacks)
+    callbacks.register_saliency_maps()
     callbacks.register_training_progress()
     x, y = tiny_data(16)
-    with pytest.raises((ValueError, TypeError), match=argument):
-        tiny_model().fit(x, y, batch_size=8, callbacks=callbacks.get_list(), verbose=0)
-    assert not os.path.exists(storage.results_path(run_dir, "training_progress.txt"))
+    fit = tiny_model().fit(x, y, batch_size=8, epochs=2, callbacks=callbacks.get_list(), verbose=0)
+
+    assert len(fit.history["loss"]) == 2
+    record = techniques(run_dir)
+    assert record[key]["state"] == "switched_off"
+    assert re.search(reason, record[key]["reason"]), record[key]["reason"]
+    assert record[key]["registered"] and record[key]["params"]["interval"] == 1
+    assert record["saliency_maps"]["state"] == "active"
+    assert record["saliency_maps"]["first_snapshot_step"] == 0
+    assert record["training_progress"]["state"] == "active"
+    assert "layer_activations" not in record  # not registered
+    results_file = registry.get(key).results_file
+    assert history(run_dir, results_file) == []
+    assert [e["step"] for e in history(run_dir, "saliency_maps.pickle")] == [0, 1, 2, 3, 4]
+    assert len(read_rows(storage.results_path(run_dir, "training_progress.txt"))) == 4
+    errors = [line for line in capfd.readouterr().err.splitlines() if "[visualizer]" in line]
+    assert len(errors) == 1 and "switched off when training began" in errors[0]
 
 
 @pytest.mark.parametrize("register, argument", [
     (lambda c: c.register_saliency_maps(interval=0), "interval"),
     (lambda c: c.register_layer_activations(interval=2.5), "interval"),
+    (lambda c: c.register_layer_activations(exclude_layers=("Dropout",)), "exclude_layers"),
+    (lambda c: c.register_deconvolutional_network(1), "feat_map_amount"),
+    (lambda c: c.register_deconvolutional_network("3", feat_map_amount=1), "feat_map_layer_no"),
+    (lambda c: c.register_deconvolutional_network(1, feat_map_nos=[1, 1]), "feat_map_nos"),
+    (lambda c: c.register_deep_visualization([4, 0], 1, 2), "units_to_visualize"),
     (lambda c: c.register_deep_visualization([(4, 0)], 1, 2, l2_decay=2), "l2_decay"),
     (lambda c: c.register_deep_visualization([(4, 0)], 1, 0), "no_of_iterations"),
     (lambda c: c.register_deep_visualization([(4, 0)], -1, 2), "learning_rate"),
@@ -342,12 +373,42 @@ def test_bad_callback_wrapper_arguments(tmp_path):
         CustomCallbacks(str(tmp_path), custom_preprocess="scale")
 
 
-def test_no_image_fails_at_registration(tmp_path):
-    callbacks = CustomCallbacks(str(tmp_path))
-    with pytest.raises(ValueError, match="no visualization image.*images"):
-        callbacks.register_saliency_maps()
-    # Deep visualization does not use the images.
-    callbacks.register_deep_visualization([(4, 0)], 1, 2)
+def test_without_an_image_the_image_techniques_say_so_and_the_rest_run(tmp_path):
+    run_dir = str(tmp_path)
+    callbacks = CustomCallbacks(run_dir, base_interval=2)
+    register_all(callbacks)
+    x, y = tiny_data(16)
+    fit = tiny_model().fit(x, y, batch_size=8, epochs=1, callbacks=callbacks.get_list(), verbose=0)
+
+    assert len(fit.history["loss"]) == 1
+    record = techniques(run_dir)
+    for key in ("layer_activations", "saliency_maps", "deconvolutional_network"):
+        assert record[key]["state"] == "switched_off"
+        assert record[key]["reason"].startswith("needs an image: the images folder holds none")
+    for key in ("deep_visualization", "training_progress", "network_saver"):
+        assert record[key]["state"] == "active" and record[key]["reason"] is None
+    assert [e["step"] for e in history(run_dir, "deep_visualization.pickle")] == [0, 2]
+
+
+def test_an_image_array_works_as_well_as_the_images_folder(tmp_path):
+    run_dir = str(tmp_path)
+    x, y = tiny_data(16)
+    callbacks = CustomCallbacks(run_dir, visualization_inputs=x[:2])
+    register_all(callbacks)
+    tiny_model().fit(x, y, batch_size=8, epochs=1, callbacks=callbacks.get_list(), verbose=0)
+
+    record = techniques(run_dir)
+    assert {key: entry["state"] for key, entry in record.items()} == dict.fromkeys(record, "active")
+    assert all(record[key]["input_kind"] == "image" for key in registry_keys(TECHNIQUE_FILES))
+    saliency = storage.read_latest(run_dir, "saliency_maps.pickle", "input_1")
+    assert saliency.dtype == np.uint8 and saliency.shape == (8, 8, 1)
+    assert sorted(storage.read_input_images(run_dir)) == ["input_0", "input_1"]
+    fed = storage.safe_load(storage.results_path(run_dir, storage.VISUALIZATION_INPUTS_FILE))
+    np.testing.assert_array_equal(fed["input_1"], x[1])
+
+
+def registry_keys(file_names):
+    return [t.key for t in registry.TECHNIQUES if t.results_file in file_names]
 
 
 def test_unreadable_image_fails_at_registration(tmp_path):
@@ -358,38 +419,86 @@ def test_unreadable_image_fails_at_registration(tmp_path):
         CustomCallbacks(str(tmp_path)).register_layer_activations()
 
 
-def test_preprocess_with_the_wrong_shape_fails_before_any_batch(tmp_path):
+def test_preprocess_with_the_wrong_shape_switches_the_technique_off(tmp_path):
     write_images(str(tmp_path))
     callbacks = CustomCallbacks(str(tmp_path), custom_preprocess=lambda image: image[:4])
     callbacks.register_saliency_maps()
     x, y = tiny_data(16)
-    with pytest.raises(ValueError, match="custom_preprocess"):
-        tiny_model().fit(x, y, batch_size=8, callbacks=callbacks.get_list(), verbose=0)
+    tiny_model().fit(x, y, batch_size=8, callbacks=callbacks.get_list(), verbose=0)
+    entry = techniques(str(tmp_path))["saliency_maps"]
+    assert entry["state"] == "switched_off"
+    assert entry["reason"].startswith("ValueError: custom_preprocess must return an array")
 
 
-def test_model_without_image_input_fails_before_any_batch(tmp_path):
+def test_a_feature_vector_model_without_visualization_inputs_says_what_to_pass(tmp_path):
     write_images(str(tmp_path))
     model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(1)])
     model.compile(optimizer="sgd", loss="mse")
-    with pytest.raises(ValueError, match="model: .*one image input"):
-        model.fit(np.zeros((4, 3)), np.zeros((4, 1)), verbose=0,
-                  callbacks=[SaliencyMaps(str(tmp_path))])
+    fit = model.fit(np.zeros((4, 3)), np.zeros((4, 1)), verbose=0,
+                    callbacks=[SaliencyMaps(str(tmp_path))])
+    assert len(fit.history["loss"]) == 1
+    entry = techniques(str(tmp_path))["saliency_maps"]
+    assert entry["state"] == "switched_off"
+    assert entry["reason"].startswith("needs visualization_inputs: a model with tabular input (3,)")
+    assert "visualization_inputs=array of shape (N,) + (3,)" in entry["reason"]
 
 
-def test_sequential_model_without_input_fails_before_any_batch(tmp_path):
-    write_images(str(tmp_path))
-    model = keras.Sequential([keras.layers.Conv2D(2, (3, 3)), keras.layers.Flatten(),
+def test_a_sequential_model_without_input_takes_stage_0_after_its_first_batch(tmp_path):
+    run_dir = str(tmp_path)
+    write_images(run_dir)
+    model = keras.Sequential([keras.layers.Conv2D(2, (3, 3), activation="relu"),
+                              keras.layers.MaxPooling2D(), keras.layers.Flatten(),
                               keras.layers.Dense(3, activation="softmax")])
     model.compile(optimizer="adam", loss="categorical_crossentropy")
-    x, y = tiny_data(16)
-    for callback in (SaliencyMaps(str(tmp_path)), DeepVisualization(str(tmp_path), [(2, 0)], 1, 2)):
-        with pytest.raises(ValueError, match="model: .*keras.Input"):
-            model.fit(x, y, verbose=0, callbacks=[callback])
+    callbacks = CustomCallbacks(run_dir, base_interval=2)
+    callbacks.register_layer_activations()
+    callbacks.register_saliency_maps()
+    callbacks.register_deconvolutional_network(0, feat_map_amount=2)
+    callbacks.register_deep_visualization([(3, 0)], 1, 2)
+    seen = []
+    spy = keras.callbacks.LambdaCallback(
+        on_train_batch_begin=lambda batch, logs: seen.append(techniques(run_dir)["saliency_maps"]))
+    x, y = tiny_data(32)
+    fit = model.fit(x, y, batch_size=8, epochs=2, verbose=0,
+                    callbacks=[spy] + callbacks.get_list())
+
+    assert len(fit.history["loss"]) == 2
+    assert seen[0]["state"] == "waiting" and seen[0]["first_snapshot_step"] == 1
+    assert "first batch" in seen[0]["reason"]
+    record = techniques(run_dir)
+    for file_name in TECHNIQUE_FILES:
+        key = registry_keys([file_name])[0]
+        assert (record[key]["state"], record[key]["first_snapshot_step"]) == ("active", 1), key
+        entries = history(run_dir, file_name)
+        assert [(e["stage"], e["step"]) for e in entries] == [(0, 1), (1, 2), (2, 4), (3, 6), (4, 8)]
+
+
+class Subclassed(keras.Model):
+    def __init__(self):
+        super().__init__()
+        self.dense = keras.layers.Dense(3, activation="softmax")
+
+    def call(self, inputs):
+        return self.dense(inputs)
+
+
+def test_a_subclassed_model_switches_the_techniques_off_after_its_first_batch(tmp_path):
+    model = Subclassed()
+    model.compile(optimizer="sgd", loss="categorical_crossentropy")
+    callbacks = CustomCallbacks(str(tmp_path), visualization_inputs=np.zeros((1, 4)))
+    callbacks.register_saliency_maps()
+    callbacks.register_training_progress()
+    fit = model.fit(np.zeros((8, 4)), np.zeros((8, 3)), batch_size=4, epochs=2, verbose=0,
+                    callbacks=callbacks.get_list())
+    assert len(fit.history["loss"]) == 2
+    entry = techniques(str(tmp_path))["saliency_maps"]
+    assert (entry["state"], entry["first_snapshot_step"]) == ("switched_off", None)
+    assert entry["reason"].startswith("needs a Sequential or functional model")
 
 
 # --- failures during training ------------------------------------------------
 
-def test_a_failing_snapshot_writes_nothing_and_training_goes_on(tmp_path, capfd):
+def test_a_technique_failing_at_a_snapshot_is_switched_off_and_training_goes_on(tmp_path, capfd):
     run_dir = str(tmp_path)
     write_images(run_dir)
     calls = []
@@ -408,11 +517,12 @@ def test_a_failing_snapshot_writes_nothing_and_training_goes_on(tmp_path, capfd)
 
     assert len(fit.history["loss"]) == 1
     errors = [line for line in capfd.readouterr().err.splitlines() if "[visualizer]" in line]
-    assert errors == ["[visualizer] saliency maps failed at stage 1: RuntimeError: disk full"]
-    entries = history(run_dir, "saliency_maps.pickle")
-    assert [e["stage"] for e in entries] == [0, 2]
+    assert errors == ["[visualizer] saliency maps switched off at stage 1: RuntimeError: disk full"]
+    assert techniques(run_dir)["saliency_maps"]["state"] == "switched_off"
+    assert techniques(run_dir)["saliency_maps"]["reason"] == "RuntimeError: disk full"
+    assert [e["stage"] for e in history(run_dir, "saliency_maps.pickle")] == [0]
     assert sorted(os.listdir(storage.history_dir(run_dir, "saliency_maps.pickle"))) == [
-        "000000000.pickle", "000000002.pickle", "index.jsonl"]
+        "000000000.pickle", "index.jsonl"]
     assert len(read_rows(storage.results_path(run_dir, "training_progress.txt"))) == 5
 
 
@@ -508,15 +618,17 @@ def check_run_folder_is_readable(run_dir):
     pickles = glob.glob(os.path.join(run_dir, "results", "**", "*.pickle"), recursive=True)
     assert pickles
     for path in pickles:  # glob skips the ".tmp-" files a kill may leave behind
-        storage.safe_load(path)
+        storage.safe_load(run_dir, path)
     for file_name in TECHNIQUE_FILES:
         for entry in history(run_dir, file_name):
             storage.read_snapshot(run_dir, file_name, entry)
     for table in ("training_progress.tsv", "training_progress_val.tsv"):
-        storage.read_table(storage.results_path(run_dir, table))
-    columns, rows, _ = storage.read_table(storage.results_path(run_dir, "training_progress.tsv"))
+        storage.read_table(run_dir, storage.results_path(run_dir, table))
+    columns, rows, _ = storage.read_table(run_dir, storage.results_path(
+        run_dir, "training_progress.tsv"))
     assert all(len(row) == len(columns) for row in rows)
-    lines, _ = storage.read_complete_lines(storage.results_path(run_dir, "training_progress.txt"))
+    lines, _ = storage.read_complete_lines(run_dir, storage.results_path(
+        run_dir, "training_progress.txt"))
     assert all(len([float(v) for v in line.split()]) == 3 for line in lines)
     for network in glob.glob(os.path.join(run_dir, "networks", "*.keras")):
         keras.saving.load_model(network)

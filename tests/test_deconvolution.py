@@ -234,19 +234,20 @@ def test_all_pairs_go_through_one_reverse_pass_and_match_single_image_results():
     model = relu_inside_model("same", 13)
     images = _images(13, count=3, seed=9)
     deconv = DeconvolutionModel(model, 3, feat_map_amount=4)
-    reverse, batches = deconv._reverse_stack, []
+    reverse, batches = deconv._reverse, []
 
-    def recording_reverse(signal, *args):
+    def recording_reverse(pairs, signal):
         batches.append(tuple(signal.shape))
-        return reverse(signal, *args)
+        return reverse(pairs, signal)
 
-    deconv._reverse_stack = recording_reverse
+    deconv._reverse = recording_reverse
     tf.config.run_functions_eagerly(True)  # so that every call, not only tracing, is recorded
     try:
         together = deconv(images)
     finally:
         tf.config.run_functions_eagerly(False)
-    assert batches == [(3 * 4, 4, 4, 5)]
+    # The chosen convolution's filters are placed; the backward pass starts at its input.
+    assert batches == [(3 * 4, 7, 7, 4)]
     for image, result in zip(images, together):
         alone = deconvolution(model, image[np.newaxis], 3, feat_map_amount=4)[0]
         assert [no for _, _, no in alone] == [no for _, _, no in result]
@@ -343,7 +344,7 @@ def test_custom_model_info_update_returning_none_keeps_the_given_model():
 def test_custom_model_info_lets_unsupported_models_through():
     inputs = keras.Input((8, 8, 1))
     x = keras.layers.Conv2D(3, 3, padding="same", activation="relu")(inputs)
-    x = keras.layers.BatchNormalization()(x)
+    x = keras.layers.Activation("tanh")(x)
     x = keras.layers.Conv2D(2, 3, activation="relu")(x)
     model = keras.Model(inputs, x)
     deconv_model, _ = _hand_made_deconv(_two_conv_model())
@@ -385,7 +386,7 @@ def reference_model():
     (dict(feat_map_layer_no=0, feat_map_amount=1), ValueError, "feat_map_layer_no=0 .*InputLayer"),
     (dict(feat_map_layer_no=3), ValueError, "exactly one of feat_map_amount .* and feat_map_nos"),
     (dict(feat_map_layer_no=3, feat_map_amount=2, feat_map_nos=[1]), ValueError, "exactly one of feat_map_amount"),
-    (dict(feat_map_layer_no=3, feat_map_amount=0), ValueError, "feat_map_amount=0 is out of range.*32 feature maps"),
+    (dict(feat_map_layer_no=3, feat_map_amount=0), ValueError, "feat_map_amount=0 is out of range"),
     (dict(feat_map_layer_no=3, feat_map_amount=33), ValueError, "feat_map_amount=33 is out of range"),
     (dict(feat_map_layer_no=3, feat_map_amount=-2), ValueError, "feat_map_amount=-2"),
     (dict(feat_map_layer_no=3, feat_map_amount=2.0), TypeError, "feat_map_amount must be an int"),
@@ -416,16 +417,154 @@ def test_custom_layer_map_must_cover_the_chosen_layer(reference_model):
         check_deconvolution_args(reference_model, 3, 1, custom_keras_model_info=(deconv_model, {3: 9}, print))
 
 
+class Doubling(keras.layers.Layer):
+    """A custom layer: the deconvolutional network cannot know its reverse."""
+
+    def call(self, inputs):
+        return inputs * 2.0
+
+
 @pytest.mark.parametrize("model, layer_no, culprit", [
-    (_model_with(keras.layers.BatchNormalization()), 2, "batch_normalization"),
-    (_model_with(keras.layers.AveragePooling2D(2)), 2, "AveragePooling2D"),
-    (_model_with(keras.layers.Activation("tanh")), 2, "Activation"),
-    (_model_with(keras.layers.Conv2D(2, 3, padding="same", dilation_rate=2)), 2, "Conv2D"),
-    (_branch_below_model(), 5, "Add"),
-], ids=["batchnorm", "average_pool", "tanh", "dilated_conv", "add_branch"])
-def test_unsupported_layers_below_the_chosen_layer_ask_for_custom_model_info(model, layer_no, culprit):
+    (_model_with(keras.layers.Activation("tanh")), 2, "Activation.*tanh"),
+    (_model_with(keras.layers.Conv2D(2, 3, padding="same", activation="sigmoid")), 2, "Conv2D.*sigmoid"),
+    (_model_with(keras.layers.LeakyReLU()), 2, "LeakyReLU"),
+    (_model_with(Doubling()), 2, "Doubling"),
+], ids=["tanh", "sigmoid_conv", "leaky_relu", "custom_layer"])
+def test_layers_without_a_deconvnet_reverse_are_named_and_ask_for_custom_model_info(model, layer_no, culprit):
     with pytest.raises(ValueError, match="feat_map_layer_no.*%s.*custom_keras_model_info" % culprit):
         check_deconvolution_args(model, layer_no, feat_map_amount=1)
+
+
+# ---- the layers of real networks, against an explicit numpy reverse pass ----
+
+def np_batch_norm(layer, x):
+    gamma, beta, mean, variance = (np.asarray(w, dtype=np.float64) for w in layer.get_weights())
+    return (x - mean) / np.sqrt(variance + layer.epsilon) * gamma + beta
+
+
+def np_batch_norm_transpose(layer, signal):
+    gamma, _, _, variance = (np.asarray(w, dtype=np.float64) for w in layer.get_weights())
+    return signal * gamma / np.sqrt(variance + layer.epsilon)
+
+
+def np_average_pool(x):
+    h, w, c = x.shape
+    return x[:h // 2 * 2, :w // 2 * 2].reshape(h // 2, 2, w // 2, 2, c).mean(axis=(1, 3))
+
+
+def np_average_pool_transpose(signal, input_shape):
+    out = np.zeros(input_shape)
+    out[:signal.shape[0] * 2, :signal.shape[1] * 2] = np.repeat(np.repeat(signal, 2, 0), 2, 1) / 4
+    return out
+
+
+def residual_model():
+    """conv relu -> BN -> [zero-pad -> conv] + BN -> relu -> concat(avg pool, max pool) -> strided conv."""
+    inputs = keras.Input((8, 8, 2))
+    x1 = keras.layers.Conv2D(3, 3, padding="same", activation="relu")(inputs)
+    x2 = keras.layers.BatchNormalization()(x1)
+    x3 = keras.layers.ZeroPadding2D(1)(x2)
+    x4 = keras.layers.Conv2D(3, 3)(x3)
+    x5 = keras.layers.Add()([x4, x2])
+    x6 = keras.layers.Activation("relu")(x5)
+    x7 = keras.layers.Concatenate()([keras.layers.AveragePooling2D(2)(x6),
+                                     keras.layers.MaxPooling2D(2)(keras.layers.Dropout(0.5)(x6))])
+    x8 = keras.layers.Conv2D(4, 3, strides=2, padding="same", activation="relu")(x7)
+    outputs = keras.layers.Dense(2)(keras.layers.GlobalAveragePooling2D()(x8))
+    model = keras.Model(inputs, outputs)
+    _randomize(model, 4)
+    bn = next(l for l in model.layers if isinstance(l, keras.layers.BatchNormalization))
+    rng = np.random.default_rng(5)  # moving variance must be positive
+    bn.set_weights([rng.normal(1, 0.5, 3), rng.normal(0, 0.5, 3), rng.normal(0, 0.5, 3),
+                    rng.uniform(0.5, 2, 3)])
+    return model
+
+
+def np_residual_deconvolution(model, image, map_no):
+    """The numpy forward and reverse pass of ``residual_model``, layer by layer."""
+    by_type = {}
+    for layer in model.layers:
+        by_type.setdefault(type(layer).__name__, []).append(layer)
+    conv1, conv2, conv3 = by_type["Conv2D"]
+    bn = by_type["BatchNormalization"][0]
+
+    def weights(layer):
+        return [np.asarray(w, dtype=np.float64) for w in layer.get_weights()]
+
+    x0 = image.astype(np.float64)
+    x1 = np.maximum(np_conv(x0, *weights(conv1), 1, "same"), 0)
+    x2 = np_batch_norm(bn, x1)
+    x3 = np.pad(x2, ((1, 1), (1, 1), (0, 0)))
+    x4 = np_conv(x3, *weights(conv2), 1, "valid")
+    x6 = np.maximum(x4 + x2, 0)
+    pooled, switches = np_max_pool(x6, 2, 2, "valid")
+    x7 = np.concatenate([np_average_pool(x6), pooled], axis=-1)
+    x8 = np.maximum(np_conv(x7, *weights(conv3), 2, "same"), 0)
+
+    position = np.unravel_index(np.argmax(x8[..., map_no]), x8.shape[:2]) + (map_no,)
+    signal = np.zeros_like(x8)
+    signal[position] = x8[position]
+    s7 = np_conv_transpose(np.maximum(signal, 0), weights(conv3)[0], 2, "same", x7.shape)
+    s6 = np_average_pool_transpose(s7[..., :3], x6.shape) + np_unpool(s7[..., 3:], switches, x6.shape)
+    s5 = np.maximum(s6, 0)
+    s3 = np_conv_transpose(s5, weights(conv2)[0], 1, "valid", x3.shape)
+    s2 = s5 + s3[1:-1, 1:-1]
+    s1 = np_batch_norm_transpose(bn, s2)
+    return np_conv_transpose(np.maximum(s1, 0), weights(conv1)[0], 1, "same", x0.shape)
+
+
+def test_residual_network_with_batch_norm_padding_and_branches_equals_numpy():
+    model = residual_model()
+    layer_no = next(i for i, l in enumerate(model.layers)
+                    if isinstance(l, keras.layers.Conv2D) and l.strides == (2, 2))
+    images = _images(8)
+    for image, result in zip(images, DeconvolutionModel(model, layer_no, feat_map_amount=-1)(images)):
+        nonzero = 0
+        for reconstruction, _, map_no in result:
+            expected = np_residual_deconvolution(model, image, map_no)
+            assert _close(reconstruction, expected), map_no
+            nonzero += bool(np.any(expected))
+        assert nonzero > 0
+
+
+def test_a_base_model_used_as_a_layer_is_reversed_through_its_own_layers():
+    base = keras.Sequential([keras.Input((13, 13, 2)),
+                             keras.layers.Conv2D(4, 3, padding="same", activation="relu"),
+                             keras.layers.MaxPooling2D(2, padding="same")], name="base")
+    inputs = keras.Input((13, 13, 2))
+    x = keras.layers.Conv2D(5, 3, strides=2, activation="relu")(base(inputs))
+    model = keras.Model(inputs, keras.layers.Dense(3)(keras.layers.Flatten()(x)))
+    _randomize(model, 7)
+    _randomize(base, 8)
+    images = _images(13)
+    for image, result in zip(images, deconvolution(model, images, 2, feat_map_amount=-1)):
+        for reconstruction, _, map_no in result:
+            expected, _ = np_deconvolution(base.layers + [model.layers[2]], image, map_no)
+            assert _close(reconstruction, expected)
+
+
+def test_conv1d_sequences_are_reversed_as_one_row_images():
+    """Conv1D / MaxPooling1D equal Conv2D / MaxPooling2D over a (1, T, C) image (numpy-checked above)."""
+    sequence = keras.Sequential([keras.Input((20, 2)),
+                                 keras.layers.Conv1D(4, 3, activation="relu"),
+                                 keras.layers.MaxPooling1D(2),
+                                 keras.layers.Conv1D(3, 3, strides=2, padding="same", activation="relu")])
+    image = keras.Sequential([keras.Input((1, 20, 2)),
+                              keras.layers.Conv2D(4, (1, 3), activation="relu"),
+                              keras.layers.MaxPooling2D((1, 2)),
+                              keras.layers.Conv2D(3, (1, 3), strides=(1, 2), padding="same", activation="relu")])
+    _randomize(sequence, 9)
+    for conv1d, conv2d in zip(sequence.layers[::2], image.layers[::2]):
+        kernel, bias = conv1d.get_weights()
+        conv2d.set_weights([kernel[np.newaxis], bias])
+    inputs = np.random.default_rng(3).uniform(-1, 1, (2, 20, 2)).astype(np.float32)
+    got = deconvolution(sequence, inputs, 2, feat_map_amount=-1)
+    expected = deconvolution(image, inputs[:, np.newaxis], 2, feat_map_amount=-1)
+    for got_result, expected_result in zip(got, expected):
+        assert [no for _, _, no in got_result] == [no for _, _, no in expected_result]
+        for (reconstruction, _, _), (reference, _, _) in zip(got_result, expected_result):
+            assert reconstruction.shape == (20, 2)
+            assert _close(reconstruction, reference[0])
 
 
 def test_layers_off_the_path_to_the_chosen_layer_do_not_matter():

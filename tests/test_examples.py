@@ -1,4 +1,5 @@
 """The example scripts run as plain ``python script.py`` and write every result file."""
+import json
 import os
 import shutil
 import subprocess
@@ -101,3 +102,52 @@ def test_functional_skip_example_writes_every_result_file(tmp_path):
                   "training_progress.tsv", "training_progress_val.tsv"):
         assert os.path.getsize(storage.results_path(run_dir, table)) > 0, table
     keras.saving.load_model(os.path.join(run_dir, "networks", "functional_skip.keras"))
+
+
+def test_sequence_example_gives_curves_over_time(tmp_path):
+    run_dir, _ = run_without_images(tmp_path, "sequence_conv1d.py")
+    techniques = read_techniques(run_dir)
+    assert {key: entry["state"] for key, entry in techniques.items()} == dict.fromkeys(
+        techniques, "active")
+    names = ["input_0", "input_1", "input_2"]
+    saliency = storage.read_latest(run_dir, "saliency_maps.pickle", "input_2")
+    assert saliency["gradient"].shape == saliency["input"].shape == (64, 2)
+    activations = dict(storage.read_latest(run_dir, "layer_activations.pickle", "input_0"))
+    assert activations["Layer 0: conv1d"].shape == (8, 60)  # filters x time
+    for reconstruction, layer_name, _ in storage.read_latest(run_dir, "deconvolutional_network.pickle"):
+        assert (reconstruction.dtype, reconstruction.shape, layer_name) == (np.float32, (64, 2), "conv1d_1")
+    deep = storage.read_latest(run_dir, "deep_visualization.pickle")
+    assert [(synthetic.shape, unit) for synthetic, _, unit, _ in deep] == [((64, 2), u) for u in range(3)]
+    inputs = storage.safe_load(storage.results_path(run_dir, storage.VISUALIZATION_INPUTS_FILE))
+    assert sorted(inputs) == names
+
+
+def test_tabular_example_names_its_features_and_says_why_deconvolution_is_off(tmp_path):
+    run_dir, output = run_without_images(tmp_path, "tabular_features.py")
+    assert "[visualizer] deconvolutional network switched off when training began: needs " \
+           "feature maps" in output
+    techniques = read_techniques(run_dir)
+    assert techniques["deconvolutional_network"]["state"] == "switched_off"
+    assert techniques["saliency_maps"]["state"] == "active"
+    saliency = storage.read_latest(run_dir, "saliency_maps.pickle", "input_3")
+    assert saliency["feature_names"][:2] == ["age", "income"]
+    assert saliency["gradient"].shape == saliency["input"].shape == (6,)
+    deep = storage.read_latest(run_dir, "deep_visualization.pickle")
+    assert [(synthetic.shape, unit) for synthetic, _, unit, _ in deep] == [((6,), 0), ((6,), 1)]
+
+
+def run_without_images(tmp_path, script):
+    """Copy an example that needs no images to ``tmp_path`` and run it there."""
+    shutil.copy(os.path.join(EXAMPLES, script), tmp_path)
+    env = dict(os.environ, EPOCHS="1", TF_CPP_MIN_LOG_LEVEL="2", PYTHONPATH=ROOT)
+    env.pop(storage.RUN_DIR_ENV, None)
+    completed = subprocess.run([sys.executable, script], cwd=tmp_path, env=env, timeout=300,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    assert completed.returncode == 0, completed.stdout[-3000:]
+    assert "Validation loss" in completed.stdout
+    return str(tmp_path), completed.stdout
+
+
+def read_techniques(run_dir):
+    with open(storage.results_path(run_dir, storage.TECHNIQUES_FILE)) as f:
+        return json.load(f)

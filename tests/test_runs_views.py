@@ -192,7 +192,7 @@ def test_run_refused_while_running(app, client, script):
 
 
 def test_runner_failure_marks_run_failed(app, client, script):
-    def refuse(*args):
+    def refuse(*args, **kwargs):
         raise OSError("no slot")
     app.extensions["runner"].start = refuse
     response = post_run(client, choice="none")
@@ -258,14 +258,14 @@ def test_tail_lines_reads_the_end_of_a_big_file(tmp_path):
     with open(path, "w") as f:
         f.write(row * 30000)  # 3 MB
         f.write("epoch 1/2 [==   ] 10%\repoch 1/2 [=====] 100%\nlast line without newline")
-    lines = tail_lines(str(path))
+    lines = tail_lines(str(tmp_path))
     assert len(lines) == 50
     assert lines[-2:] == ["epoch 1/2 [=====] 100%", "last line without newline"]
     assert lines[0] == "x" * 99
     with open(path, "w") as f:
         f.write("y" * 1_000_000)  # one huge line: only its end is read
-    assert tail_lines(str(path)) == ["y" * (256 * 1024)]
-    assert tail_lines(str(tmp_path / "missing.txt")) == []
+    assert tail_lines(str(tmp_path)) == ["y" * (256 * 1024)]
+    assert tail_lines(str(tmp_path / "missing")) == []
 
 
 def keras_progress_bar(step, steps, metrics, previous_width):

@@ -125,7 +125,7 @@ def test_overview_says_why_the_script_cannot_be_read(app, client, user):
     os.remove(os.path.join(folder, "first.py"))
     os.makedirs(os.path.join(folder, "first.py", "inner"))  # a folder where the file should be
     page = client.get("/scripts/1").get_data(as_text=True)
-    assert "The script file cannot be read from the storage folder: Is a directory." in page
+    assert "The script file is not shown: first.py is not a regular file." in page
 
 
 def test_favicon_is_served_without_login_and_linked_from_every_page(client):

@@ -142,3 +142,93 @@ def test_derived_settings_and_secret_key_file(tmp_path):
     assert len(settings["SECRET_KEY"]) >= 64 and key_file.read_text() == settings["SECRET_KEY"]
     assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
     assert config.load_or_create_secret_key(str(tmp_path / "inst")) == settings["SECRET_KEY"]
+
+
+# Headers of every response, Secure cookies behind TLS.
+
+def test_every_response_carries_the_security_headers(client, auth):
+    auth.register_and_login()
+    for path in ("/auth/login", "/", "/scripts/99", "/static/style.css"):
+        headers = client.get(path).headers
+        assert headers["X-Frame-Options"] == "DENY"
+        assert headers["X-Content-Type-Options"] == "nosniff"
+        assert headers["Referrer-Policy"] == "same-origin"
+        assert "Strict-Transport-Security" not in headers
+        policy = dict(part.split(" ", 1) for part in headers["Content-Security-Policy"].split("; "))
+        assert policy["frame-ancestors"] == "'none'"
+        assert policy["default-src"] == "'self'" and policy["object-src"] == "'none'"
+        assert re.fullmatch(r"'self' 'nonce-[\w-]{24}' http://bokeh\.test:5006 blob:",
+                            policy["script-src"])
+        assert policy["connect-src"] == "'self' http://bokeh.test:5006 ws://bokeh.test:5006"
+
+
+def test_the_dashboards_inline_script_carries_this_responses_nonce(client, auth):
+    auth.register_and_login()
+    upload_script(client, "plotted.py")
+    nonces = []
+    for _ in range(2):
+        response = client.get("/scripts/1/techniques/saliency_maps")
+        nonce = re.search(r"'nonce-([\w-]+)'", response.headers["Content-Security-Policy"]).group(1)
+        page = response.get_data(as_text=True)
+        assert '<script nonce="%s" id=' % nonce in page
+        assert page.count("<script") == page.count("<script nonce=") + 1  # + app.js by URL
+        nonces.append(nonce)
+    assert nonces[0] != nonces[1]
+
+
+def test_with_https_cookies_are_secure_and_hsts_is_sent(tmp_path):
+    app = create_app(make_test_config(tmp_path, HTTPS=True, BOKEH_URL="https://bokeh.test"))
+    client = app.test_client()
+    client.post("/auth/register", data={"username": "alice_1", "password": "password123",
+                                        "confirm": "password123"})
+    response = client.post("/auth/login", data={"username": "alice_1", "password": "password123"},
+                           base_url="https://localhost")
+    assert "Secure" in response.headers["Set-Cookie"]
+    assert response.headers["Strict-Transport-Security"] == "max-age=31536000"
+    assert app.config["REMEMBER_COOKIE_SECURE"] is True
+    assert "connect-src 'self' https://bokeh.test wss://bokeh.test" in response.headers[
+        "Content-Security-Policy"]
+
+
+def test_without_https_cookies_are_not_marked_secure(client, auth):
+    auth.register()
+    assert "Secure" not in auth.login().headers["Set-Cookie"]
+
+
+def test_the_https_setting_takes_0_or_1_only():
+    assert config.settings_from_env({"VISUALIZER_HTTPS": "1"})["HTTPS"] is True
+    assert config.settings_from_env({})["HTTPS"] is False
+    with pytest.raises(ValueError, match="VISUALIZER_HTTPS must be 0 or 1, got 'yes'"):
+        config.settings_from_env({"VISUALIZER_HTTPS": "yes"})
+
+
+# Tags belong to one user.
+
+def test_two_users_tags_of_one_name_are_separate_rows(app, client, auth):
+    auth.register_and_login("alice_1")
+    upload_script(client, "a.py", tags="project_x")
+    auth.logout()
+    auth.register_and_login("bobby_2")
+    upload_script(client, "b.py")
+    client.post("/scripts/2/tags", data={"tags": "project_x"})
+    with app.app_context():
+        owners = sorted((t.user_id, t.name) for t in Tag.query.filter_by(name="project_x"))
+        assert owners == [(1, "project_x"), (2, "project_x")]
+        bobs = [t for t in db.session.get(Script, 2).tags if t.name == "project_x"][0]
+    assert bobs.user_id == 2
+
+
+def test_another_users_tag_id_gets_404_on_ones_own_script_and_stays(app, client, auth):
+    auth.register_and_login("alice_1")
+    upload_script(client, "a.py", tags="private")
+    with app.app_context():
+        alices_tag = Tag.query.filter_by(user_id=1, name="private").one().id
+    auth.logout()
+    auth.register_and_login("bobby_2")
+    upload_script(client, "b.py", tags="private")
+    response = client.post("/scripts/2/tags/%d/remove" % alices_tag)
+    assert response.status_code == 404
+    assert "private" not in response.get_data(as_text=True)
+    with app.app_context():
+        assert [t.name for t in db.session.get(Script, 1).tags] == ["a", "private"]
+        assert sorted(t.name for t in db.session.get(Script, 2).tags) == ["b", "private"]

@@ -1,20 +1,34 @@
 """The Flask application of the training visualizer: users, scripts, runs and pages."""
 import datetime
 import os
+import secrets
+from urllib.parse import urlsplit
 
-from flask import Flask, flash, redirect, render_template, request, url_for
+import sqlalchemy
+from alembic import command
+from flask import Flask, current_app, flash, g, redirect, render_template, request, session, url_for
 from flask_login import LoginManager, current_user
+from flask_migrate import Migrate
 from flask_wtf.csrf import CSRFError, CSRFProtect
+from markupsafe import Markup
 
 from custom_keras import registry
 from visualizer import config
-from visualizer.models import ACTIVE_STATES, Run, User, db, utc_from_timestamp
+from visualizer.models import (ACTIVE_STATES, LoginSession, Run, User, db, utc_from_timestamp,
+                               utcnow)
 
 # Pages an anonymous visitor may open; every other page sends them to the login page.
 PUBLIC_ENDPOINTS = {"auth.login", "auth.register", "static", "favicon"}
+# The key in the Flask session that names the user's LoginSession row.
+LOGIN_SESSION_KEY = "login_session"
+MIGRATIONS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "migrations")
+# The revision whose schema equals the tables create_all made before migrations existed.
+BASELINE_REVISION = "0001"
+HSTS_MAX_AGE_S = 365 * 24 * 3600
 
 login_manager = LoginManager()
 csrf = CSRFProtect()
+migrate = Migrate(directory=MIGRATIONS_DIR)
 
 
 def create_app(test_config=None):
@@ -40,9 +54,13 @@ def create_app(test_config=None):
     settings = config.settings_from_env()
     settings.update(test_config or {})
     app.config.update(config.complete_settings(settings))
+    # Behind TLS the cookies must never travel in clear text.
+    app.config.update(SESSION_COOKIE_SECURE=app.config["HTTPS"],
+                      REMEMBER_COOKIE_SECURE=app.config["HTTPS"])
     os.makedirs(app.config["STORAGE_DIR"], exist_ok=True)
 
     db.init_app(app)
+    migrate.init_app(app, db)
     csrf.init_app(app)
     login_manager.init_app(app)
     login_manager.login_view = "auth.login"
@@ -52,14 +70,34 @@ def create_app(test_config=None):
     app.register_blueprint(scripts.bp)
     app.register_blueprint(runs.bp)
     app.jinja_env.filters["localtime"] = format_local_time
+    app.jinja_env.filters["with_csp_nonce"] = with_csp_nonce
     # Browsers ask for /favicon.ico on their own (e.g. for a JSON page or a download).
     app.add_url_rule("/favicon.ico", "favicon", lambda: app.send_static_file("favicon.ico"))
     _register_handlers(app)
 
     with app.app_context():
-        db.create_all()
+        migrate_database(app)
     _start_runner(app)
     return app
+
+
+def migrate_database(app):
+    """Brings the database to the newest schema, keeping its data (Alembic via Flask-Migrate).
+
+    A database without tables gets the models' tables and is stamped as the
+    newest revision; one made before migrations existed (tables but no
+    ``alembic_version``) is stamped as ``BASELINE_REVISION`` and upgraded; any
+    other is upgraded. Call it in the app context.
+    """
+    alembic_config = app.extensions["migrate"].migrate.get_config()
+    tables = set(sqlalchemy.inspect(db.engine).get_table_names())
+    if not tables:
+        db.create_all()
+        command.stamp(alembic_config, "head")
+        return
+    if "alembic_version" not in tables:
+        command.stamp(alembic_config, BASELINE_REVISION)
+    command.upgrade(alembic_config, "head")
 
 
 def _start_runner(app):
@@ -120,7 +158,57 @@ def format_local_time(value, with_date=True):
 
 @login_manager.user_loader
 def load_user(user_id):
-    return db.session.get(User, int(user_id))
+    """The session's user while its login session exists server-side (logout deletes it)
+    and is younger than PERMANENT_SESSION_LIFETIME."""
+    login_session = db.session.get(LoginSession, session.get(LOGIN_SESSION_KEY) or "")
+    if (login_session is None or str(login_session.user_id) != user_id
+            or login_session.created_at < login_sessions_expired_before()):
+        return None
+    return db.session.get(User, login_session.user_id)
+
+
+def login_sessions_expired_before():
+    """Login sessions created before this time no longer log anyone in."""
+    return utcnow() - current_app.permanent_session_lifetime
+
+
+def csp_nonce():
+    """This response's random nonce, which inline scripts need to run (see security_headers)."""
+    if "csp_nonce" not in g:
+        g.csp_nonce = secrets.token_urlsafe(18)
+    return g.csp_nonce
+
+
+def with_csp_nonce(html):
+    """Trusted HTML (e.g. Bokeh's embed script) with this response's nonce on its <script> tags."""
+    return Markup(str(html).replace("<script", '<script nonce="%s"' % csp_nonce()))
+
+
+def content_security_policy(bokeh_url, nonce):
+    """The Content-Security-Policy of every response.
+
+    Scripts: ours, inline ones carrying the nonce, and the Bokeh server's. Bokeh's
+    embed script fetches autoload.js and runs it as a ``blob:`` script, and
+    BokehJS opens a websocket to its server. BokehJS sets inline styles on the
+    elements it draws (Chromium blocks about a hundred of them and the layout
+    breaks under ``style-src 'self'``), so styles, unlike scripts, allow inline;
+    its toolbar icons are ``data:`` SVG images. Each of these was found needed
+    in Chromium (tests/e2e/test_requests.py); no ``'unsafe-eval'`` is.
+    """
+    parts = urlsplit(bokeh_url)
+    bokeh_origin = "%s://%s" % (parts.scheme, parts.netloc)
+    bokeh_socket = "%s://%s" % ("wss" if parts.scheme == "https" else "ws", parts.netloc)
+    return "; ".join([
+        "default-src 'self'",
+        "script-src 'self' 'nonce-%s' %s blob:" % (nonce, bokeh_origin),
+        "style-src 'self' 'unsafe-inline'",
+        "img-src 'self' data:",
+        "connect-src 'self' %s %s" % (bokeh_origin, bokeh_socket),
+        "object-src 'none'",
+        "base-uri 'self'",
+        "form-action 'self'",
+        "frame-ancestors 'none'",
+    ])
 
 
 @login_manager.unauthorized_handler
@@ -134,6 +222,18 @@ def send_to_login():
 
 
 def _register_handlers(app):
+    @app.after_request
+    def security_headers(response):
+        headers = response.headers
+        headers["Content-Security-Policy"] = content_security_policy(app.config["BOKEH_URL"],
+                                                                      csp_nonce())
+        headers["X-Frame-Options"] = "DENY"
+        headers["X-Content-Type-Options"] = "nosniff"
+        headers["Referrer-Policy"] = "same-origin"
+        if app.config["HTTPS"]:
+            headers["Strict-Transport-Security"] = "max-age=%d" % HSTS_MAX_AGE_S
+        return response
+
     @app.before_request
     def require_login():
         if request.endpoint in PUBLIC_ENDPOINTS or current_user.is_authenticated:

@@ -21,6 +21,10 @@ import waitress
 from visualizer import config, create_app
 
 WAITRESS_THREADS = 8
+# Room for a multipart form's fields and boundaries around the largest upload: a body
+# over MAX_CONTENT_LENGTH gets Flask's 413 page, one over this margin too is refused
+# by waitress from its Content-Length (or as it streams in) before being read.
+REQUEST_BODY_MARGIN = 1024 * 1024
 BOKEH_START_TIMEOUT_S = 60
 BOKEH_STOP_TIMEOUT_S = 10
 PR_SET_PDEATHSIG = 1
@@ -92,7 +96,9 @@ def _port_message(host, port, variable, error):
 def _create_server(app):
     host, port = app.config["HOST"], app.config["PORT"]
     try:
-        return waitress.create_server(app, host=host, port=port, threads=WAITRESS_THREADS)
+        return waitress.create_server(
+            app, host=host, port=port, threads=WAITRESS_THREADS,
+            max_request_body_size=app.config["MAX_CONTENT_LENGTH"] + REQUEST_BODY_MARGIN)
     except OSError as error:
         raise StartError(_port_message(host, port, "VISUALIZER_PORT", error)) from None
 

@@ -15,6 +15,9 @@ VISUALIZER_MAX_RUNS            2 (concurrent runs)                         MAX_C
 VISUALIZER_RUN_MEMORY_MB       none (memory limit of one run)              RUN_MEMORY_MB
 VISUALIZER_RUN_WALL_TIME_S     none (wall-time limit of one run)           RUN_WALL_TIME_S
 VISUALIZER_MAX_UPLOAD_MB       20                                          MAX_CONTENT_LENGTH (bytes)
+VISUALIZER_HTTPS               0 (1: browsers reach the app over HTTPS)    HTTPS
+VISUALIZER_USER_MAX_SCRIPTS    100 (files one user may keep)               USER_MAX_SCRIPTS
+VISUALIZER_USER_STORAGE_MB     10240 (storage of one user, runs included)  USER_STORAGE_MB
 =============================  ==========================================  =====================
 """
 import os
@@ -39,8 +42,8 @@ def settings_from_env(environ=None):
         dict of ``app.config`` keys.
 
     Raises:
-        ValueError: a numeric variable does not hold a positive number; the
-            message names the variable.
+        ValueError: a numeric variable does not hold a positive number, or a
+            flag is not 0 or 1; the message names the variable.
     """
     env = os.environ if environ is None else environ
     upload_mb = _number(env, "VISUALIZER_MAX_UPLOAD_MB", 20)
@@ -59,6 +62,9 @@ def settings_from_env(environ=None):
         "RUN_MEMORY_MB": _number(env, "VISUALIZER_RUN_MEMORY_MB", None),
         "RUN_WALL_TIME_S": _number(env, "VISUALIZER_RUN_WALL_TIME_S", None),
         "MAX_CONTENT_LENGTH": int(upload_mb * 1024 * 1024),
+        "HTTPS": _flag(env, "VISUALIZER_HTTPS"),
+        "USER_MAX_SCRIPTS": _number(env, "VISUALIZER_USER_MAX_SCRIPTS", 100),
+        "USER_STORAGE_MB": _number(env, "VISUALIZER_USER_STORAGE_MB", 10240),
     }
 
 
@@ -110,3 +116,10 @@ def _number(env, name, default):
     if value <= 0:
         raise ValueError("%s must be positive, got %r" % (name, raw))
     return int(value) if value.is_integer() else value
+
+
+def _flag(env, name):
+    raw = env.get(name, "").strip()
+    if raw not in ("", "0", "1"):
+        raise ValueError("%s must be 0 or 1, got %r" % (name, raw))
+    return raw == "1"

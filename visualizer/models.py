@@ -1,4 +1,8 @@
-"""Database models: users, their scripts, tags and runs (Flask-SQLAlchemy)."""
+"""Database models: users, their login sessions, scripts, tags and runs (Flask-SQLAlchemy).
+
+A change here needs a migration in ``visualizer/migrations/versions`` (see
+``visualizer/migrations/README``): the start path upgrades existing databases with it.
+"""
 import datetime
 import os
 
@@ -46,9 +50,37 @@ class User(UserMixin, db.Model):
         return check_password_hash(self.password_hash, password)
 
 
+class LoginSession(db.Model):
+    """One login of a user, named by a random id kept in that browser's Flask session.
+
+    A signed cookie alone cannot be taken back; this row can: logout deletes it,
+    a password change deletes the user's others, and a cookie whose row is gone
+    no longer logs anyone in.
+    """
+    id = db.Column(db.String(64), primary_key=True)
+    user_id = db.Column(db.Integer, db.ForeignKey("user.id"), nullable=False, index=True)
+    created_at = db.Column(db.DateTime, nullable=False, default=utcnow)
+
+
+class LoginThrottle(db.Model):
+    """Failed logins counted for one user name or one client address.
+
+    ``scope`` is ``"name"`` or ``"address"``; ``locked_until`` is set once
+    ``failures`` reaches the threshold in ``visualizer.auth``.
+    """
+    scope = db.Column(db.String(10), primary_key=True)
+    key = db.Column(db.String(64), primary_key=True)
+    failures = db.Column(db.Integer, nullable=False, default=0)
+    last_failure_at = db.Column(db.DateTime, nullable=False, default=utcnow)
+    locked_until = db.Column(db.DateTime)
+
+
 class Tag(db.Model):
+    """A tag name of one user: two users' tags of the same name are different rows."""
+    __table_args__ = (db.UniqueConstraint("user_id", "name"),)
     id = db.Column(db.Integer, primary_key=True)
-    name = db.Column(db.String(40), unique=True, nullable=False)
+    user_id = db.Column(db.Integer, db.ForeignKey("user.id"), nullable=False, index=True)
+    name = db.Column(db.String(40), nullable=False)
 
 
 class Script(db.Model):

@@ -1,5 +1,6 @@
 """Runs: run and stop a script, its live output, its images and the technique tabs."""
 import io
+import mimetypes
 import os
 import re
 import shutil
@@ -7,22 +8,19 @@ import tempfile
 import warnings
 
 from flask import (Blueprint, abort, current_app, flash, jsonify, redirect, render_template,
-                   request, send_from_directory, url_for)
+                   request, send_file, url_for)
 from PIL import Image
 from werkzeug.utils import secure_filename
 
 from custom_bokeh.auth import embed_script
 from custom_keras import registry, storage
-from visualizer import run_dir, script_path
+from visualizer import quotas, run_dir, script_path
 from visualizer.models import Run, db
-from visualizer.scripts import mark_seen, owned_script, storage_error_text
+from visualizer.scripts import mark_seen, owned_script, send_run_file, storage_error_text
 
 bp = Blueprint("runs", __name__, url_prefix="/scripts/<int:script_id>")
 
 OUTPUT_LINES = 50
-# The tail read never goes further back than this, so a huge file without
-# newlines costs no more than this much memory per request.
-MAX_TAIL_BYTES = 256 * 1024
 TAIL_BLOCK_BYTES = 8 * 1024
 
 
@@ -104,8 +102,7 @@ def clear_previous_results(folder, new_images):
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
-    old_names = [storage.RESULTS_DIR, storage.NETWORKS_DIR, storage.OUTPUT_FILE,
-                 storage.STATUS_FILE] + ([storage.IMAGES_DIR] if staging else [])
+    old_names = replaced_by_run(staging is not None)
     moved = []
     try:
         trash = tempfile.mkdtemp(prefix=TRASH_PREFIX, dir=folder)
@@ -129,6 +126,12 @@ def clear_previous_results(folder, new_images):
     shutil.rmtree(trash, ignore_errors=True)
 
 
+def replaced_by_run(new_images):
+    """The entries of a run folder that a new run replaces (the images only when new ones come)."""
+    return [storage.RESULTS_DIR, storage.NETWORKS_DIR, storage.OUTPUT_FILE,
+            storage.STATUS_FILE] + ([storage.IMAGES_DIR] if new_images else [])
+
+
 def _remove_leftovers(folder):
     """Deletes staging and moved-aside folders that a killed server left in the run folder."""
     try:
@@ -150,6 +153,10 @@ def run(script_id):
     folder = run_dir(current_app, script)
     choice = request.form.get("images", "new")
     try:
+        if os.path.islink(folder) or os.path.islink(os.path.dirname(folder)):
+            # preparing a run moves and deletes files: never in a folder a link points to
+            raise ValueError("The run folder of %s was replaced by a link; delete the file and "
+                             "upload it again." % script.filename)
         if choice not in ("new", "keep", "none"):
             raise ValueError("Choose new image(s), the previous image(s) or no image.")
         new_images = check_images(request.files.getlist("image")) if choice == "new" else []
@@ -157,6 +164,8 @@ def run(script_id):
             raise ValueError("Choose a visualization image to upload, or keep the previous one.")
         if choice == "keep" and not storage.list_images(folder):
             raise ValueError("There is no previous image to keep; upload one.")
+        disk_limit_mb = quotas.run_disk_limit_mb(
+            script, folder, replaced_by_run(choice != "keep"), sum(len(d) for _, d in new_images))
     except ValueError as error:
         flash(str(error), "error")
         return redirect(overview)
@@ -171,7 +180,8 @@ def run(script_id):
     db.session.add(run)
     db.session.commit()
     try:
-        current_app.extensions["runner"].start(run.id, folder, script_path(current_app, script))
+        current_app.extensions["runner"].start(run.id, folder, script_path(current_app, script),
+                                               disk_limit_mb=disk_limit_mb)
     except Exception as error:
         run.state, run.message = "failed", "could not start: %s" % error
         db.session.commit()
@@ -196,16 +206,15 @@ def stop(script_id):
 def output(script_id):
     script = owned_script(script_id)
     mark_seen(script)
-    path = storage.output_path(run_dir(current_app, script))
-    return render_template("scripts/output.html", script=script, lines=tail_lines(path),
-                           has_output=os.path.isfile(path))
+    folder = run_dir(current_app, script)
+    return render_template("scripts/output.html", script=script, lines=tail_lines(folder),
+                           has_output=storage.is_run_file(folder, storage.OUTPUT_FILE))
 
 
 @bp.route("/output.json")
 def output_json(script_id):
     script = owned_script(script_id)
-    return jsonify(lines=tail_lines(storage.output_path(run_dir(current_app, script))),
-                   **_status(script))
+    return jsonify(lines=tail_lines(run_dir(current_app, script)), **_status(script))
 
 
 @bp.route("/status.json")
@@ -226,12 +235,16 @@ def _status(script):
 @bp.route("/output/download")
 def download_output(script_id):
     script = owned_script(script_id)
-    folder = run_dir(current_app, script)
-    if not os.path.isfile(storage.output_path(folder)):
+    try:
+        output_file = storage.open_run_file(run_dir(current_app, script), storage.OUTPUT_FILE,
+                                            storage.MAX_DOWNLOAD_BYTES)
+    except FileNotFoundError:
         flash("%s has no output yet; run it first." % script.filename, "error")
         return redirect(url_for("runs.output", script_id=script.id))
-    return send_from_directory(folder, storage.OUTPUT_FILE, as_attachment=True,
-                               download_name=script.stem + "_output.txt", mimetype="text/plain")
+    except storage.UnsafeFileError as error:
+        flash("The output of %s cannot be downloaded: %s." % (script.filename, error), "error")
+        return redirect(url_for("runs.output", script_id=script.id))
+    return send_run_file(output_file, script.stem + "_output.txt", "text/plain")
 
 
 @bp.route("/images/<name>")
@@ -240,7 +253,13 @@ def image(script_id, name):
     folder = run_dir(current_app, script)
     if name not in storage.list_images(folder):
         abort(404)
-    return send_from_directory(storage.images_dir(folder), name)
+    try:
+        data = storage.read_run_file(folder, os.path.join(storage.IMAGES_DIR, name),
+                                     storage.MAX_IMAGE_BYTES)
+    except (FileNotFoundError, storage.UnsafeFileError):  # replaced since it was listed
+        abort(404)
+    return send_file(io.BytesIO(data), mimetype=mimetypes.guess_type(name)[0],
+                     download_name=name)
 
 
 @bp.route("/techniques/<key>")
@@ -295,30 +314,34 @@ def terminal_line(line):
     return CONTROL_CHARACTERS.sub("", line)
 
 
-def tail_lines(path, count=OUTPUT_LINES):
-    """The last ``count`` lines of a text file, reading only its end, as a terminal shows them.
+def tail_lines(folder, count=OUTPUT_LINES):
+    """The last ``count`` lines of a run's output, reading only its end, as a terminal shows them.
 
     Each line goes through ``terminal_line``: a progress bar redrawn in place shows
     its last state, without colour codes. (The download is the file as it is.)
+    At most ``storage.MAX_TAIL_BYTES`` are read, so a huge file without newlines
+    costs no more than that per request.
 
     Args:
-        path: the file; a missing file has no lines.
+        folder: the run folder; a missing output file has no lines.
         count: how many lines.
 
     Returns:
-        list of str.
+        list of str; one line saying why when the output file is a link, a named
+        pipe or another file that is not a regular file.
     """
     try:
-        f = open(path, "rb")
+        output_file = storage.open_run_file(folder, storage.OUTPUT_FILE, float("inf"))
     except FileNotFoundError:
         return []
-    with f:
-        end = f.seek(0, os.SEEK_END)
+    except storage.UnsafeFileError as error:
+        return ["[The output cannot be shown: %s.]" % error]
+    with output_file:
+        end = output_file.size
         start, data = end, b""
-        while start > 0 and data.count(b"\n") <= count and end - start < MAX_TAIL_BYTES:
-            start = max(0, start - TAIL_BLOCK_BYTES, end - MAX_TAIL_BYTES)
-            f.seek(start)
-            data = f.read(end - start)
+        while start > 0 and data.count(b"\n") <= count and end - start < storage.MAX_TAIL_BYTES:
+            start = max(0, start - TAIL_BLOCK_BYTES, end - storage.MAX_TAIL_BYTES)
+            data = output_file.read_at(start, end - start)
     lines = data.decode("utf-8", errors="replace").split("\n")
     if start > 0 and len(lines) > 1:
         lines = lines[1:]  # the first line is cut off

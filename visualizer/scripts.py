@@ -3,21 +3,23 @@ import os
 import re
 import shutil
 
-from flask import (Blueprint, abort, current_app, flash, redirect, render_template, request,
-                   send_file, url_for)
+from flask import (Blueprint, Response, abort, current_app, flash, redirect, render_template,
+                   request, url_for)
 from flask_login import current_user
 from pygments import highlight
 from pygments.formatters import HtmlFormatter
 from pygments.lexers import PythonLexer
+from werkzeug.http import dump_options_header
 from werkzeug.utils import secure_filename
 
 from custom_keras import storage
-from visualizer import run_dir, script_path
+from visualizer import quotas, run_dir, script_path
 from visualizer.models import ENDED_STATES, Script, Tag, db, script_tags, utcnow
 
 bp = Blueprint("scripts", __name__)
 
 MAX_TAG_LENGTH = 40
+DOWNLOAD_BLOCK_BYTES = 256 * 1024
 SORT_KEYS = {
     "name": lambda s: s.filename.lower(),
     "tags": lambda s: " ".join(t.name for t in s.tags).lower(),
@@ -72,9 +74,14 @@ def parse_tags(text):
     return tags
 
 
-def get_or_create_tags(names):
-    existing = {t.name: t for t in Tag.query.filter(Tag.name.in_(names)).all()} if names else {}
-    return [existing.get(name) or Tag(name=name) for name in names]
+def get_or_create_tags(user_id, names):
+    """The user's tags of these names, new rows for those the user does not have yet.
+
+    Tags are per user, so another user's tag of the same name is neither reused nor revealed.
+    """
+    existing = {t.name: t for t in Tag.query.filter(Tag.user_id == user_id,
+                                                    Tag.name.in_(names))} if names else {}
+    return [existing.get(name) or Tag(user_id=user_id, name=name) for name in names]
 
 
 def delete_orphan_tags():
@@ -153,11 +160,12 @@ def upload():
             if Script.query.filter_by(user_id=current_user.id, filename=filename).first():
                 raise ValueError("You already have a file named %s; file names must be unique. "
                                  "Rename the file or delete the old one." % filename)
+            quotas.check_upload(current_user.id, len(source.encode("utf-8")))
         except ValueError as error:
             flash(str(error), "error")
             return render_template("scripts/upload.html", tags=tags_text), 400
         script = Script(user_id=current_user.id, filename=filename,
-                        tags=get_or_create_tags(tag_names))
+                        tags=get_or_create_tags(current_user.id, tag_names))
         try:
             save_script(script, source)
         except OSError as error:
@@ -214,16 +222,18 @@ def overview(script_id):
     mark_seen(script)
     folder = run_dir(current_app, script)
     try:
-        with open(script_path(current_app, script), encoding="utf-8") as f:
-            source = f.read()
+        source = storage.read_run_file(folder, script.filename,
+                                       storage.MAX_SCRIPT_BYTES).decode("utf-8", "replace")
     except FileNotFoundError:
         source = "# The script file is missing from the storage folder."
+    except storage.UnsafeFileError as error:
+        source = "# The script file is not shown: %s." % error
     except OSError as error:
         source = "# The script file cannot be read from the storage folder: %s." % (
             storage_error_text(error))
     code = highlight(source, PythonLexer(), HtmlFormatter(linenos="table"))
     return render_template("scripts/overview.html", script=script, code=code,
-                           has_network=os.path.isfile(_network_path(folder, script)),
+                           has_network=storage.is_run_file(folder, _network_path(script)),
                            images=storage.list_images(folder))
 
 
@@ -238,7 +248,7 @@ def add_tags(script_id):
         flash(str(error), "error")
         return redirect(url_for("scripts.overview", script_id=script.id))
     current = {t.name for t in script.tags}
-    script.tags.extend(get_or_create_tags([n for n in names if n not in current]))
+    script.tags.extend(get_or_create_tags(current_user.id, [n for n in names if n not in current]))
     db.session.commit()
     return redirect(url_for("scripts.overview", script_id=script.id))
 
@@ -275,13 +285,47 @@ def delete(script_id):
 @bp.route("/scripts/<int:script_id>/network")
 def download_network(script_id):
     script = owned_script(script_id)
-    path = _network_path(run_dir(current_app, script), script)
-    if not os.path.isfile(path):
+    try:
+        network = storage.open_run_file(run_dir(current_app, script), _network_path(script),
+                                        storage.MAX_DOWNLOAD_BYTES)
+    except FileNotFoundError:
         flash("%s has no saved network yet: run it with callbacks.register_network_saver()."
               % script.filename, "error")
         return redirect(url_for("scripts.overview", script_id=script.id))
-    return send_file(path, as_attachment=True, download_name=script.stem + ".keras")
+    except storage.UnsafeFileError as error:
+        flash("The network of %s cannot be downloaded: %s." % (script.filename, error), "error")
+        return redirect(url_for("scripts.overview", script_id=script.id))
+    return send_run_file(network, script.stem + ".keras", "application/octet-stream")
 
 
-def _network_path(folder, script):
-    return os.path.join(storage.networks_dir(folder), script.stem + ".keras")
+def _network_path(script):
+    """The saved network inside the run folder (NetworkSaver's file name)."""
+    return os.path.join(storage.NETWORKS_DIR, script.stem + ".keras")
+
+
+def send_run_file(run_file, download_name, mimetype):
+    """A download of an opened ``storage.RunFile``: its bytes as they were when it was opened.
+
+    Streamed in blocks from the open descriptor (never by path again, which a run
+    could have replaced with a link meanwhile); the descriptor is closed when the
+    response is.
+
+    Args:
+        run_file: from ``storage.open_run_file``.
+        download_name: the file name the browser saves; a sanitised name.
+        mimetype: the content type.
+    """
+    def blocks():
+        offset = 0
+        while offset < run_file.size:
+            block = run_file.read_at(offset, DOWNLOAD_BLOCK_BYTES)
+            if not block:
+                break
+            offset += len(block)
+            yield block
+
+    response = Response(blocks(), mimetype=mimetype, headers={
+        "Content-Length": str(run_file.size),
+        "Content-Disposition": dump_options_header("attachment", {"filename": download_name})})
+    response.call_on_close(run_file.close)
+    return response

@@ -9,16 +9,18 @@ layer on one scale, so their brightness can be compared):
 
 - 3-D outputs (H, W, C) become uint8 (C, H, W): one grey map per filter.
 - 1-D outputs (units,) become uint8 (units,): one pixel per unit.
+- 2-D outputs (T, C) (Conv1D, pooling over time, recurrent layers that return
+  sequences) become uint8 (C, T): one row per filter over time.
 - A layer whose outputs are all >= 0 (ReLU, pooling of ReLU, softmax) is
   scaled by its maximum: 0 stays black, the maximum becomes 255, so a dead
   filter stays black at every stage of training.
 - A layer with any negative output (linear, tanh, batch normalisation) is
   scaled from its minimum (black) to its maximum (255); clipping negatives
   to black would hide half of what such a layer computes.
-- Layers with any other output rank (Conv1D, recurrent sequences, Conv3D) or
-  with several outputs have no picture in this format: they are skipped and
-  listed, with the reason, in ``ActivationModel.skipped_layers`` (and a
-  warning says so once, when the model is built).
+- Layers with any other output rank (Conv3D) or with several outputs have
+  no picture in this format: they are skipped and listed, with the reason,
+  in ``ActivationModel.skipped_layers`` (and a warning says so once, when
+  the model is built).
 - A layer used at several places in the model shows its first use.
 """
 import warnings
@@ -36,20 +38,20 @@ def scale_layer_output(output):
     """One image's output of one layer as uint8, scaled as the module docstring describes.
 
     Args:
-        output: float array (H, W, C) or (units,).
+        output: float array (H, W, C), (T, C) or (units,).
 
     Returns:
-        uint8 array (C, H, W) or (units,).
+        uint8 array (C, H, W), (C, T) or (units,).
     """
     output = np.asarray(output)
-    if output.ndim == 3:
-        output = np.transpose(output, (2, 0, 1))
+    if output.ndim in (2, 3):  # channels first: one map or row per filter
+        output = np.moveaxis(output, -1, 0)
     if output.size and np.min(output) < 0:
         return to_uint8(output)
     return scale_by_max(output)
 
 
-def _check_exclude_layers(exclude_layers):
+def check_exclude_layers(exclude_layers):
     try:
         exclude_layers = tuple(exclude_layers)
     except TypeError:
@@ -68,7 +70,7 @@ class ActivationModel:
     Build it once (for example when training starts) and call it at every stage.
 
     Args:
-        model: a built Keras model (Sequential or Functional) with one image input.
+        model: a built Keras model (Sequential or Functional) with one input.
         exclude_layers: tuple of layer classes not to show.
 
     Attributes:
@@ -77,7 +79,7 @@ class ActivationModel:
     """
 
     def __init__(self, model, exclude_layers=EXCLUDE_LAYERS):
-        exclude_layers = _check_exclude_layers(exclude_layers)
+        exclude_layers = check_exclude_layers(exclude_layers)
         inputs = single_input(model)
         self.model = model
         self.layer_names = []
@@ -98,7 +100,7 @@ class ActivationModel:
                 "%s (%s)" % skipped for skipped in self.skipped_layers))
         if not outputs:
             raise ValueError("no layer activations to show: exclude_layers=%r leaves no layer with a "
-                             "1-D or 3-D output" % (exclude_layers,))
+                             "1-D, 2-D or 3-D output" % (exclude_layers,))
         self._activations = keras.Model(inputs, outputs)
         # The multi-output forward pass as one graph, traced at the first call; the
         # fixed signature (any batch size) never retraces, and the graph reads the
@@ -116,15 +118,16 @@ class ActivationModel:
         if not isinstance(output, keras.KerasTensor):
             return "the layer has several outputs"
         rank = len(output.shape) - 1
-        if rank not in (1, 3):
-            return "its output has %d dimensions per image; only (units,) and (H, W, C) are shown" % rank
+        if rank not in (1, 2, 3):
+            return ("its output has %d dimensions per input; only (units,), (T, C) and (H, W, C) "
+                    "are shown" % rank)
         return None
 
     def __call__(self, images):
         """Layer activations for each image.
 
         Args:
-            images: float32 (N, H, W, C), preprocessed for the model.
+            images: float32 (N, ...) as the model's input (images, sequences or rows).
 
         Returns:
             A list with one entry per image: ``[(layer_name, uint8 array), ...]``
@@ -143,8 +146,8 @@ def layer_activations(model, images, exclude_layers=EXCLUDE_LAYERS):
     Builds an ``ActivationModel``; keep one instead when calling this repeatedly.
 
     Args:
-        model: a built Keras model (Sequential or Functional) with one image input.
-        images: float32 (N, H, W, C), preprocessed for the model.
+        model: a built Keras model (Sequential or Functional) with one input.
+        images: float32 (N, ...) as the model's input (images, sequences or rows).
         exclude_layers: tuple of layer classes not to show.
 
     Returns:

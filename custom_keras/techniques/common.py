@@ -25,15 +25,27 @@ def is_softmax(activation):
     return activation is keras.activations.softmax or getattr(activation, "__name__", "") == "softmax"
 
 
-def _is_softmax_layer(layer):
-    """A layer whose only job is softmax: keras.layers.Softmax or Activation('softmax')."""
+def is_sigmoid(activation):
+    return getattr(activation, "__name__", "") == "sigmoid"
+
+
+def _squashes(layer, is_output):
+    """Whether ``layer``'s activation is left out of its score: softmax, and sigmoid on a
+    model output (a binary classifier's probability saturates where its logit does not)."""
+    activation = getattr(layer, "activation", None)
+    return is_softmax(activation) or (is_output and is_sigmoid(activation))
+
+
+def _is_softmax_layer(layer, is_output):
+    """A layer whose only job is softmax (or an output's sigmoid): keras.layers.Softmax or
+    Activation('softmax')."""
     return isinstance(layer, keras.layers.Softmax) or (
-        isinstance(layer, keras.layers.Activation) and is_softmax(layer.activation))
+        isinstance(layer, keras.layers.Activation) and _squashes(layer, is_output))
 
 
 @contextlib.contextmanager
 def _linear_activation(layer):
-    """Temporarily replace a layer's softmax activation by the identity.
+    """Temporarily replace a layer's softmax (or sigmoid) activation by the identity.
 
     Keras layers read ``self.activation`` when they are called, so a score
     function called (or traced) inside this context yields pre-softmax values
@@ -54,8 +66,14 @@ class LayerScore:
     """Images -> output of ``model.layers[layer_no]``, pre-softmax where that output is a softmax.
 
     Handles softmax inside the layer (``Dense(10, activation="softmax")``) and
-    softmax as its own layer (then the score is that layer's input). The
-    sub-model is built once and shares the trained model's variables.
+    softmax as its own layer (then the score is that layer's input). A sigmoid
+    that makes a model output (``Dense(1, activation="sigmoid")``) is left out
+    the same way: the score is the logit. The sub-model is built once and
+    shares the trained model's variables.
+
+    Attributes:
+        linear_layer: the layer whose activation is the identity while the score
+            runs, or None.
 
     Args:
         model: a built Keras model (Sequential or Functional).
@@ -64,18 +82,26 @@ class LayerScore:
 
     def __init__(self, model, layer_no):
         self.layer = get_layer(model, layer_no)
-        self._swap = None
-        if _is_softmax_layer(self.layer):
+        self.linear_layer = None
+        is_output = any(self.layer.output is output for output in model.outputs)
+        if _is_softmax_layer(self.layer, is_output):
             output = self.layer.input
         else:
             output = self.layer.output
-            if is_softmax(getattr(self.layer, "activation", None)):
-                self._swap = self.layer
+            if _squashes(self.layer, is_output):
+                self.linear_layer = self.layer
         self.model = keras.Model(model_inputs(model), output)
 
     def __call__(self, images, training=False):
-        with _linear_activation(self._swap):
+        with _linear_activation(self.linear_layer):
             return self.model(images, training=training)
+
+
+def softmax(scores):
+    """The softmax of a vector of scores, float64, stable for large scores."""
+    scores = np.asarray(scores, dtype=np.float64)
+    exponentials = np.exp(scores - scores.max(axis=-1, keepdims=True))
+    return exponentials / exponentials.sum(axis=-1, keepdims=True)
 
 
 def to_uint8(array):
@@ -104,7 +130,7 @@ def single_input(model):
         raise ValueError("the model is not built yet: give it an Input, call model.build(input_shape) "
                          "or train it on data first") from None
     if len(inputs) != 1:
-        raise ValueError("the model has %d inputs; the visualizations need a model with one image input"
+        raise ValueError("the model has %d inputs; the visualizations need a model with one input"
                          % len(inputs))
     return inputs[0]
 

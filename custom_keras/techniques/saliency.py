@@ -10,7 +10,8 @@ the colour channels, scaled per image so that its maximum is 255.
 import numpy as np
 import tensorflow as tf
 
-from custom_keras.techniques.common import LayerScore, check_images, scale_by_max, single_input
+from custom_keras.techniques.common import (LayerScore, check_images, scale_by_max, single_input,
+                                            softmax)
 
 MODES = ("absolute", "positive", "negative")
 
@@ -32,7 +33,7 @@ class SaliencyModel:
     """Images -> saliency maps of the predicted class, built once over the trained model's layers.
 
     Args:
-        model: a built Keras model (Sequential or Functional) with one image input
+        model: a built Keras model (Sequential or Functional) with one input
             and one output of class scores or probabilities, shape (N, classes).
     """
 
@@ -62,7 +63,7 @@ class SaliencyModel:
         """The un-scaled gradients of each image's predicted class score.
 
         Args:
-            images: float32 (N, H, W, C), preprocessed for the model.
+            images: float32 (N, ...) as the model's input (images, sequences or rows).
 
         Returns:
             ``(gradients float32 (N, H, W, C), scores float32 (N, classes))``: the gradient of
@@ -77,7 +78,7 @@ class SaliencyModel:
         """Saliency maps, predicted classes and their confidences.
 
         Args:
-            images: float32 (N, H, W, C), preprocessed for the model.
+            images: float32 (N, ...) as the model's input (images, sequences or rows).
             mode: "absolute" (abs of the gradient), "positive" (only pixels that raise the
                 score) or "negative" (only pixels that lower it, by magnitude).
 
@@ -85,9 +86,13 @@ class SaliencyModel:
             ``(maps uint8 (N, H, W, 1), predicted_classes int64 (N,), confidences float32 (N,))``;
             a confidence is the softmax probability of the predicted class.
         """
+        return self.maps_from(*self.gradients(images), mode=mode)
+
+    @staticmethod
+    def maps_from(gradients, scores, mode="absolute"):
+        """``__call__``'s result from ``gradients()``'s: the maps, classes and confidences."""
         if mode not in MODES:
             raise ValueError("mode must be one of %s, got %r" % (", ".join(MODES), mode))
-        gradients, scores = self.gradients(images)
         if mode == "positive":
             gradients = np.maximum(gradients, 0)
         elif mode == "negative":
@@ -97,9 +102,7 @@ class SaliencyModel:
         saliency = np.max(gradients, axis=-1, keepdims=True)
         maps = np.stack([scale_by_max(image_map) for image_map in saliency])
         predicted = np.argmax(scores, axis=-1).astype(np.int64)
-        scores = scores.astype(np.float64)
-        probabilities = np.exp(scores - scores.max(axis=-1, keepdims=True))
-        probabilities /= probabilities.sum(axis=-1, keepdims=True)
+        probabilities = softmax(scores)
         confidences = probabilities[np.arange(len(scores)), predicted].astype(np.float32)
         return maps, predicted, confidences
 
@@ -110,9 +113,9 @@ def saliency_maps(model, images, mode="absolute"):
     Builds a ``SaliencyModel``; keep one instead when calling this repeatedly.
 
     Args:
-        model: a built Keras model (Sequential or Functional) with one image input
+        model: a built Keras model (Sequential or Functional) with one input
             and one output of class scores or probabilities, shape (N, classes).
-        images: float32 (N, H, W, C), preprocessed for the model.
+        images: float32 (N, ...) as the model's input (images, sequences or rows).
         mode: "absolute", "positive" or "negative".
 
     Returns:

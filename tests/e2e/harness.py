@@ -29,7 +29,8 @@ STOP_TIMEOUT_S = 30
 ENDED_STATES = ("finished", "failed", "stopped")
 # Settings the servers must not inherit from the shell that runs the tests.
 INHERITED_SETTINGS = ("VISUALIZER_SECRET_KEY", "VISUALIZER_DATABASE_URL", "VISUALIZER_BOKEH_URL",
-                      "VISUALIZER_RUN_MEMORY_MB", "VISUALIZER_RUN_WALL_TIME_S")
+                      "VISUALIZER_RUN_MEMORY_MB", "VISUALIZER_RUN_WALL_TIME_S", "VISUALIZER_HTTPS",
+                      "VISUALIZER_USER_MAX_SCRIPTS", "VISUALIZER_USER_STORAGE_MB")
 CSRF_PATTERN = re.compile(r'name="csrf_token" value="([^"]+)"')
 
 

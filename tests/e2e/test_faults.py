@@ -71,7 +71,8 @@ def test_killed_run_is_failed_and_dashboards_show_its_last_snapshot(make_user, s
     assert status == {"state": "failed", "exit_code": -signal.SIGKILL,
                       "message": "killed by signal SIGKILL"}
     count = snapshot_count(folder)
-    rows = len(storage.read_table(storage.results_path(str(folder), "training_progress.tsv"))[1])
+    rows = len(storage.read_table(str(folder), storage.results_path(
+        str(folder), "training_progress.tsv"))[1])
 
     context = browser.new_context(storage_state=user.request.storage_state())
     page = context.new_page()

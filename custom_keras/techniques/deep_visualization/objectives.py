@@ -4,7 +4,8 @@ Units are ``(layer_no, index)``: ``index`` an int for layers with 1-D output
 (Dense), a ``(row, col, channel)`` tuple for 3-D output (Conv2D, pooling), in
 general a tuple with one entry per output axis. Units of the output layer use
 the pre-softmax score, as a softmax unit can grow by pushing the other classes
-down instead of finding its own features.
+down instead of finding its own features (and an output sigmoid's logit, which
+does not saturate).
 
 A ReLU that is off passes no gradient, so a unit that is off for its start
 image would stay black for ever (the thesis' own example result has two such
@@ -74,6 +75,22 @@ def _output_shape(layer, argument):
     return tuple(output.shape[1:])
 
 
+def check_unit_list(units_to_visualize):
+    """Raise TypeError naming the argument unless it is a non-empty list of
+    ``(layer_no, index)`` pairs with int layer numbers; what needs the model is
+    ``check_units``'s."""
+    if not isinstance(units_to_visualize, (list, tuple)) or not units_to_visualize:
+        raise TypeError("units_to_visualize must be a non-empty list of (layer_no, index) tuples, "
+                        "got %r" % (units_to_visualize,))
+    for position, unit in enumerate(units_to_visualize):
+        argument = "units_to_visualize[%d]" % position
+        if not isinstance(unit, (list, tuple)) or len(unit) != 2:
+            raise TypeError("%s must be a (layer_no, index) tuple, got %r" % (argument, unit))
+        if not _is_int(unit[0]):
+            raise TypeError("%s layer_no must be an int index into model.layers, got %r"
+                            % (argument, unit[0]))
+
+
 def check_units(model, units_to_visualize):
     """Raise ValueError/TypeError naming the argument unless every unit exists in the model.
 
@@ -83,9 +100,7 @@ def check_units(model, units_to_visualize):
             layers with 1-D output, a tuple with one int per axis (``(row, col,
             channel)``) for layers with 3-D output.
     """
-    if not isinstance(units_to_visualize, (list, tuple)) or not units_to_visualize:
-        raise TypeError("units_to_visualize must be a non-empty list of (layer_no, index) tuples, "
-                        "got %r" % (units_to_visualize,))
+    check_unit_list(units_to_visualize)
     if len(model.inputs) != 1 or None in tuple(model.inputs[0].shape[1:]):
         raise ValueError("model: deep visualization needs one input of fixed shape, got %s" % (
             [tuple(x.shape) for x in model.inputs],))
@@ -141,10 +156,10 @@ class UnitObjective:
         scores = [common.LayerScore(model, layer_no) for layer_no in layer_nos]
         self.model = keras.Model(common.model_inputs(model),
                                  [score.model.outputs[0] for score in scores])
-        # LayerScore's rule: a softmax inside a chosen layer is the identity while
-        # the objective runs (a multi-output model needs it for all layers at once).
-        self._softmax_layers = [score.layer for score in scores
-                                if common.is_softmax(getattr(score.layer, "activation", None))]
+        # LayerScore's rule: a softmax (or an output's sigmoid) inside a chosen layer is the
+        # identity while the objective runs (a multi-output model needs it for all layers at once).
+        self._softmax_layers = [score.linear_layer for score in scores
+                                if score.linear_layer is not None]
         self._relu_layers = [layer for layer in model.layers
                              if _is_relu(getattr(layer, "activation", None))]
         # For every layer: which images belong to it, and where their units are.
