@@ -869,8 +869,8 @@ def test_a_disk_filler_is_stopped_and_marked_failed(target, alice, mallory):
         record_measurement("disk_filler_megabytes_written", used // 2 ** 20)
         assert used < 4 * RUN_DISK_MB * 2 ** 20
     finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(folder / "filler.bin")
+        for filler in folder.glob("filler-*.bin"):
+            filler.unlink()
 
 
 def test_a_script_cannot_connect_to_local_services(target, alice, mallory):
@@ -1060,7 +1060,7 @@ def test_a_huge_result_array_is_capped_with_a_message(target, alice, mallory):
     assert bokeh_memory.growth_mb < BOKEH_GROWTH_LIMIT_MB
     for document in documents:
         assert document is not None
-        assert re.search(r"too (large|big)|larger than|limit", document, re.I), document[:2000]
+        assert re.search(r"larger than|at most", document), document[:2000]
 
 
 # --- Accounts and requests --------------------------------------------------------------------
