@@ -25,7 +25,7 @@ class FakeRunner:
         self.reconciled = []
         self.reconcile_updates = list(reconcile_updates)
 
-    def start(self, run_id, run_dir, script_file):
+    def start(self, run_id, run_dir, script_file, disk_limit_mb=None):
         self.started.append((run_id, run_dir, script_file))
 
     def stop(self, run_id):

@@ -14,11 +14,17 @@ VISUALIZER_SECRET_KEY          generated once into <INSTANCE_DIR>/secret_key  SE
 VISUALIZER_MAX_RUNS            2 (concurrent runs)                         MAX_CONCURRENT_RUNS
 VISUALIZER_RUN_MEMORY_MB       none (memory limit of one run)              RUN_MEMORY_MB
 VISUALIZER_RUN_WALL_TIME_S     none (wall-time limit of one run)           RUN_WALL_TIME_S
+VISUALIZER_RUN_DISK_MB         2048 (disk use of one run folder)           RUN_DISK_MB
+VISUALIZER_RUN_PROCESSES       1024 (processes and threads of one run)     RUN_PROCESSES
+VISUALIZER_RUN_NETWORK         0 (1: runs may use the network)             RUN_NETWORK
+VISUALIZER_SANDBOX             on (off: runs NOT sandboxed, unsafe)        SANDBOX
 VISUALIZER_MAX_UPLOAD_MB       20                                          MAX_CONTENT_LENGTH (bytes)
 =============================  ==========================================  =====================
 """
 import os
 import secrets
+
+from visualizer.runner import DEFAULT_DISK_MB, DEFAULT_PROCESSES
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SECRET_KEY_FILE = "secret_key"
@@ -58,6 +64,10 @@ def settings_from_env(environ=None):
         "MAX_CONCURRENT_RUNS": _number(env, "VISUALIZER_MAX_RUNS", 2),
         "RUN_MEMORY_MB": _number(env, "VISUALIZER_RUN_MEMORY_MB", None),
         "RUN_WALL_TIME_S": _number(env, "VISUALIZER_RUN_WALL_TIME_S", None),
+        "RUN_DISK_MB": _number(env, "VISUALIZER_RUN_DISK_MB", DEFAULT_DISK_MB),
+        "RUN_PROCESSES": _number(env, "VISUALIZER_RUN_PROCESSES", DEFAULT_PROCESSES),
+        "RUN_NETWORK": _choice(env, "VISUALIZER_RUN_NETWORK", {"0": False, "1": True}, "0"),
+        "SANDBOX": _choice(env, "VISUALIZER_SANDBOX", {"on": "on", "off": "off"}, "on"),
         "MAX_CONTENT_LENGTH": int(upload_mb * 1024 * 1024),
     }
 
@@ -110,3 +120,10 @@ def _number(env, name, default):
     if value <= 0:
         raise ValueError("%s must be positive, got %r" % (name, raw))
     return int(value) if value.is_integer() else value
+
+
+def _choice(env, name, values, default):
+    raw = env.get(name, "").strip() or default
+    if raw not in values:
+        raise ValueError("%s must be %s, got %r" % (name, " or ".join(values), raw))
+    return values[raw]
