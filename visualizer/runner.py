@@ -26,7 +26,8 @@ How a local run works:
   behind is killed too (the sandbox's PID namespace ends with it).
 - Limits: memory of everything the run started (the cgroup; without one, a
   watchdog sums the resident memory of the run's processes at each poll),
-  processes (pids cgroup, else RLIMIT_NPROC), open files (RLIMIT_NOFILE), file
+  processes and threads (pids cgroup, else RLIMIT_NPROC and the same watchdog),
+  open files (RLIMIT_NOFILE), no core dumps (RLIMIT_CORE), file
   size (RLIMIT_FSIZE), disk use of the run folder (measured at each poll without
   following links, less often for a folder of many files; every file or folder
   counts at least one 4 KB block)
@@ -418,7 +419,7 @@ class LocalRunner(Runner):
 
     def _rlimits(self, run, uid):
         """{RLIMIT name: value} for the run's processes."""
-        limits = {"RLIMIT_NOFILE": MAX_OPEN_FILES}
+        limits = {"RLIMIT_NOFILE": MAX_OPEN_FILES, "RLIMIT_CORE": 0}
         if run.disk_limit_mb:
             limits["RLIMIT_FSIZE"] = _bytes(run.disk_limit_mb)
         if self.max_processes and not (self.cgroups and self.cgroups.has(sandboxing.PIDS)):
@@ -487,15 +488,29 @@ class LocalRunner(Runner):
         message = self._limit_message(run)
         if message is None and disk_bytes is not None and disk_bytes > _bytes(run.disk_limit_mb):
             message = _disk_message(run.disk_limit_mb)
-        if message is None and not (self.cgroups and self.cgroups.has(sandboxing.MEMORY)) \
-                and self.memory_limit_mb:
-            used = _resident_bytes(_processes_below(run.wrapper))
-            if used > _bytes(self.memory_limit_mb):
-                message = "%s (it used %d MB)" % (_memory_message(self.memory_limit_mb),
-                                                  used // 2 ** 20)
+        if message is None:
+            message = self._watchdog_message(run)
         if message is not None:
             # No grace period: the run would only take more meanwhile.
             self._begin_stop(run, FAILED, message, signal.SIGKILL)
+
+    def _watchdog_message(self, run):
+        """Without cgroups: which limit the run's processes, counted now, are over, or None."""
+        watch_memory = self.memory_limit_mb and not (self.cgroups and
+                                                     self.cgroups.has(sandboxing.MEMORY))
+        watch_processes = self.max_processes and not (self.cgroups and
+                                                      self.cgroups.has(sandboxing.PIDS))
+        if not (watch_memory or watch_processes):
+            return None
+        processes = _processes_below(run.wrapper)
+        if watch_processes and _thread_count(processes) >= self.max_processes:
+            return _process_message(self.max_processes)
+        if watch_memory:
+            used = _resident_bytes(processes)
+            if used > _bytes(self.memory_limit_mb):
+                return "%s (it used %d MB)" % (_memory_message(self.memory_limit_mb),
+                                               used // 2 ** 20)
+        return None
 
     def _limit_message(self, run):
         """Which cgroup limit the run ran into, in words, or None."""
@@ -504,7 +519,7 @@ class LocalRunner(Runner):
         if self.memory_limit_mb and self.cgroups.memory_limit_hit(run.run_id):
             return _memory_message(self.memory_limit_mb)
         if self.max_processes and self.cgroups.process_limit_hit(run.run_id):
-            return "process limit of %d exceeded" % self.max_processes
+            return _process_message(self.max_processes)
         return None
 
     def _measure_disks(self):
@@ -629,6 +644,10 @@ def _memory_message(limit_mb):
     return "memory limit of %g MB exceeded" % limit_mb
 
 
+def _process_message(limit):
+    return "process limit of %d exceeded" % limit
+
+
 def _disk_message(limit_mb):
     return "disk limit of %g MB exceeded" % limit_mb
 
@@ -704,6 +723,16 @@ def _resident_bytes(processes):
     for process in processes:
         try:
             total += process.memory_info().rss
+        except psutil.Error:
+            pass
+    return total
+
+
+def _thread_count(processes):
+    total = 0
+    for process in processes:
+        try:
+            total += process.num_threads()
         except psutil.Error:
             pass
     return total

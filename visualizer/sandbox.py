@@ -254,7 +254,9 @@ class Cgroups:
                     continue
                 try:
                     os.makedirs(folder, exist_ok=True)
-                    if version == 2:
+                    if version == 2:  # the controller must be on for the folder and below it
+                        _write_try(os.path.join(os.path.dirname(folder), "cgroup.subtree_control"),
+                                   "+" + controller)
                         _write(os.path.join(folder, "cgroup.subtree_control"), "+" + controller)
                 except OSError:
                     continue
