@@ -280,6 +280,31 @@ def test_the_runner_never_writes_through_a_link_the_script_left(tmp_path, runner
     assert storage.read_run_status(run_dir)["state"] == "finished"
 
 
+def test_the_script_reads_inputs_that_the_server_wrote_for_itself_only(tmp_path, runners):
+    run_dir, script = reporting_script(tmp_path, "inputs", """
+        attempt("images", lambda: sorted(os.listdir("images")))
+        attempt("image", lambda: len(open("images/digit.png", "rb").read()))
+        attempt("overwrite_image", lambda: open("images/digit.png", "wb"))
+    """)
+    images = os.path.join(run_dir, "images")
+    os.mkdir(images, 0o700)  # as the web app's mkdtemp makes it
+    with open(os.path.join(images, "digit.png"), "wb") as f:
+        f.write(b"png")
+    os.chmod(os.path.join(images, "digit.png"), 0o600)
+    os.chmod(os.path.join(run_dir, script), 0o600)
+    outside = tmp_path / "outside.txt"
+    outside.write_text("secret")
+    outside.chmod(0o600)
+    os.symlink(outside, os.path.join(images, "link.png"))
+
+    assert run_to_end(runners(), run_dir, script).state == "finished"
+    found = report(run_dir)
+    assert found["images"] == repr(["digit.png", "link.png"]) and found["image"] == "3"
+    if os.geteuid() == 0:
+        assert found["overwrite_image"] == "PermissionError"
+    assert outside.stat().st_mode & 0o777 == 0o600
+
+
 def test_disk_use_never_follows_a_link_out_of_the_folder(tmp_path):
     outside = tmp_path / "outside"
     outside.mkdir()

@@ -402,6 +402,7 @@ class LocalRunner(Runner):
         storage.write_run_status(run.run_dir, RUNNING)
         if uid is not None:  # the folder itself only: what is inside may be a link
             os.chown(run.run_dir, uid, uid, follow_symlinks=False)
+            _make_inputs_readable(run.run_dir, run.script_path)
         output = _open_output(run.run_dir)
         try:
             # -P: the wrapper's folder (visualizer/) must not shadow standard modules.
@@ -600,7 +601,7 @@ def _write_status(run_dir, state, exit_code=None, message=None):
 
 def _read_status(run_dir):
     """status.json of a run folder the script controls: a regular file only, never a
-    link or a pipe, at most STATUS_READ_LIMIT_BYTES; None when it is not that."""
+    link or a pipe, at most STATUS_READ_LIMIT_BYTES, of the wrapper's form; else None."""
     try:
         fd = os.open(storage.status_path(run_dir), os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
     except OSError:
@@ -608,12 +609,69 @@ def _read_status(run_dir):
     try:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             return None
-        status = json.loads(os.read(fd, STATUS_READ_LIMIT_BYTES))
-        return status if isinstance(status, dict) else None
+        return _checked_status(json.loads(os.read(fd, STATUS_READ_LIMIT_BYTES)))
     except (OSError, ValueError):
         return None
     finally:
         os.close(fd)
+
+
+def _checked_status(status):
+    """``status`` if it has the form the wrapper writes (the script may have written
+    another), else None."""
+    fields = {"state": (str,), "exit_code": (int, type(None)), "message": (str, type(None)),
+              "time": (int, float)}
+    if not (isinstance(status, dict) and status.get("state") in (QUEUED, RUNNING) + ENDED_STATES
+            and all(isinstance(status.get(name), types) for name, types in fields.items())
+            and not isinstance(status["exit_code"], bool)):
+        return None
+    return status
+
+
+def _make_inputs_readable(run_dir, script_path):
+    """Lets the run's own uid read its inputs: the script, ``images/`` and the images.
+
+    The web app writes them as the server's user (``images/`` comes from mkdtemp,
+    mode 0700). Only read permission is added, through file descriptors opened
+    without following links: the folder is the script's, anything may be there.
+    """
+    run_fd = os.open(run_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+    try:
+        _add_read_permission(run_fd, os.path.basename(script_path))
+        images_fd = _open_no_follow(storage.IMAGES_DIR, run_fd)
+        if images_fd is None:
+            return
+        try:
+            if stat.S_ISDIR(os.fstat(images_fd).st_mode):
+                os.fchmod(images_fd, stat.S_IMODE(os.fstat(images_fd).st_mode) | 0o555)
+                for name in os.listdir(images_fd):
+                    _add_read_permission(images_fd, name)
+        finally:
+            os.close(images_fd)
+    finally:
+        os.close(run_fd)
+
+
+def _add_read_permission(dir_fd, name):
+    """Read permission for all on the regular file ``name`` in ``dir_fd``; nothing for anything else."""
+    fd = _open_no_follow(name, dir_fd)
+    if fd is None:
+        return
+    try:
+        info = os.fstat(fd)
+        if stat.S_ISREG(info.st_mode):
+            os.fchmod(fd, stat.S_IMODE(info.st_mode) | 0o444)
+    finally:
+        os.close(fd)
+
+
+def _open_no_follow(name, dir_fd):
+    """A read-only fd of ``name`` in ``dir_fd`` (never through a link, never blocking on a
+    pipe), or None."""
+    try:
+        return os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK, dir_fd=dir_fd)
+    except OSError:
+        return None
 
 
 def _open_output(run_dir):
