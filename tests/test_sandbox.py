@@ -356,3 +356,24 @@ def test_sandbox_settings_are_checked():
         "on", False, 2048)
     with pytest.raises(ValueError, match="VISUALIZER_SANDBOX must be on or off, got 'maybe'"):
         config.settings_from_env({"VISUALIZER_SANDBOX": "maybe"})
+
+
+@pytest.mark.parametrize("version", [1, 2])
+def test_cgroup_limits_and_counters_use_the_kernels_file_names(tmp_path, version):
+    # A stand-in folder for each hierarchy: the files the kernel would provide.
+    parents = {name: (version, str(tmp_path / name / "visualizer-x")) for name in ("memory", "pids")}
+    cgroups = Cgroups(parents)
+    procs = cgroups.create(7, memory_limit_bytes=2 ** 30, max_processes=64)
+
+    memory, pids = tmp_path / "memory/visualizer-x/run-7", tmp_path / "pids/visualizer-x/run-7"
+    assert procs == [str(memory / "cgroup.procs"), str(pids / "cgroup.procs")]
+    limit_file = "memory.limit_in_bytes" if version == 1 else "memory.max"
+    assert (memory / limit_file).read_text() == str(2 ** 30)
+    assert (pids / "pids.max").read_text() == "64"
+    assert not cgroups.memory_limit_hit(7) and not cgroups.process_limit_hit(7)
+    if version == 1:
+        (memory / "memory.oom_control").write_text("oom_kill_disable 0\nunder_oom 0\noom_kill 1\n")
+    else:
+        (memory / "memory.events").write_text("low 0\nhigh 0\nmax 3\noom 1\noom_kill 1\n")
+    (pids / "pids.events").write_text("max 2\n")
+    assert cgroups.memory_limit_hit(7) and cgroups.process_limit_hit(7)
