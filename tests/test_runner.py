@@ -94,7 +94,8 @@ def runners(tmp_path):
     def make(**kwargs):
         kwargs.setdefault("grace_period_s", 0.5)
         kwargs.setdefault("sandbox", Sandbox(str(tmp_path)))
-        kwargs.setdefault("cgroups", Cgroups.detect(str(tmp_path)))
+        if "cgroups" not in kwargs:  # detect() makes the installation's cgroup folders
+            kwargs["cgroups"] = Cgroups.detect(str(tmp_path))
         made.append(LocalRunner(**kwargs))
         return made[-1]
     yield make

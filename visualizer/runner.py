@@ -22,7 +22,8 @@ How a local run works:
   machine has them, and in the sandbox's PID namespace; so a child that calls
   ``setsid()`` or double-forks is still counted, limited and killed.
 - Stop sends SIGTERM to the script and everything it started, then SIGKILL to
-  all of the run after the grace period. When the script ends, whatever it left
+  all of the run, wrapper included, after the grace period (again at every poll
+  until it is gone). When the script ends, whatever it left
   behind is killed too (the sandbox's PID namespace ends with it).
 - Limits: memory of everything the run started (the cgroup; without one, a
   watchdog sums the resident memory of the run's processes at each poll),
@@ -76,6 +77,7 @@ DISK_CHECK_SHARE = 0.05
 DISK_BLOCK_BYTES = 4096
 STATUS_READ_LIMIT_BYTES = 64 * 1024
 PR_SET_CHILD_SUBREAPER = 36
+PR_SET_PDEATHSIG = 1
 
 
 @dataclasses.dataclass
@@ -155,7 +157,7 @@ class _Run:
     exit_code: int | None = None
     stop_reason: str | None = None  # why the runner is ending it: a message, or None
     stop_state: str | None = None  # the state it ends in after that stop
-    kill_at: float | None = None  # when SIGKILL follows the SIGTERM
+    kill_at: float | None = None  # when SIGKILL follows the SIGTERM (repeated until it ended)
     disk_check_due: float = 0.0
 
     def update(self, message=None):
@@ -259,8 +261,9 @@ class LocalRunner(Runner):
                 if self._check_ended(run):
                     continue
                 if run.kill_at is not None and now >= run.kill_at:
+                    # Again at every poll until the wrapper is gone: what was still starting
+                    # at the first SIGKILL is killed at the next.
                     self._signal_run(run, signal.SIGKILL)
-                    run.kill_at = None
                 elif run.stop_reason is None:
                     self._enforce_limits(run, now, disk_use.get(run.run_id))
             self._start_queued()
@@ -467,16 +470,20 @@ class LocalRunner(Runner):
         run.kill_at = time.time() + self.grace_period_s
 
     def _signal_run(self, run, sig):
-        """Signals the run's processes (never its wrapper, which records the outcome).
+        """Signals the run's processes.
 
-        SIGTERM goes to the script and everything it started; SIGKILL to the sandbox
-        too, whose PID namespace then ends with all that is in it, escaped or not,
-        and to every process in the run's cgroups.
+        SIGTERM goes to the script and everything it started (not to the wrapper,
+        which then records how the script ended). SIGKILL goes to the wrapper and the
+        sandbox too, whose PID namespace then ends with all that is in it, escaped or
+        not, and to every process in the run's cgroups; this runner records the end.
         """
         if sig == signal.SIGKILL and self.cgroups is not None:
             self.cgroups.kill(run.run_id, timeout_s=0)
         skipped = 2 if self.sandbox is not None and sig != signal.SIGKILL else 0
-        for process in _processes_below(run.wrapper, skipped):
+        processes = _processes_below(run.wrapper, skipped)
+        if sig == signal.SIGKILL and _is_alive(run.wrapper):
+            processes.insert(0, run.wrapper)
+        for process in processes:
             try:
                 process.send_signal(sig)
             except psutil.Error:
@@ -653,7 +660,8 @@ def _make_inputs_readable(run_dir, script_path):
 
 
 def _add_read_permission(dir_fd, name):
-    """Read permission for all on the regular file ``name`` in ``dir_fd``; nothing for anything else."""
+    """Read permission for all on the regular file ``name`` in ``dir_fd``; nothing for
+    anything else."""
     fd = _open_no_follow(name, dir_fd)
     if fd is None:
         return
@@ -854,13 +862,19 @@ def _wrap(run_dir, spec):
 
     The wrapper is the child subreaper of everything the command starts, so
     leftovers that escaped their process group are still its descendants and are
-    killed when the command ends. SIGTERM is ignored so that the wrapper outlives
-    a stop long enough to record the outcome.
+    killed when the command ends; its child dies with it. SIGTERM is ignored so
+    that the wrapper outlives a stop long enough to record the outcome.
     """
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     ctypes.CDLL(None).prctl(PR_SET_CHILD_SUBREAPER, 1)
 
+    wrapper_pid = os.getpid()
+
     def enter_limits():
+        # The run must not outlive its wrapper (a kill while it was still starting).
+        ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+        if os.getppid() != wrapper_pid:
+            os._exit(1)
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         sandboxing.join_cgroups(spec["cgroups"])
         for name, value in spec["limits"].items():

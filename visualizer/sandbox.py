@@ -59,7 +59,8 @@ def instance_name(storage_dir):
 
 
 def run_uid(storage_dir, run_id):
-    """The unprivileged uid of run ``run_id`` of the installation at ``storage_dir`` (server as root).
+    """The unprivileged uid of run ``run_id`` of the installation at ``storage_dir`` (a server
+    running as root switches to it).
 
     Runs of one installation get different uids (per-uid limits are per run); the
     installation's own offset keeps two servers on one machine apart.
@@ -184,7 +185,8 @@ class Sandbox:
             SandboxUnavailable: bubblewrap is missing, or the kernel refused the
                 namespaces; the message says what to do.
         """
-        missing = [p for p in (BWRAP, SETPRIV if self.as_root else None) if p and not shutil.which(p)]
+        needed = [BWRAP] + ([SETPRIV] if self.as_root else [])
+        missing = [program for program in needed if not shutil.which(program)]
         if missing:
             raise SandboxUnavailable("%s not found; install Debian's bubblewrap (scripts/setup.sh "
                                      "does when it may)" % " and ".join(missing))
@@ -201,7 +203,7 @@ class Sandbox:
                     timeout=CHECK_TIMEOUT_S)
             except (OSError, subprocess.TimeoutExpired) as error:
                 raise SandboxUnavailable("a trivial sandbox did not start: %s" % error) from None
-            if result.returncode != 0:
+            if result.returncode != 0 or not os.path.isfile(os.path.join(run_dir, "probe")):
                 raise SandboxUnavailable(
                     "a trivial sandbox failed (exit code %d): %s" % (
                         result.returncode,
@@ -281,8 +283,8 @@ class Cgroups:
         for controller, (version, folder) in self.folders(run_id).items():
             os.makedirs(folder, exist_ok=True)
             if controller == MEMORY and memory_limit_bytes:
-                _write(os.path.join(folder, "memory.limit_in_bytes" if version == 1 else "memory.max"),
-                       str(int(memory_limit_bytes)))
+                limit_file = "memory.limit_in_bytes" if version == 1 else "memory.max"
+                _write(os.path.join(folder, limit_file), str(int(memory_limit_bytes)))
                 if version == 2:
                     _write_try(os.path.join(folder, "memory.swap.max"), "0")
                     _write_try(os.path.join(folder, "memory.oom.group"), "1")
