@@ -158,6 +158,7 @@ class _Run:
     stop_reason: str | None = None  # why the runner is ending it: a message, or None
     stop_state: str | None = None  # the state it ends in after that stop
     kill_at: float | None = None  # when SIGKILL follows the SIGTERM (repeated until it ended)
+    terminated: set = dataclasses.field(default_factory=set)  # (pid, start) that got SIGTERM
     disk_check_due: float = 0.0
 
     def update(self, message=None):
@@ -264,6 +265,8 @@ class LocalRunner(Runner):
                     # Again at every poll until the wrapper is gone: what was still starting
                     # at the first SIGKILL is killed at the next.
                     self._signal_run(run, signal.SIGKILL)
+                elif run.kill_at is not None:
+                    self._signal_run(run, signal.SIGTERM)  # what started since the stop
                 elif run.stop_reason is None:
                     self._enforce_limits(run, now, disk_use.get(run.run_id))
             self._start_queued()
@@ -467,13 +470,15 @@ class LocalRunner(Runner):
     def _begin_stop(self, run, end_state, reason, first_signal=signal.SIGTERM):
         run.stop_state, run.stop_reason = end_state, reason
         self._signal_run(run, first_signal)
-        run.kill_at = time.time() + self.grace_period_s
+        grace = self.grace_period_s if first_signal == signal.SIGTERM else 0
+        run.kill_at = time.time() + grace
 
     def _signal_run(self, run, sig):
         """Signals the run's processes.
 
         SIGTERM goes to the script and everything it started (not to the wrapper,
-        which then records how the script ended). SIGKILL goes to the wrapper and the
+        which then records how the script ended), once to each process: ``poll``
+        repeats it for processes that started since. SIGKILL goes to the wrapper and the
         sandbox too, whose PID namespace then ends with all that is in it, escaped or
         not, and to every process in the run's cgroups; this runner records the end.
         """
@@ -485,6 +490,11 @@ class LocalRunner(Runner):
             processes.insert(0, run.wrapper)
         for process in processes:
             try:
+                if sig == signal.SIGTERM:
+                    key = (process.pid, process.create_time())
+                    if key in run.terminated:
+                        continue
+                    run.terminated.add(key)
                 process.send_signal(sig)
             except psutil.Error:
                 pass
