@@ -209,8 +209,8 @@ def test_a_disk_filler_is_stopped_and_failed_with_the_reason(tmp_path, runners, 
     assert (update.state, update.message) == ("failed", "disk limit of 20 MB exceeded")
     assert storage.read_run_status(run_dir)["message"] == "disk limit of 20 MB exceeded"
     assert run_processes(run_dir) == []
-    # Stopped within a poll or two: it could write gigabytes in seconds.
-    assert disk_use_bytes(run_dir) < 500 * 2 ** 20
+    # Stopped within a poll or two of its write speed: it could fill the disk in seconds.
+    assert disk_use_bytes(run_dir) < 2 * 2 ** 30
 
 
 def test_one_file_cannot_grow_past_the_disk_limit(tmp_path, runners):

@@ -428,9 +428,12 @@ def test_a_run_over_its_limit_is_failed_with_the_reason_and_leaves_nothing(
     assert "failed" in user.get("/scripts/%d" % script_id).text()
     assert limited_servers.process.poll() is None
     if stem == "disk_filler":
-        folder = user.run_dir(script_id, stem)
-        # Stopped within a poll or two: it could write gigabytes in seconds.
-        assert sum(f.stat().st_size for f in folder.glob("filler-*")) < 500 * 2 ** 20
+        # The run folder is measured at each poll of the runner (0.5 s): a fast writer
+        # gets a poll or two of its write speed beyond the limit, not the whole disk.
+        written = sum(f.stat().st_size for f in user.run_dir(script_id, stem).glob("filler-*"))
+        record_measurement("disk_filler", {"limit_mb": RUN_DISK_MB,
+                                           "written_mb": round(written / 2 ** 20)})
+        assert written < 2 * 2 ** 30
 
 
 def test_a_child_that_escaped_its_session_is_ended_by_stop(playwright, limited_servers):
