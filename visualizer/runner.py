@@ -23,17 +23,16 @@ How a local run works:
   ``setsid()`` or double-forks is still counted, limited and killed.
 - Stop sends SIGTERM to the script and everything it started, then SIGKILL to
   all of the run, wrapper included, after the grace period (again at every poll
-  until it is gone). When the script ends, whatever it left
-  behind is killed too (the sandbox's PID namespace ends with it).
+  until it is gone). When the script ends, whatever it left behind is killed too
+  (the sandbox's PID namespace ends with it).
 - Limits: memory of everything the run started (the cgroup; without one, a
   watchdog sums the resident memory of the run's processes at each poll),
   processes and threads (pids cgroup, else RLIMIT_NPROC and the same watchdog),
-  open files (RLIMIT_NOFILE), no core dumps (RLIMIT_CORE), file
-  size (RLIMIT_FSIZE), disk use of the run folder (measured at each poll without
+  open files (RLIMIT_NOFILE), file size (RLIMIT_FSIZE), no core dumps
+  (RLIMIT_CORE), disk use of the run folder (measured at each poll without
   following links, less often for a folder of many files; every file or folder
-  counts at least one 4 KB block)
-  and wall time. Over a limit, the run is stopped and ends 'failed' with the
-  limit named.
+  counts at least one 4 KB block) and wall time. Over a limit, the run is
+  stopped and ends 'failed' with the limit named.
 - States: 'queued' -> 'running' -> 'finished' (exit code 0), 'failed' (non-zero
   exit code, killed by a signal, or a limit) or 'stopped' (a user stop, or the
   server shutting down). ``exit_code`` follows ``subprocess``: a negative number
