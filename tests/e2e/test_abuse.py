@@ -617,6 +617,24 @@ def run_processes(folder):
     return processes(of_run)
 
 
+def run_uids(marker):
+    """The user ids, other than the servers' own, that the processes named ``marker`` run as
+    (a sandboxed run has a user id of its own)."""
+    uids = set()
+    for process in named(marker):
+        with contextlib.suppress(psutil.NoSuchProcess):
+            uids.add(process.uids().real)
+    return uids - {os.getuid()}
+
+
+def left_of_run(marker, folder, uids):
+    """Live processes of a run: named ``marker``, of its ``folder``, or of one of its ``uids``."""
+    found = {p.pid: p for p in named(marker) + run_processes(folder)}
+    found.update((p.pid, p) for p in processes(lambda p: p.status() != psutil.STATUS_ZOMBIE
+                                               and p.uids().real in uids))
+    return list(found.values())
+
+
 def kill_all(found):
     for process in found:
         try:
@@ -816,15 +834,16 @@ def test_a_daemonized_child_does_not_outlive_stop(target, alice, mallory):
     try:
         wait_for(lambda: "ESCAPED" in attack_output(folder), 60, what="the child to escape")
         assert named(marker), "the attack's daemon never ran"
+        uids = run_uids(marker)
         response = mallory.post("/scripts/%d/stop" % script_id,
                                 form={"csrf_token": mallory.csrf_token()})
         assert response.status == 302
         assert mallory.wait_for_state(script_id, ENDED_STATES, 30)["state"] == "stopped"
-        wait_for(lambda: not named(marker) + run_processes(folder), 20,
+        wait_for(lambda: not left_of_run(marker, folder, uids), 20,
                  what=lambda: "no process of the run left, but: %s" % [
-                     (p.pid, p.cmdline()) for p in named(marker) + run_processes(folder)])
+                     (p.pid, p.cmdline()) for p in left_of_run(marker, folder, uids)])
     finally:
-        kill_all(named(marker) + run_processes(folder))
+        kill_all(left_of_run(marker, folder, ()))
 
 
 def test_a_fork_bomb_is_bounded_and_cleaned_up(target, alice, mallory):
@@ -832,11 +851,12 @@ def test_a_fork_bomb_is_bounded_and_cleaned_up(target, alice, mallory):
     script_id = launch_attack(mallory, "fork_bomb", known_facts(
         target, alice, mallory, marker=marker, attempts=FORK_ATTEMPTS))
     folder = target.storage_dir / str(mallory.user_id) / "fork_bomb"
-    most = 0
+    most, uids = 0, set()
 
     def bomb_went_off():
         nonlocal most
         most = max(most, len(named(marker)))
+        uids.update(run_uids(marker))
         return ("ATTACK-END" in attack_output(folder)
                 or mallory.status(script_id)["state"] in ENDED_STATES)
 
@@ -849,10 +869,11 @@ def test_a_fork_bomb_is_bounded_and_cleaned_up(target, alice, mallory):
         record_measurement("fork_bomb_most_processes_seen", most)
         assert "FORKED %d" % FORK_ATTEMPTS not in output, output
         assert most < FORK_ATTEMPTS
-        wait_for(lambda: not named(marker), 20, what="the forked processes to be gone")
+        wait_for(lambda: not left_of_run(marker, folder, uids), 20,
+                 what="the forked processes to be gone")
         assert alice.get("/", timeout=HTTP_TIMEOUT_MS).status == 200
     finally:
-        kill_all(named(marker))
+        kill_all(left_of_run(marker, folder, ()))
 
 
 def test_a_disk_filler_is_stopped_and_marked_failed(target, alice, mallory):
