@@ -1,4 +1,4 @@
-"""Attack: one 6000x6000 saliency map (and input image) for the dashboard to draw."""
+"""Attack: one KNOWN["side"]-square saliency map (and input image) for the dashboard to draw."""
 import json
 import os
 
