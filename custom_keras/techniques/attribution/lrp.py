@@ -4,11 +4,11 @@ Relevance Propagation: An Overview").
 The relevance of the explained class starts as its pre-softmax score and flows back
 layer by layer, conserved up to what biases and the stabiliser absorb. Dense and
 convolution layers use the chosen rule; their activation, dropout and other
-element-wise activation layers pass relevance through unchanged; every other layer
-without weights (pooling, flatten, add, concatenate...) and batch normalisation
-share it in proportion to their inputs' contributions (the epsilon rule through the
-layer itself, which is exact for the linear ones and winner-takes-all for max
-pooling). Each rule is computed with the gradient trick: for z = f(x), the relevance
+element-wise activation layers pass relevance through unchanged; layers that only
+move or select values (flatten, reshape, concatenate, padding, max pooling) pass it
+to the values they took, absorbing none; every other layer without weights (average
+pooling, add...) and batch normalisation share it in proportion to their inputs'
+contributions (the epsilon rule through the layer itself, exact for linear layers). Each rule is computed with the gradient trick: for z = f(x), the relevance
 of x is x * (J_f^T (R / z)), one vector-Jacobian product per layer.
 """
 import keras
@@ -28,12 +28,23 @@ _PASS_THROUGH = (keras.layers.Activation, keras.layers.ReLU, keras.layers.LeakyR
                  keras.layers.PReLU, keras.layers.Softmax, keras.layers.Dropout,
                  keras.layers.GaussianNoise, keras.layers.GaussianDropout, keras.layers.AlphaDropout,
                  keras.layers.ActivityRegularization, keras.layers.InputLayer)
+# Layers that only move, copy or select values: relevance follows the values, with no
+# stabiliser, so none is absorbed.
+_REARRANGING = (keras.layers.Flatten, keras.layers.Reshape, keras.layers.Permute, keras.layers.Concatenate,
+                keras.layers.ZeroPadding1D, keras.layers.ZeroPadding2D, keras.layers.ZeroPadding3D,
+                keras.layers.Cropping1D, keras.layers.Cropping2D, keras.layers.Cropping3D,
+                keras.layers.MaxPooling1D, keras.layers.MaxPooling2D, keras.layers.MaxPooling3D,
+                keras.layers.GlobalMaxPooling1D, keras.layers.GlobalMaxPooling2D,
+                keras.layers.GlobalMaxPooling3D)
 # Layers with weights that the epsilon rule through the layer itself still treats right.
 _AFFINE_WITH_WEIGHTS = (keras.layers.BatchNormalization,)
 
 
 def _stabilised(z, epsilon):
-    """z moved ``epsilon`` away from 0 on its own side (0 counts as positive)."""
+    """z moved ``epsilon`` away from 0 on its own side (0 counts as positive); with
+    ``epsilon=0`` only exact zeros change (to 1: they carry no relevance)."""
+    if epsilon == 0:
+        return tf.where(z == 0, tf.ones_like(z), z)
     return z + epsilon * tf.where(z >= 0, 1.0, -1.0)
 
 
@@ -158,7 +169,7 @@ def lrp(model, images, rule="epsilon", epsilon=1e-6, alpha=1, beta=0, first_laye
                 shares = [relevance]
             else:
                 shares = _relevance_through(lambda *xs: call(layer, _refill(args, xs), kwargs), inputs,
-                                            relevance, epsilon)
+                                            relevance, 0 if isinstance(layer, _REARRANGING) else epsilon)
             for x, share in zip(inputs, shares):
                 relevances[id(x)] = relevances[id(x)] + share if id(x) in relevances else share
         return relevances.get(id(images), tf.zeros_like(images))
