@@ -1,6 +1,8 @@
 """The attribution methods from first principles, on tiny models: hand-computed values,
 conservation and completeness, the model left as found, and Adebayo et al.'s sanity check."""
+import gc
 import os
+import weakref
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -210,7 +212,8 @@ def test_integrated_gradients_sum_to_the_score_difference_within_one_percent(bui
     batch = images()
     for class_index in (0, 2):
         maps = attribution.integrated_gradients(model, batch, steps=64, class_index=class_index)
-        difference = pre_softmax(model, batch)[:, class_index] - pre_softmax(model, 0 * batch[:1])[0, class_index]
+        black = pre_softmax(model, 0 * batch[:1])[0, class_index]
+        difference = pre_softmax(model, batch)[:, class_index] - black
         np.testing.assert_allclose(maps.sum(axis=(1, 2, 3)), difference, rtol=0.01, atol=1e-5)
 
 
@@ -224,7 +227,8 @@ def test_occlusion_adds_the_score_drop_of_every_patch_that_covers_a_pixel():
         for left in (0, 3):
             occluded = batch.copy()
             occluded[0, top:top + 5, left:left + 5] = 0.25
-            expected[top:top + 5, left:left + 5] += scores[class_no] - pre_softmax(model, occluded)[0, class_no]
+            drop = scores[class_no] - pre_softmax(model, occluded)[0, class_no]
+            expected[top:top + 5, left:left + 5] += drop
     np.testing.assert_allclose(attribution.occlusion(model, batch, patch=5, stride=3, value=0.25)[0],
                                expected, rtol=1e-4, atol=1e-5)
 
@@ -285,7 +289,8 @@ def test_lrp_alpha_beta_z_plus_and_z_b_on_a_dense_network_match_relevances_compu
 
     for rule, first_rule in (("alpha_beta", None), ("z_plus", None), ("z_plus", "z_b"), ("alpha_beta", "z_b")):
         expected = [by_hand(x, rule, first_rule) for x in rows.astype(np.float64)]
-        got = attribution.lrp(model, rows, rule=rule, epsilon=1e-9, alpha=2, beta=1, first_layer_rule=first_rule)
+        got = attribution.lrp(model, rows, rule=rule, epsilon=1e-9, alpha=2, beta=1,
+                              first_layer_rule=first_rule)
         np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-6, err_msg="%s %s" % (rule, first_rule))
 
 
@@ -306,7 +311,8 @@ def test_lrp_epsilon_on_a_conv_network_matches_relevances_computed_by_hand():
     a = np.maximum(z, 0).reshape(-1)
     logits = a @ dense_kernel + dense_bias
     c = np.argmax(logits)
-    hidden = np.array([a[i] * dense_kernel[i, c] / stabilised(logits[c]) * logits[c] for i in range(8)]).reshape(2, 2, 2)
+    hidden = np.array([a[i] * dense_kernel[i, c] / stabilised(logits[c]) * logits[c]
+                       for i in range(8)]).reshape(2, 2, 2)
     expected = np.zeros((3, 3))
     for i in range(2):
         for j in range(2):
@@ -334,8 +340,10 @@ def test_the_class_is_the_predicted_one_a_fixed_one_or_the_label():
                          for i in range(3)])
     np.testing.assert_allclose(attribution.grad_cam(model, batch), by_class, rtol=1e-5)
     labels = np.array([2, 0, 1])
-    expected = np.stack([attribution.lrp(model, batch[i:i + 1], class_index=int(labels[i]))[0] for i in range(3)])
-    np.testing.assert_allclose(attribution.lrp(model, batch, class_index="label", labels=labels), expected, rtol=1e-5)
+    expected = np.stack([attribution.lrp(model, batch[i:i + 1], class_index=int(labels[i]))[0]
+                         for i in range(3)])
+    np.testing.assert_allclose(attribution.lrp(model, batch, class_index="label", labels=labels), expected,
+                               rtol=1e-5)
     one_hot = np.eye(CLASSES)[labels]
     np.testing.assert_allclose(attribution.lrp(model, batch, class_index="label", labels=one_hot), expected,
                                rtol=1e-5)
@@ -422,7 +430,7 @@ def test_every_method_leaves_the_model_as_it_found_it_when_it_fails_half_way(nam
     assert model.layers[-1].activation is keras.activations.softmax
 
 
-def test_a_compiled_graph_is_reused_and_follows_the_models_weights():
+def test_a_compiled_graph_is_reused_follows_the_models_weights_and_goes_with_the_model():
     from custom_keras.techniques.attribution.graph import _GRAPHS
 
     model = small_cnn()
@@ -433,6 +441,10 @@ def test_a_compiled_graph_is_reused_and_follows_the_models_weights():
     model.set_weights([w * 1.5 for w in model.get_weights()])
     assert not np.allclose(attribution.grad_cam(model, batch), first)
     assert len(_GRAPHS[model]) == 1
+    dropped = weakref.ref(model)
+    del model
+    gc.collect()
+    assert dropped() is None  # its graphs do not keep it alive
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,7 @@ the input's height and width.
 import numpy as np
 import tensorflow as tf
 
-from custom_keras.techniques.attribution.graph import (chosen_scores, compiled, prepare, resize,
+from custom_keras.techniques.attribution.graph import (chosen_scores, compiled, is_int, prepare, resize,
                                                        scores_visit, signature, spatial_layer_no,
                                                        walk)
 
@@ -39,7 +39,8 @@ def _grad_cam_plus_plus_weights(feature_maps, gradients):
     (which overflows for large scores), so it is left out.
     """
     squares = tf.square(gradients)
-    denominator = 2.0 * squares + tf.reduce_sum(feature_maps, axis=(1, 2), keepdims=True) * squares * gradients
+    sums = tf.reduce_sum(feature_maps, axis=(1, 2), keepdims=True)
+    denominator = 2.0 * squares + sums * squares * gradients
     alphas = squares / tf.where(denominator == 0.0, tf.ones_like(denominator), denominator)
     return tf.reduce_sum(alphas * tf.nn.relu(gradients), axis=(1, 2))
 
@@ -108,8 +109,7 @@ def score_cam(model, images, layer_no=None, class_index=None, max_maps=None, lab
     layer_no = spatial_layer_no(model, layer_no)
     images, classes = prepare(model, images, class_index, labels)
     channels = model.layers[layer_no].output.shape[-1]
-    if max_maps is not None and (not isinstance(max_maps, (int, np.integer)) or isinstance(max_maps, bool)
-                                 or not 1 <= max_maps <= channels):
+    if max_maps is not None and not (is_int(max_maps) and 1 <= max_maps <= channels):
         raise ValueError("max_maps must be None or an int in 1..%d (the layer's channels), got %r"
                          % (channels, max_maps))
     target = model.layers[layer_no].output

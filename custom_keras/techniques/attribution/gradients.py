@@ -5,7 +5,7 @@ import numpy as np
 import tensorflow as tf
 
 from custom_keras.techniques.attribution.cam import grad_cam
-from custom_keras.techniques.attribution.graph import (call, chosen_scores, compiled, prepare,
+from custom_keras.techniques.attribution.graph import (chosen_scores, compiled, is_int, prepare,
                                                        score_node, scores_visit, signature, walk)
 
 # Images x samples (or steps) per forward pass, so that memory stays bounded.
@@ -100,7 +100,7 @@ def smooth_grad(model, images, samples=50, noise=0.2, class_index=None, seed=Non
     Returns:
         float32 (N, H, W, C): the mean gradient over the samples, signed, unnormalised.
     """
-    if not isinstance(samples, (int, np.integer)) or isinstance(samples, bool) or samples < 1:
+    if not (is_int(samples) and samples >= 1):
         raise ValueError("samples must be an int >= 1, got %r" % (samples,))
     if not np.isscalar(noise) or not np.isfinite(noise) or noise < 0:
         raise ValueError("noise must be a number >= 0, got %r" % (noise,))
@@ -119,7 +119,8 @@ def smooth_grad(model, images, samples=50, noise=0.2, class_index=None, seed=Non
                               axis=1)
 
     run = compiled(model, ("smooth_grad",), graph, signature(
-        model, tf.TensorSpec((), tf.int32), tf.TensorSpec((), tf.float32), tf.TensorSpec((2,), tf.int32)))
+        model, tf.TensorSpec((), tf.int32), tf.TensorSpec((), tf.float32),
+        tf.TensorSpec((2,), tf.int32)))
     seeds = np.array([seed % 2 ** 31, 0], dtype=np.int32)
 
     def chunk(images, classes):
@@ -158,7 +159,7 @@ def integrated_gradients(model, images, steps=64, baseline="black", class_index=
         float32 (N, H, W, C): (image - baseline) times the mean gradient along the path;
         they sum to score(image) - score(baseline) up to the rule's error.
     """
-    if not isinstance(steps, (int, np.integer)) or isinstance(steps, bool) or steps < 2:
+    if not (is_int(steps) and steps >= 2):
         raise ValueError("steps must be an int >= 2, got %r" % (steps,))
     images, classes = prepare(model, images, class_index, labels)
     baselines = _baselines(baseline, images)

@@ -16,8 +16,8 @@ import tensorflow as tf
 from keras.src.layers.convolutional.base_conv import BaseConv
 from keras.src.models.functional import operation_fn
 
-from custom_keras.techniques.common import (_is_softmax_layer, _linear_activation, _squashes, check_images,
-                                            get_layer, single_input)
+from custom_keras.techniques.common import (_is_softmax_layer, _linear_activation, _squashes,
+                                            check_images, get_layer, single_input)
 
 # model -> {method key: concrete function}: each graph is traced once per model and
 # reads the model's variables, so it follows training without retracing.
@@ -66,18 +66,22 @@ def is_kernel_layer(layer):
     return isinstance(layer, (keras.layers.Dense, BaseConv))
 
 
+def broadcast_bias(layer, bias):
+    """A Dense or convolution layer's bias shaped to add to its outputs."""
+    if isinstance(layer, keras.layers.Dense):
+        return bias
+    shape = ((1,) * (layer.rank + 1) + (layer.filters,) if layer.data_format == "channels_last"
+             else (1, layer.filters) + (1,) * layer.rank)
+    return keras.ops.reshape(bias, shape)
+
+
 def linear(layer, inputs, kernel, bias):
     """A Dense or convolution layer's pre-activation with the given kernel and bias (or None)."""
     if isinstance(layer, keras.layers.Dense):
         outputs = keras.ops.matmul(inputs, kernel)
-        shape = (layer.units,)
     else:
         outputs = layer.convolution_op(inputs, kernel)
-        shape = ((1,) * (layer.rank + 1) + (layer.filters,) if layer.data_format == "channels_last"
-                 else (1, layer.filters) + (1,) * layer.rank)
-    if bias is None:
-        return outputs
-    return outputs + keras.ops.reshape(bias, shape)
+    return outputs if bias is None else outputs + broadcast_bias(layer, bias)
 
 
 def call(layer, args, kwargs):
@@ -146,6 +150,11 @@ def chosen_scores(scores, classes):
     return tf.gather(scores, chosen, axis=1, batch_dims=1), chosen
 
 
+def is_int(value):
+    """Whether ``value`` is an int (numpy's too), not a bool."""
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
 def spatial_layer_no(model, layer_no, argument="layer_no"):
     """``layer_no``, or the last layer with a spatial output (N, h, w, channels) when None."""
     if layer_no is None:
@@ -185,12 +194,13 @@ def class_indices(class_index, count, classes, labels):
             raise ValueError("labels must be %d class numbers or one-hot rows (%d, %d), got shape %s"
                              % (count, count, classes, labels.shape))
         indices = labels.astype(np.int64)
-    elif isinstance(class_index, (int, np.integer)) and not isinstance(class_index, bool):
+    elif is_int(class_index):
         indices = np.full(count, int(class_index), dtype=np.int64)
     else:
         raise TypeError('class_index must be None, an int or "label", got %r' % (class_index,))
     if np.any(indices < 0) or np.any(indices >= classes):
-        raise ValueError("class numbers must be in 0..%d, got %s" % (classes - 1, sorted(set(indices.tolist()))))
+        raise ValueError("class numbers must be in 0..%d, got %s"
+                         % (classes - 1, sorted(set(indices.tolist()))))
     return indices.astype(np.int32)
 
 

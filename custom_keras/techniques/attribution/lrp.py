@@ -8,16 +8,17 @@ element-wise activation layers pass relevance through unchanged; layers that onl
 move or select values (flatten, reshape, concatenate, padding, max pooling) pass it
 to the values they took, absorbing none; every other layer without weights (average
 pooling, add...) and batch normalisation share it in proportion to their inputs'
-contributions (the epsilon rule through the layer itself, exact for linear layers). Each rule is computed with the gradient trick: for z = f(x), the relevance
-of x is x * (J_f^T (R / z)), one vector-Jacobian product per layer.
+contributions (the epsilon rule through the layer itself, exact for linear layers).
+Each rule is computed with the gradient trick: for z = f(x), the relevance of x is
+x * (J_f^T (R / z)), one vector-Jacobian product per layer.
 """
 import keras
 import numpy as np
 import tensorflow as tf
 
-from custom_keras.techniques.attribution.graph import (call, chosen_scores, compiled, is_kernel_layer,
-                                                       linear, prepare, score_node, scores_visit,
-                                                       signature, walk)
+from custom_keras.techniques.attribution.graph import (broadcast_bias, call, chosen_scores, compiled,
+                                                       is_kernel_layer, linear, prepare, score_node,
+                                                       scores_visit, signature, walk)
 
 RULES = ("epsilon", "alpha_beta", "z_plus")
 FIRST_LAYER_RULES = RULES + ("z_b",)
@@ -30,7 +31,8 @@ _PASS_THROUGH = (keras.layers.Activation, keras.layers.ReLU, keras.layers.LeakyR
                  keras.layers.ActivityRegularization, keras.layers.InputLayer)
 # Layers that only move, copy or select values: relevance follows the values, with no
 # stabiliser, so none is absorbed.
-_REARRANGING = (keras.layers.Flatten, keras.layers.Reshape, keras.layers.Permute, keras.layers.Concatenate,
+_REARRANGING = (keras.layers.Flatten, keras.layers.Reshape, keras.layers.Permute,
+                keras.layers.Concatenate,
                 keras.layers.ZeroPadding1D, keras.layers.ZeroPadding2D, keras.layers.ZeroPadding3D,
                 keras.layers.Cropping1D, keras.layers.Cropping2D, keras.layers.Cropping3D,
                 keras.layers.MaxPooling1D, keras.layers.MaxPooling2D, keras.layers.MaxPooling3D,
@@ -48,12 +50,13 @@ def _stabilised(z, epsilon):
     return z + epsilon * tf.where(z >= 0, 1.0, -1.0)
 
 
-def _relevance_through(function, inputs, relevance, epsilon, extra=None):
-    """The epsilon rule for ``z = function(*inputs)``: R_i = x_i * (J^T (R / stab(z + extra)))."""
+def _relevance_through(function, inputs, relevance, epsilon, bias=None):
+    """The epsilon rule for ``z = function(*inputs)``: R_i = x_i * (J^T (R / stab(z + bias))),
+    where a bias (broadcast to z) takes its share of the relevance."""
     with tf.GradientTape() as tape:
         tape.watch(inputs)
         z = function(*inputs)
-    denominator = z if extra is None else z + extra
+    denominator = z if bias is None else z + bias
     gradients = tape.gradient(z, inputs, output_gradients=relevance / _stabilised(denominator, epsilon))
     return [x * g for x, g in zip(inputs, gradients)]
 
@@ -69,7 +72,7 @@ def _kernel_relevance(layer, x, relevance, rule, epsilon, alpha, beta, bounds):
 
     if rule == "epsilon":
         return _relevance_through(through(kernel), [x], relevance, epsilon,
-                                  None if bias is None else linear(layer, tf.zeros_like(x), kernel, bias))[0]
+                                  None if bias is None else broadcast_bias(layer, bias))[0]
     if rule == "z_plus":
         return _relevance_through(through(positive_kernel), [tf.nn.relu(x)], relevance, epsilon)[0]
     if rule == "z_b":
@@ -78,19 +81,22 @@ def _kernel_relevance(layer, x, relevance, rule, epsilon, alpha, beta, bounds):
             lambda x, low, high: (linear(layer, x, kernel, None) - linear(layer, low, positive_kernel, None)
                                   - linear(layer, high, negative_kernel, None)),
             [x, low, high], relevance, epsilon))
-    # alpha_beta: positive and negative contributions (bias parts included) share
-    # alpha and -beta times the relevance.
+    # alpha_beta: the positive contributions (x+ w+, x- w-, the bias if positive) share
+    # alpha times the relevance, the negative ones (x+ w-, x- w+, a negative bias) -beta times.
     positive_x, negative_x = tf.nn.relu(x), -tf.nn.relu(-x)
+    positive_bias = negative_bias = None
+    if bias is not None:
+        positive_bias = broadcast_bias(layer, tf.nn.relu(bias))
+        negative_bias = broadcast_bias(layer, -tf.nn.relu(-bias))
     parts = []
-    for weight, kernels, bias_part in ((alpha, (positive_kernel, negative_kernel), tf.nn.relu),
-                                       (-beta, (negative_kernel, positive_kernel), lambda b: -tf.nn.relu(-b))):
+    for weight, kernels, bias_part in ((alpha, (positive_kernel, negative_kernel), positive_bias),
+                                       (-beta, (negative_kernel, positive_kernel), negative_bias)):
         if weight == 0:
             continue
-        extra = None if bias is None else linear(layer, tf.zeros_like(x), kernel, bias_part(bias))
         for_positive, for_negative = kernels
         shares = _relevance_through(
             lambda p, n: linear(layer, p, for_positive, None) + linear(layer, n, for_negative, None),
-            [positive_x, negative_x], relevance, epsilon, extra)
+            [positive_x, negative_x], relevance, epsilon, bias_part)
         parts.append(weight * tf.add_n(shares))
     return tf.add_n(parts)
 
@@ -174,7 +180,8 @@ def lrp(model, images, rule="epsilon", epsilon=1e-6, alpha=1, beta=0, first_laye
                 relevances[id(x)] = relevances[id(x)] + share if id(x) in relevances else share
         return relevances.get(id(images), tf.zeros_like(images))
 
-    key = ("lrp", rule, float(epsilon), float(alpha), float(beta), first_layer_rule, tuple(map(float, bounds)))
+    key = ("lrp", rule, float(epsilon), float(alpha), float(beta), first_layer_rule,
+           tuple(map(float, bounds)))
     run = compiled(model, key, graph, signature(model))
     return run(tf.constant(images), tf.constant(classes)).numpy()
 

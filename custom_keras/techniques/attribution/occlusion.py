@@ -2,7 +2,8 @@
 import numpy as np
 import tensorflow as tf
 
-from custom_keras.techniques.attribution.graph import compiled, prepare, scores_visit, signature, walk
+from custom_keras.techniques.attribution.graph import (compiled, is_int, prepare, scores_visit, signature,
+                                                       walk)
 
 _BATCH = 128  # occluded images per forward pass
 
@@ -34,7 +35,7 @@ def occlusion(model, images, patch=8, stride=4, value=0, class_index=None, label
                          % (images.shape,))
     height, width = images.shape[1:3]
     for name, size in (("patch", patch), ("stride", stride)):
-        if not isinstance(size, (int, np.integer)) or isinstance(size, bool) or not 1 <= size <= min(height, width):
+        if not (is_int(size) and 1 <= size <= min(height, width)):
             raise ValueError("%s must be an int in 1..%d, got %r" % (name, min(height, width), size))
     visit = scores_visit(model)
 
