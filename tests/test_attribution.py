@@ -53,6 +53,18 @@ def branched_nested(use_bias=True, seed=0):
     return keras.Model(inputs, keras.layers.Softmax()(x))
 
 
+def sequential_around_a_base(seed=0):
+    """A Sequential whose first layer is a functional base model (with batch
+    normalisation), then global pooling and a binary classifier's sigmoid."""
+    seeded(seed)
+    inputs = keras.Input(SHAPE)
+    x = keras.layers.Conv2D(4, 3, activation="relu")(inputs)
+    x = keras.layers.BatchNormalization()(x)
+    base = keras.Model(inputs, keras.layers.Conv2D(4, 3, activation="relu")(x))
+    return keras.Sequential([keras.Input(SHAPE), base, keras.layers.GlobalAveragePooling2D(),
+                             keras.layers.Dense(1, activation="sigmoid")])
+
+
 def images(count=3, seed=1):
     return np.random.default_rng(seed).uniform(0, 1, (count,) + SHAPE).astype(np.float32)
 
@@ -81,7 +93,7 @@ PER_CHANNEL = {"guided_backprop", "guided_grad_cam", "smooth_grad", "integrated_
 
 
 @pytest.mark.parametrize("name", sorted(ALL_METHODS))
-@pytest.mark.parametrize("build", [small_cnn, branched_nested])
+@pytest.mark.parametrize("build", [small_cnn, branched_nested, sequential_around_a_base])
 def test_every_method_gives_one_float32_map_per_image_at_the_input_size(name, build):
     model = build()
     maps = ALL_METHODS[name](model, images())
@@ -206,11 +218,11 @@ def test_smooth_grad_without_noise_is_the_signed_gradient_and_a_seed_repeats_it(
     assert not np.allclose(noisy, plain)
 
 
-@pytest.mark.parametrize("build", [small_cnn, branched_nested])
+@pytest.mark.parametrize("build", [small_cnn, branched_nested, sequential_around_a_base])
 def test_integrated_gradients_sum_to_the_score_difference_within_one_percent(build):
     model = build()
     batch = images()
-    for class_index in (0, 2):
+    for class_index in (0, model.outputs[0].shape[-1] - 1):
         maps = attribution.integrated_gradients(model, batch, steps=64, class_index=class_index)
         black = pre_softmax(model, 0 * batch[:1])[0, class_index]
         difference = pre_softmax(model, batch)[:, class_index] - black

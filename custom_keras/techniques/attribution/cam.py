@@ -7,14 +7,14 @@ the input's height and width.
 import numpy as np
 import tensorflow as tf
 
-from custom_keras.techniques.attribution.graph import (chosen_scores, compiled, is_int, prepare, resize,
-                                                       scores_visit, signature, spatial_layer_no,
-                                                       walk)
+from custom_keras.techniques.attribution.graph import (chosen_scores, compiled, is_int, layer_output,
+                                                       prepare, resize, scores_visit, signature,
+                                                       spatial_layer_no, walk)
 
 
 def _feature_maps_and_gradients(model, layer_no, images, classes):
     """The layer's feature maps, the gradients of the chosen scores w.r.t. them, and the classes."""
-    target = model.layers[layer_no].output
+    target = layer_output(model, layer_no)
     visit = scores_visit(model)
     with tf.GradientTape(watch_accessed_variables=False) as tape:
         tape.watch(images)
@@ -112,7 +112,7 @@ def score_cam(model, images, layer_no=None, class_index=None, max_maps=None, lab
     if max_maps is not None and not (is_int(max_maps) and 1 <= max_maps <= channels):
         raise ValueError("max_maps must be None or an int in 1..%d (the layer's channels), got %r"
                          % (channels, max_maps))
-    target = model.layers[layer_no].output
+    target = layer_output(model, layer_no)
     visit = scores_visit(model)
 
     def maps_graph(images, classes):

@@ -132,6 +132,18 @@ def walk(model, inputs, visit):
     return [tensors[id(output)] for output in graph.outputs], tensors
 
 
+def layer_output(model, layer_no):
+    """The symbolic output of ``model.layers[layer_no]`` in the model's own graph (a nested
+    model's ``output`` is the one inside it), a key into ``walk``'s tensors."""
+    layer = model.layers[layer_no]
+    outputs = [node.outputs for nodes in _graph_of(model)._nodes_by_depth.values() for node in nodes
+               if node.operation is layer]
+    if len(outputs) != 1 or len(outputs[0]) != 1:
+        raise ValueError("layer %d (%s) must be called once in the model and have one output"
+                         % (layer_no, layer.name))
+    return outputs[0][0]
+
+
 def scores_visit(model):
     """A ``visit`` that computes every layer as usual and the output before its softmax."""
     scoring = score_node(model)
