@@ -108,11 +108,11 @@ def score_cam(model, images, layer_no=None, class_index=None, max_maps=None, lab
     """
     layer_no = spatial_layer_no(model, layer_no)
     images, classes = prepare(model, images, class_index, labels)
-    channels = model.layers[layer_no].output.shape[-1]
+    target = layer_output(model, layer_no)
+    channels = target.shape[-1]
     if max_maps is not None and not (is_int(max_maps) and 1 <= max_maps <= channels):
         raise ValueError("max_maps must be None or an int in 1..%d (the layer's channels), got %r"
                          % (channels, max_maps))
-    target = layer_output(model, layer_no)
     visit = scores_visit(model)
 
     def maps_graph(images, classes):
