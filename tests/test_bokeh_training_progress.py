@@ -32,7 +32,8 @@ def write_validation(run_dir, epoch):
 
 def figures_of(dashboard):
     figures = [child for child in dashboard.content.children if hasattr(child, "renderers")]
-    return figures + list(dashboard.other_figure.children)
+    return figures + [child for child in dashboard.other_figure.children
+                      if hasattr(child, "renderers")]
 
 
 def renderer_fields(fig):
