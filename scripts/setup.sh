@@ -2,6 +2,16 @@
 # Creates .venv in the repository root and installs the pinned runtime dependencies.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# Every run is sandboxed with bubblewrap: install Debian's when it is missing and we may.
+# Without it the server still starts, says why and refuses to run scripts.
+if ! command -v bwrap >/dev/null 2>&1; then
+    SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo -n"
+    if ! { command -v apt-get >/dev/null 2>&1 && { [ -z "$SUDO" ] || sudo -n true 2>/dev/null; } \
+           && $SUDO apt-get update -qq && $SUDO apt-get install -y -qq bubblewrap >/dev/null; }; then
+        echo "scripts/setup.sh: could not install bubblewrap (bwrap); runs will be refused until" \
+             "it is installed (or VISUALIZER_SANDBOX=off runs scripts unsandboxed, unsafe)" >&2
+    fi
+fi
 PYTHON=${PYTHON:-python3}
 if [ ! -x .venv/bin/python ]; then
     "$PYTHON" -m venv .venv

@@ -1,14 +1,17 @@
-"""LocalRunner with real subprocesses: tiny Python scripts written to tmp_path, no TensorFlow."""
+"""LocalRunner with real sandboxed subprocesses: tiny Python scripts written to tmp_path, no
+TensorFlow. tests/test_sandbox.py tries to get out of the sandbox."""
 import os
 import signal
 import subprocess
 import textwrap
 import time
 
+import psutil
 import pytest
 
 from custom_keras import storage
 from visualizer.runner import GONE_MESSAGE, LocalRunner, RunUpdate
+from visualizer.sandbox import Cgroups, Sandbox
 
 TIMEOUT_S = 30
 
@@ -58,11 +61,23 @@ class Recorder:
 def process_running(pid):
     """Whether ``pid`` is a live process (a zombie, dead but not yet reaped, is not)."""
     try:
-        with open("/proc/%d/stat" % pid) as f:
-            state = f.read().rsplit(")", 1)[1].split()[0]
-    except FileNotFoundError:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
         return False
-    return state not in ("Z", "X")
+
+
+def run_processes(run_dir):
+    """Pids of the live processes of the run in ``run_dir`` (wrapper, sandbox, script and
+    whatever it started, escaped or not): all carry VISUALIZER_RUN_DIR."""
+    found = []
+    for process in psutil.process_iter():
+        try:
+            if (process.environ().get(storage.RUN_DIR_ENV) == str(run_dir)
+                    and process.status() != psutil.STATUS_ZOMBIE):
+                found.append(process.pid)
+        except psutil.Error:
+            pass
+    return found
 
 
 def read_output(run_dir):
@@ -71,12 +86,16 @@ def read_output(run_dir):
 
 
 @pytest.fixture
-def runners():
-    """Makes LocalRunners that are shut down (their runs stopped) after the test."""
+def runners(tmp_path):
+    """Makes sandboxed LocalRunners (with cgroups where the machine has them) of one
+    installation, shut down (their runs stopped) after the test."""
     made = []
 
     def make(**kwargs):
         kwargs.setdefault("grace_period_s", 0.5)
+        kwargs.setdefault("sandbox", Sandbox(str(tmp_path)))
+        if "cgroups" not in kwargs:  # detect() makes the installation's cgroup folders
+            kwargs["cgroups"] = Cgroups.detect(str(tmp_path))
         made.append(LocalRunner(**kwargs))
         return made[-1]
     yield make
@@ -154,6 +173,8 @@ CHILD_SCRIPT = """
     print("started child", child.pid)
     time.sleep(600)
 """
+# The wrapper, the sandbox's bwrap and its init, the script and its child.
+PROCESSES_WITH_CHILD = 5
 
 
 @pytest.mark.parametrize("ignore_term", [False, True], ids=["obeys_sigterm", "ignores_sigterm"])
@@ -162,18 +183,15 @@ def test_stop_ends_the_script_and_the_children_it_started(tmp_path, runners, ign
     recorder = Recorder(runners())
     recorder.runner.start(3, run_dir, script)
     running = recorder.wait_for(3, "running")
-    child_pid_file = os.path.join(run_dir, "child.pid")
-    wait_until(lambda: os.path.exists(child_pid_file) and open(child_pid_file).read(),
+    wait_until(lambda: len(run_processes(run_dir)) == PROCESSES_WITH_CHILD,
                "the script to start its child")
-    child_pid = int(open(child_pid_file).read())
-    assert process_running(child_pid) and process_running(running.pid)
+    assert process_running(running.pid)
 
     recorder.runner.stop(3)
     update = recorder.wait_for(3, "stopped", "finished", "failed")
 
     assert (update.state, update.message) == ("stopped", "stopped by the user")
-    assert not process_running(child_pid)
-    assert not process_running(running.pid)
+    assert run_processes(run_dir) == []
     assert storage.read_run_status(run_dir)["state"] == "stopped"
 
 
@@ -189,24 +207,31 @@ def test_leftover_children_are_ended_when_the_script_exits(tmp_path, runners):
     update = recorder.wait_for(1, "finished", "failed")
 
     assert update.state == "finished"
-    assert not process_running(int(open(os.path.join(run_dir, "child.pid")).read()))
+    assert os.path.exists(os.path.join(run_dir, "child.pid"))
+    assert run_processes(run_dir) == []
 
 
+# Waits for a file "release" in its run folder (the one folder a sandboxed script sees).
 WAIT_FOR_RELEASE = """
     import os, time
     print("started")
-    while not os.path.exists({release!r}):
+    while not os.path.exists("release"):
         time.sleep(0.05)
 """
 
 
+def release(*run_dirs):
+    for run_dir in run_dirs:
+        with open(os.path.join(run_dir, "release"), "w"):
+            pass
+
+
 def test_third_run_waits_queued_while_two_run_then_runs(tmp_path, runners):
-    release = str(tmp_path / "release")
     recorder = Recorder(runners(max_concurrent=2))
     run_dirs = {}
     for run_id in (1, 2, 3):
         run_dir, script = write_script(tmp_path, "run%d" % run_id,
-                                       WAIT_FOR_RELEASE.format(release=release))
+                                       WAIT_FOR_RELEASE)
         run_dirs[run_id] = run_dir
         recorder.runner.start(run_id, run_dir, script)
     recorder.wait_for(1, "running")
@@ -217,8 +242,7 @@ def test_third_run_waits_queued_while_two_run_then_runs(tmp_path, runners):
     assert storage.read_run_status(run_dirs[3])["state"] == "queued"
     assert not os.path.exists(storage.output_path(run_dirs[3]))
 
-    with open(release, "w"):
-        pass
+    release(*run_dirs.values())
     for run_id in (1, 2, 3):
         assert recorder.wait_for(run_id, "finished", "failed").state == "finished"
     # FIFO: the third run started only after one of the first two had ended.
@@ -229,15 +253,13 @@ def test_third_run_waits_queued_while_two_run_then_runs(tmp_path, runners):
 
 
 def test_stopping_a_queued_run_never_starts_it(tmp_path, runners):
-    release = str(tmp_path / "release")
     recorder = Recorder(runners(max_concurrent=1))
-    first_dir, first = write_script(tmp_path, "first", WAIT_FOR_RELEASE.format(release=release))
-    second_dir, second = write_script(tmp_path, "second", WAIT_FOR_RELEASE.format(release=release))
+    first_dir, first = write_script(tmp_path, "first", WAIT_FOR_RELEASE)
+    second_dir, second = write_script(tmp_path, "second", WAIT_FOR_RELEASE)
     recorder.runner.start(1, first_dir, first)
     recorder.runner.start(2, second_dir, second)
     recorder.runner.stop(2)
-    with open(release, "w"):
-        pass
+    release(first_dir, second_dir)
 
     assert recorder.wait_for(1, "finished").state == "finished"
     assert (recorder.state(2), recorder.latest[2].message) == ("stopped", "stopped before it started")
@@ -259,20 +281,26 @@ def test_wall_time_limit_fails_the_run(tmp_path, runners):
     assert storage.read_run_status(run_dir)["message"] == "wall time limit of 1 s exceeded"
 
 
-def test_memory_limit_counts_the_whole_process_group(tmp_path, runners):
-    # The script itself stays small; the child it starts takes 200 MB.
+@pytest.mark.parametrize("with_cgroups", [True, False], ids=["cgroup", "watchdog"])
+def test_memory_limit_counts_the_children_even_escaped_ones(tmp_path, runners, with_cgroups):
+    # The script itself stays small; the child it starts leaves its session and takes 200 MB.
     run_dir, script = write_script(tmp_path, "hungry", """
         import subprocess, sys, time
         subprocess.Popen([sys.executable, "-c",
-                          "import time; data = b'x' * (200 * 2 ** 20); time.sleep(600)"])
+                          "import time; data = b'x' * (200 * 2 ** 20); time.sleep(600)"],
+                         start_new_session=True)
         time.sleep(600)
     """)
-    recorder = Recorder(runners(memory_limit_mb=100))
+    cgroups = Cgroups.detect(str(tmp_path)) if with_cgroups else None
+    if with_cgroups and not cgroups.has("memory"):
+        pytest.skip("this machine has no writable memory cgroup")
+    recorder = Recorder(runners(memory_limit_mb=100, cgroups=cgroups))
     recorder.runner.start(1, run_dir, script)
     update = recorder.wait_for(1, "finished", "failed", "stopped")
 
     assert update.state == "failed"
     assert update.message.startswith("memory limit of 100 MB exceeded")
+    assert run_processes(run_dir) == []
 
 
 def test_small_run_under_the_limits_finishes(tmp_path, runners):
@@ -284,9 +312,8 @@ def test_small_run_under_the_limits_finishes(tmp_path, runners):
 
 
 def test_reconcile_fails_vanished_runs_and_adopts_live_ones(tmp_path, runners):
-    release = str(tmp_path / "release")
     before_restart = runners()
-    live_dir, live = write_script(tmp_path, "live", WAIT_FOR_RELEASE.format(release=release)
+    live_dir, live = write_script(tmp_path, "live", WAIT_FOR_RELEASE
                                   + "    print('done')\n    raise SystemExit(3)\n")
     before_restart.start(1, live_dir, live)
     live_pid = Recorder(before_restart).wait_for(1, "running").pid
@@ -318,8 +345,7 @@ def test_reconcile_fails_vanished_runs_and_adopts_live_ones(tmp_path, runners):
     recorder = Recorder(after_restart)
     assert recorder.wait_for(4, "finished").exit_code == 0
     assert process_running(live_pid) and 1 not in recorder.latest  # still waiting, adopted
-    with open(release, "w"):
-        pass
+    release(live_dir)
     update = recorder.wait_for(1, "finished", "failed")
     # The wrapper recorded the exit code, so the adopting runner reports the real outcome.
     assert (update.state, update.exit_code, update.message) == ("failed", 3, "exited with code 3")
@@ -344,8 +370,7 @@ def test_reconcile_finds_a_run_that_started_just_before_the_server_died(tmp_path
                                                                         database_state):
     # The runner reports 'running' and the pid a moment after the start; a server
     # killed in between leaves a database without them (no pid, maybe still 'queued').
-    run_dir, script = write_script(tmp_path, "just_started", WAIT_FOR_RELEASE.format(
-        release=str(tmp_path / "release")))
+    run_dir, script = write_script(tmp_path, "just_started", WAIT_FOR_RELEASE)
     before_restart = runners()
     before_restart.start(1, run_dir, script)
     pid = Recorder(before_restart).wait_for(1, "running").pid
@@ -356,7 +381,7 @@ def test_reconcile_finds_a_run_that_started_just_before_the_server_died(tmp_path
 
     assert (update.state, update.pid) == ("running", pid)
     assert after_restart.poll() == []  # adopted, not started a second time
-    (tmp_path / "release").touch()
+    release(run_dir)
     assert Recorder(after_restart).wait_for(1, "finished").exit_code == 0
     assert read_output(run_dir) == "started\n"
 
@@ -367,8 +392,7 @@ def test_adopted_run_can_be_stopped(tmp_path, runners):
     before_restart.start(1, run_dir, script)
     pid = Recorder(before_restart).wait_for(1, "running").pid
     before_restart.shutdown(stop_runs=False)
-    child_pid_file = os.path.join(run_dir, "child.pid")
-    wait_until(lambda: os.path.exists(child_pid_file) and open(child_pid_file).read(),
+    wait_until(lambda: len(run_processes(run_dir)) == PROCESSES_WITH_CHILD,
                "the script to start its child")
 
     recorder = Recorder(runners())
@@ -378,13 +402,14 @@ def test_adopted_run_can_be_stopped(tmp_path, runners):
 
     assert update.state == "stopped"
     assert not process_running(pid)
-    assert not process_running(int(open(child_pid_file).read()))
+    assert run_processes(run_dir) == []
 
 
 def test_shutdown_stops_running_runs_and_reports_them(tmp_path):
     run_dir, script = write_script(tmp_path, "endless", CHILD_SCRIPT.format(ignore_term=True))
     delivered = []
-    runner = LocalRunner(grace_period_s=0.5, on_update=delivered.append)
+    runner = LocalRunner(grace_period_s=0.5, on_update=delivered.append,
+                         sandbox=Sandbox(str(tmp_path)), cgroups=Cgroups.detect(str(tmp_path)))
     runner.start_monitor(interval=0.05)
     runner.start(1, run_dir, script)
     wait_until(lambda: any(u.state == "running" for u in delivered), "the monitor to report running")
@@ -395,6 +420,7 @@ def test_shutdown_stops_running_runs_and_reports_them(tmp_path):
     assert (delivered[-1].state, delivered[-1].message) == (
         "stopped", "stopped because the server shut down")
     assert not process_running(pid)
+    assert run_processes(run_dir) == []
     assert storage.read_run_status(run_dir)["state"] == "stopped"
 
 
@@ -404,6 +430,8 @@ def test_bad_arguments_get_clear_messages(tmp_path, runners):
         LocalRunner(max_concurrent=0)
     with pytest.raises(ValueError, match="wall_time_s must be positive"):
         LocalRunner(wall_time_s=-1)
+    with pytest.raises(ValueError, match="disk_limit_mb must be positive"):
+        runner.start(1, str(tmp_path), "x.py", disk_limit_mb=0)
     with pytest.raises(ValueError, match="run_dir .* is not a folder"):
         runner.start(1, str(tmp_path / "missing"), "x.py")
     with pytest.raises(ValueError, match="script_file 'missing.py' does not exist"):

@@ -12,6 +12,7 @@ from urllib.parse import urlsplit
 
 import pytest
 
+from test_runner import run_processes
 from visualizer import config
 
 START_TIMEOUT_S = 90
@@ -190,10 +191,11 @@ def test_stopping_the_server_stops_running_runs_and_records_it(server_env, start
     run_pid = read_run(server_env)[1]
     children = descendants(visualizer.process.pid)
     assert run_pid in children
+    assert run_processes(run_dir)  # the wrapper, the sandbox, the script and its child
 
     assert visualizer.interrupt(sig) == 0
     assert not [pid for pid in children if process_running(pid)]
-    assert not process_running(int(open(child_pid_file).read()))
+    assert run_processes(run_dir) == []
     assert read_run(server_env) == ("stopped", None, "stopped because the server shut down")
 
 

@@ -2,6 +2,7 @@
 import datetime
 import os
 import secrets
+import sys
 from urllib.parse import urlsplit
 
 import sqlalchemy
@@ -105,10 +106,15 @@ def _start_runner(app):
     runner = app.config.get("RUNNER")
     if runner is None:
         from visualizer.runner import LocalRunner
+        from visualizer.sandbox import Cgroups
+        sandbox, refusal = _sandbox(app)
         runner = LocalRunner(max_concurrent=app.config["MAX_CONCURRENT_RUNS"],
                              memory_limit_mb=app.config["RUN_MEMORY_MB"],
                              wall_time_s=app.config["RUN_WALL_TIME_S"],
-                             on_update=lambda update: apply_run_update(app, update))
+                             on_update=lambda update: apply_run_update(app, update),
+                             sandbox=sandbox, cgroups=Cgroups.detect(app.config["STORAGE_DIR"]),
+                             disk_limit_mb=app.config["RUN_DISK_MB"],
+                             max_processes=app.config["RUN_PROCESSES"], refusal=refusal)
         runner.start_monitor()
     app.extensions["runner"] = runner
     with app.app_context():
@@ -117,6 +123,28 @@ def _start_runner(app):
                     script_path(app, run.script)) for run in open_runs]
     for update in runner.reconcile(records) if records else []:
         apply_run_update(app, update)
+
+
+def _sandbox(app):
+    """(the runs' Sandbox or None, why runs are refused or None), said at start.
+
+    A trivial sandbox is started now, so a machine without bubblewrap or without
+    namespaces is found out before anyone presses Run.
+    """
+    from visualizer.sandbox import OFF_MESSAGE, Sandbox, SandboxUnavailable
+    if app.config["SANDBOX"] == "off":
+        print("WARNING: " + OFF_MESSAGE, file=sys.stderr, flush=True)
+        return None, None
+    sandbox = Sandbox(app.config["STORAGE_DIR"], network=app.config["RUN_NETWORK"])
+    try:
+        sandbox.check()
+    except SandboxUnavailable as error:
+        refusal = ("the sandbox that every run needs is not available on this server (%s), so "
+                   "no script is run. The operator can install bubblewrap, or set "
+                   "VISUALIZER_SANDBOX=off to run scripts without it (unsafe)" % error)
+        print("WARNING: " + refusal, file=sys.stderr, flush=True)
+        return None, refusal
+    return sandbox, None
 
 
 def apply_run_update(app, update):
@@ -243,6 +271,11 @@ def _register_handlers(app):
     @app.context_processor
     def technique_tabs():
         return {"techniques": registry.TECHNIQUES}
+
+    @app.context_processor
+    def sandbox_banner():
+        from visualizer.sandbox import OFF_MESSAGE
+        return {"sandbox_off_message": OFF_MESSAGE}
 
     @app.context_processor
     def run_banner():

@@ -14,6 +14,10 @@ VISUALIZER_SECRET_KEY          generated once into <INSTANCE_DIR>/secret_key  SE
 VISUALIZER_MAX_RUNS            2 (concurrent runs)                         MAX_CONCURRENT_RUNS
 VISUALIZER_RUN_MEMORY_MB       none (memory limit of one run)              RUN_MEMORY_MB
 VISUALIZER_RUN_WALL_TIME_S     none (wall-time limit of one run)           RUN_WALL_TIME_S
+VISUALIZER_RUN_DISK_MB         2048 (disk use of one run folder)           RUN_DISK_MB
+VISUALIZER_RUN_PROCESSES       1024 (processes and threads of one run)     RUN_PROCESSES
+VISUALIZER_RUN_NETWORK         0 (1: runs may use the network)             RUN_NETWORK
+VISUALIZER_SANDBOX             on (off: runs NOT sandboxed, unsafe)        SANDBOX
 VISUALIZER_MAX_UPLOAD_MB       20                                          MAX_CONTENT_LENGTH (bytes)
 VISUALIZER_HTTPS               0 (1: browsers reach the app over HTTPS)    HTTPS
 VISUALIZER_USER_MAX_SCRIPTS    100 (files one user may keep)               USER_MAX_SCRIPTS
@@ -22,6 +26,8 @@ VISUALIZER_USER_STORAGE_MB     10240 (storage of one user, runs included)  USER_
 """
 import os
 import secrets
+
+from visualizer.runner import DEFAULT_DISK_MB, DEFAULT_PROCESSES
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SECRET_KEY_FILE = "secret_key"
@@ -61,8 +67,12 @@ def settings_from_env(environ=None):
         "MAX_CONCURRENT_RUNS": _number(env, "VISUALIZER_MAX_RUNS", 2),
         "RUN_MEMORY_MB": _number(env, "VISUALIZER_RUN_MEMORY_MB", None),
         "RUN_WALL_TIME_S": _number(env, "VISUALIZER_RUN_WALL_TIME_S", None),
+        "RUN_DISK_MB": _number(env, "VISUALIZER_RUN_DISK_MB", DEFAULT_DISK_MB),
+        "RUN_PROCESSES": _number(env, "VISUALIZER_RUN_PROCESSES", DEFAULT_PROCESSES),
+        "RUN_NETWORK": _choice(env, "VISUALIZER_RUN_NETWORK", {"0": False, "1": True}, "0"),
+        "SANDBOX": _choice(env, "VISUALIZER_SANDBOX", {"on": "on", "off": "off"}, "on"),
         "MAX_CONTENT_LENGTH": int(upload_mb * 1024 * 1024),
-        "HTTPS": _flag(env, "VISUALIZER_HTTPS"),
+        "HTTPS": _choice(env, "VISUALIZER_HTTPS", {"0": False, "1": True}, "0"),
         "USER_MAX_SCRIPTS": _number(env, "VISUALIZER_USER_MAX_SCRIPTS", 100),
         "USER_STORAGE_MB": _number(env, "VISUALIZER_USER_STORAGE_MB", 10240),
     }
@@ -118,8 +128,8 @@ def _number(env, name, default):
     return int(value) if value.is_integer() else value
 
 
-def _flag(env, name):
-    raw = env.get(name, "").strip()
-    if raw not in ("", "0", "1"):
-        raise ValueError("%s must be 0 or 1, got %r" % (name, raw))
-    return raw == "1"
+def _choice(env, name, values, default):
+    raw = env.get(name, "").strip() or default
+    if raw not in values:
+        raise ValueError("%s must be %s, got %r" % (name, " or ".join(values), raw))
+    return values[raw]

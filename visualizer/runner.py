@@ -7,33 +7,46 @@ knows nothing of Flask or the database: it reports state changes as
 
 How a local run works:
 
-- The run is ``sys.executable -u <script_file>`` with the run folder as working
-  directory, its stdout and stderr in ``<run_dir>/output.txt``. It is started by a
-  tiny wrapper (this file run as a program, ``python -P runner.py <script>``),
-  which waits for the script and writes its exit code into ``status.json``. So
-  even when the server is down while a run ends, the next start-up learns the
-  real outcome.
-- The wrapper is the leader of a new session and process group (its pid is the
-  run's pid and group id); the script and everything it starts are in that group.
-  Stop sends SIGTERM to the whole group, then SIGKILL after the grace period. When
-  the script ends, whatever it left behind in the group is killed too.
-- Memory limit: a watchdog sums the resident memory (RSS) of every process in the
-  group at each poll and kills the group when it exceeds the limit. RLIMIT_AS is
-  no option (TensorFlow reserves far more address space than it uses) and
-  RLIMIT_DATA applies per process, not to the children a script starts. The
-  watchdog sees memory only every poll interval, so a run can overshoot briefly;
-  the kernel's OOM killer remains the last line of defence.
-- Wall-time limit: a run still going after the limit is stopped like a user stop
-  and ends as 'failed' with the message "wall time limit of N s exceeded".
+- A tiny wrapper (this file run as a program, ``python -P runner.py <run_dir>
+  <spec>``) starts the script, waits for it and writes its exit code into
+  ``status.json``; so even when the server is down while a run ends, the next
+  start-up learns the real outcome. The wrapper is the leader of a new session,
+  outside the sandbox; its pid is the run's pid.
+- The script runs in a sandbox (``visualizer.sandbox``): bubblewrap namespaces,
+  an unprivileged uid, a read-only system and its own run folder only. Its
+  stdout and stderr go to ``<run_dir>/output.txt``, opened by the runner without
+  following links (the script controls that folder). With the sandbox off
+  (``sandbox=None``) the wrapper runs the script directly and is its child
+  subreaper, so a child that escapes its process group stays below the wrapper.
+- Every process of the run is in the run's memory and pids cgroups where the
+  machine has them, and in the sandbox's PID namespace; so a child that calls
+  ``setsid()`` or double-forks is still counted, limited and killed.
+- Stop sends SIGTERM to the script and everything it started, then SIGKILL to
+  all of the run, wrapper included, after the grace period (again at every poll
+  until it is gone). When the script ends, whatever it left behind is killed too
+  (the sandbox's PID namespace ends with it).
+- Limits: memory of everything the run started (the cgroup; without one, a
+  watchdog sums the resident memory of the run's processes at each poll),
+  processes and threads (pids cgroup, else RLIMIT_NPROC and the same watchdog),
+  open files (RLIMIT_NOFILE), file size (RLIMIT_FSIZE), no core dumps
+  (RLIMIT_CORE), disk use of the run folder (measured at each poll without
+  following links, less often for a folder of many files; every file or folder
+  counts at least one 4 KB block) and wall time. Over a limit, the run is
+  stopped and ends 'failed' with the limit named.
 - States: 'queued' -> 'running' -> 'finished' (exit code 0), 'failed' (non-zero
   exit code, killed by a signal, or a limit) or 'stopped' (a user stop, or the
   server shutting down). ``exit_code`` follows ``subprocess``: a negative number
-  is the signal that killed the script.
+  is the signal that killed the script (inside the sandbox an exit code above 128
+  is read as 128 + a signal, as shells do).
 """
 import abc
+import ctypes
 import dataclasses
+import json
 import os
+import resource
 import signal
+import stat
 import subprocess
 import sys
 import threading
@@ -45,13 +58,25 @@ REPOSITORY_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPOSITORY_ROOT not in sys.path:  # when this file runs as the wrapper program
     sys.path.insert(0, REPOSITORY_ROOT)
 
+import psutil  # noqa: E402
+
 from custom_keras import storage  # noqa: E402  (needs the path set above)
+from visualizer import sandbox as sandboxing  # noqa: E402
 
 QUEUED, RUNNING, FINISHED, FAILED, STOPPED = "queued", "running", "finished", "failed", "stopped"
 ENDED_STATES = (FINISHED, FAILED, STOPPED)
 GONE_MESSAGE = "the server restarted and the process is gone"
-# Environment variables a training script must not inherit from the server.
-PRIVATE_ENVIRONMENT = ("VISUALIZER_SECRET_KEY", "VISUALIZER_DATABASE_URL")
+WRAPPER_FILE = os.path.abspath(__file__)
+DEFAULT_DISK_MB = 2048
+DEFAULT_PROCESSES = 1024
+MAX_OPEN_FILES = 4096
+# The run folder is measured at every poll, but at most DISK_CHECK_SHARE of the time
+# goes to measuring (a folder of many files is measured less often).
+DISK_CHECK_SHARE = 0.05
+DISK_BLOCK_BYTES = 4096
+STATUS_READ_LIMIT_BYTES = 64 * 1024
+PR_SET_CHILD_SUBREAPER = 36
+PR_SET_PDEATHSIG = 1
 
 
 @dataclasses.dataclass
@@ -63,7 +88,7 @@ class RunUpdate:
         state: 'queued', 'running', 'finished', 'failed' or 'stopped'.
         exit_code: the script's exit code once it ended (negative: killed by that
             signal), else None.
-        pid: process id (and process group id) of the run while it runs, else None.
+        pid: process id of the run's wrapper while it runs, else None.
         started_at: ``time.time()`` when the process started, else None.
         ended_at: ``time.time()`` when it ended, else None.
         message: why it failed or stopped, in words; None when there is nothing to say.
@@ -81,18 +106,20 @@ class Runner(abc.ABC):
     """Starts, watches and stops training scripts."""
 
     @abc.abstractmethod
-    def start(self, run_id, run_dir, script_file):
+    def start(self, run_id, run_dir, script_file, disk_limit_mb=None):
         """Queues a run; it starts when a slot is free (first in, first out).
 
         Args:
             run_id: the caller's id of the run.
             run_dir: the run folder (working directory, output and status files).
             script_file: the script, absolute or relative to ``run_dir``.
+            disk_limit_mb: the most disk space, in MB, the run folder may take;
+                None for the runner's configured default.
         """
 
     @abc.abstractmethod
     def stop(self, run_id):
-        """Stops a run: a queued one at once, a running one by ending its process group."""
+        """Stops a run: a queued one at once, a running one by ending all its processes."""
 
     @abc.abstractmethod
     def poll(self):
@@ -110,21 +137,28 @@ class Runner(abc.ABC):
         """
 
 
+class RunRefused(Exception):
+    """This runner runs no scripts (the sandbox cannot be had); the message says why."""
+
+
 @dataclasses.dataclass
 class _Run:
     run_id: int
     run_dir: str
     script_path: str
+    disk_limit_mb: float | None = None
     state: str = QUEUED
     process: subprocess.Popen | None = None  # None for a run adopted after a restart
+    wrapper: psutil.Process | None = None  # tells a reused pid apart
     pid: int | None = None
-    process_start_ticks: int | None = None  # /proc start time, tells a reused pid apart
     started_at: float | None = None
     ended_at: float | None = None
     exit_code: int | None = None
     stop_reason: str | None = None  # why the runner is ending it: a message, or None
     stop_state: str | None = None  # the state it ends in after that stop
-    kill_at: float | None = None  # when SIGKILL follows the SIGTERM
+    kill_at: float | None = None  # when SIGKILL follows the SIGTERM (repeated until it ended)
+    terminated: set = dataclasses.field(default_factory=set)  # (pid, start) that got SIGTERM
+    disk_check_due: float = 0.0
 
     def update(self, message=None):
         return RunUpdate(self.run_id, self.state, self.exit_code,
@@ -133,23 +167,33 @@ class _Run:
 
 
 class LocalRunner(Runner):
-    """Runs scripts as subprocesses on this machine; thread-safe.
+    """Runs scripts as sandboxed subprocesses on this machine; thread-safe.
 
     Args:
         max_concurrent: how many runs may run at once; the others wait in a queue.
-        memory_limit_mb: the most resident memory, in MB, of a run's whole process
-            group; None for no limit.
+        memory_limit_mb: the most memory, in MB, of everything a run started;
+            None for no limit.
         wall_time_s: the most seconds a run may run; None for no limit.
         grace_period_s: seconds between SIGTERM and SIGKILL when a run is stopped.
         on_update: called with each ``RunUpdate`` by the monitor thread
             (``start_monitor``) and by ``shutdown``.
+        sandbox: the ``visualizer.sandbox.Sandbox`` every script runs in; None runs
+            scripts without one (unsafe: they can reach all the server can).
+        cgroups: ``visualizer.sandbox.Cgroups`` for memory and process limits, or
+            None to do without (a memory watchdog and RLIMIT_NPROC instead).
+        disk_limit_mb: the default most disk space, in MB, of a run folder.
+        max_processes: the most processes and threads a run may have at once.
+        refusal: a message; when given, ``start`` refuses every run with it (the
+            sandbox cannot be had and was not switched off).
     """
 
     def __init__(self, max_concurrent=2, memory_limit_mb=None, wall_time_s=None,
-                 grace_period_s=5, on_update=None):
+                 grace_period_s=5, on_update=None, sandbox=None, cgroups=None,
+                 disk_limit_mb=DEFAULT_DISK_MB, max_processes=DEFAULT_PROCESSES, refusal=None):
         if int(max_concurrent) < 1:
             raise ValueError("max_concurrent must be at least 1, got %r" % (max_concurrent,))
-        for name, value in (("memory_limit_mb", memory_limit_mb), ("wall_time_s", wall_time_s)):
+        for name, value in (("memory_limit_mb", memory_limit_mb), ("wall_time_s", wall_time_s),
+                            ("disk_limit_mb", disk_limit_mb), ("max_processes", max_processes)):
             if value is not None and value <= 0:
                 raise ValueError("%s must be positive or None, got %r" % (name, value))
         if grace_period_s < 0:
@@ -159,6 +203,11 @@ class LocalRunner(Runner):
         self.wall_time_s = wall_time_s
         self.grace_period_s = grace_period_s
         self.on_update = on_update
+        self.sandbox = sandbox
+        self.cgroups = cgroups
+        self.disk_limit_mb = disk_limit_mb
+        self.max_processes = max_processes
+        self.refusal = refusal
         self._lock = threading.RLock()
         self._queue = deque()  # queued _Run objects, oldest first
         self._running = {}  # run_id -> _Run
@@ -168,7 +217,11 @@ class LocalRunner(Runner):
 
     # --- the Runner interface -------------------------------------------------
 
-    def start(self, run_id, run_dir, script_file):
+    def start(self, run_id, run_dir, script_file, disk_limit_mb=None):
+        if self.refusal:
+            raise RunRefused(self.refusal)
+        if disk_limit_mb is not None and disk_limit_mb <= 0:
+            raise ValueError("disk_limit_mb must be positive or None, got %r" % (disk_limit_mb,))
         run_dir = os.path.abspath(run_dir)
         if not os.path.isdir(run_dir):
             raise ValueError("run_dir %r is not a folder" % run_dir)
@@ -178,15 +231,16 @@ class LocalRunner(Runner):
         with self._lock:
             if self._find(run_id):
                 raise ValueError("run %r is already queued or running" % (run_id,))
-            self._queue_run(_Run(run_id, run_dir, script_path))
+            limit = self.disk_limit_mb if disk_limit_mb is None else disk_limit_mb
+            self._queue_run(_Run(run_id, run_dir, script_path, limit))
             self._start_queued()
 
     def stop(self, run_id):
         """Stops a run; a run that already ended is left as it is.
 
-        A queued run becomes 'stopped' at once; a running one gets SIGTERM on its
-        whole process group now and SIGKILL after the grace period (``poll`` does
-        that and reports 'stopped' when it is gone).
+        A queued run becomes 'stopped' at once; a running one gets SIGTERM on all
+        its processes now and SIGKILL after the grace period (``poll`` does that
+        and reports 'stopped' when it is gone).
         """
         with self._lock:
             run = self._find(run_id)
@@ -200,17 +254,20 @@ class LocalRunner(Runner):
                 self._begin_stop(run, STOPPED, "stopped by the user")
 
     def poll(self):
+        disk_use = self._measure_disks()
         with self._lock:
             now = time.time()
-            group_rss = _group_rss_bytes() if self.memory_limit_mb else {}
             for run in list(self._running.values()):
                 if self._check_ended(run):
                     continue
                 if run.kill_at is not None and now >= run.kill_at:
+                    # Again at every poll until the wrapper is gone: what was still starting
+                    # at the first SIGKILL is killed at the next.
                     self._signal_run(run, signal.SIGKILL)
-                    run.kill_at = None
+                elif run.kill_at is not None:
+                    self._signal_run(run, signal.SIGTERM)  # what started since the stop
                 elif run.stop_reason is None:
-                    self._enforce_limits(run, now, group_rss.get(run.pid, 0))
+                    self._enforce_limits(run, now, disk_use.get(run.run_id))
             self._start_queued()
             updates, self._updates = self._updates, []
             return updates
@@ -220,16 +277,16 @@ class LocalRunner(Runner):
         with self._lock:
             for run_id, state, pid, run_dir, script_file in records:
                 run_dir = os.path.abspath(run_dir)
-                run = _Run(run_id, run_dir, os.path.join(run_dir, script_file))
+                run = _Run(run_id, run_dir, os.path.join(run_dir, script_file), self.disk_limit_mb)
                 if state == QUEUED and not _has_started(run_dir):
                     self._queue.append(run)
                 else:
                     # The database learns a run's pid a moment after it starts:
-                    # without a (valid) one, look for the run's process by its folder.
-                    if not (pid and _is_run_process(pid, run_dir)):
-                        pid = _find_run_leader(run_dir)
-                    if pid:
-                        self._adopt(run, pid)
+                    # without a (valid) one, look for the run's wrapper by its folder.
+                    wrapper = _wrapper_process(pid, run_dir) if pid else None
+                    wrapper = wrapper or _find_wrapper(run_dir)
+                    if wrapper:
+                        self._adopt(run, wrapper)
                     else:
                         self._settle_vanished(run)
                 updates.append(run.update(self._message_of(run)))
@@ -252,8 +309,8 @@ class LocalRunner(Runner):
         """Stops the monitor thread and, with ``stop_runs``, every running run.
 
         Running runs end as 'stopped' ("stopped because the server shut down"):
-        SIGTERM to their groups, SIGKILL after the grace period. Queued runs stay
-        queued; ``reconcile`` queues them again at the next start. Without
+        SIGTERM to all their processes, SIGKILL after the grace period. Queued runs
+        stay queued; ``reconcile`` queues them again at the next start. Without
         ``stop_runs`` the runs go on; their wrappers record how they end, and
         ``reconcile`` adopts or settles them at the next start; updates not yet
         delivered are delivered now.
@@ -270,6 +327,8 @@ class LocalRunner(Runner):
                 updates, self._updates = self._updates, []
             else:
                 updates = self._stop_all()
+                if self.cgroups is not None:
+                    self.cgroups.close()
         self._deliver(updates)
         return updates
 
@@ -325,48 +384,80 @@ class LocalRunner(Runner):
             try:
                 self._launch(run)
             except OSError as error:
+                if self.cgroups is not None:
+                    self.cgroups.remove(run.run_id)
                 run.ended_at = time.time()
                 self._set_state(run, FAILED, "could not start the script: %s" % error)
 
     def _launch(self, run):
-        env = {k: v for k, v in os.environ.items() if k not in PRIVATE_ENVIRONMENT}
-        env.update({
-            storage.RUN_DIR_ENV: run.run_dir,
-            "PYTHONUNBUFFERED": "1",
-            "PYTHONPATH": os.pathsep.join(
-                [REPOSITORY_ROOT] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]),
-        })
+        uid = self.sandbox.run_uid(run.run_id) if self.sandbox else None
+        program = [sys.executable, "-u", run.script_path]
+        spec = {
+            "command": (self.sandbox.command(run.run_dir, program, uid, min(
+                run.disk_limit_mb or sandboxing.TMP_SIZE_MB, sandboxing.TMP_SIZE_MB))
+                        if self.sandbox else program),
+            "sandboxed": self.sandbox is not None,
+            "cgroups": (self.cgroups.create(run.run_id, _bytes(self.memory_limit_mb),
+                                            self.max_processes) if self.cgroups else []),
+            "limits": self._rlimits(run, uid),
+        }
         # 'running' goes into status.json before the process exists, so it can
         # never overwrite the outcome that a very short script's wrapper records.
         run.state, run.started_at = RUNNING, time.time()
         storage.write_run_status(run.run_dir, RUNNING)
-        with open(storage.output_path(run.run_dir), "wb") as output:
+        if uid is not None:  # the folder itself only: what is inside may be a link
+            os.chown(run.run_dir, uid, uid, follow_symlinks=False)
+            _make_inputs_readable(run.run_dir, run.script_path)
+        output = _open_output(run.run_dir)
+        try:
             # -P: the wrapper's folder (visualizer/) must not shadow standard modules.
             run.process = subprocess.Popen(
-                [sys.executable, "-P", os.path.abspath(__file__), run.script_path],
-                cwd=run.run_dir, env=env, stdin=subprocess.DEVNULL, stdout=output,
-                stderr=subprocess.STDOUT, start_new_session=True)
+                [sys.executable, "-P", WRAPPER_FILE, run.run_dir, json.dumps(spec)],
+                cwd=run.run_dir, env=sandboxing.run_environment(run.run_dir),
+                stdin=subprocess.DEVNULL, stdout=output, stderr=subprocess.STDOUT,
+                start_new_session=True)
+        finally:
+            os.close(output)
         run.pid = run.process.pid
-        run.process_start_ticks = _process_start_ticks(run.pid)
+        run.wrapper = psutil.Process(run.pid)
         self._running[run.run_id] = run
         self._updates.append(run.update())
 
-    def _adopt(self, run, pid):
-        run.pid = pid
-        run.process_start_ticks = _process_start_ticks(pid)
-        status = storage.read_run_status(run.run_dir) or {}
+    def _rlimits(self, run, uid):
+        """{RLIMIT name: value} for the run's processes."""
+        limits = {"RLIMIT_NOFILE": MAX_OPEN_FILES, "RLIMIT_CORE": 0}
+        if run.disk_limit_mb:
+            limits["RLIMIT_FSIZE"] = _bytes(run.disk_limit_mb)
+        if self.max_processes and not (self.cgroups and self.cgroups.has(sandboxing.PIDS)):
+            # RLIMIT_NPROC counts all processes of the real uid: a run's own uid
+            # has none but the run's; the server's uid has the server's too.
+            if uid is not None:
+                limits["RLIMIT_NPROC"] = int(self.max_processes)
+            elif os.geteuid() != 0:
+                limits["RLIMIT_NPROC"] = _threads_of_uid(os.getuid()) + int(self.max_processes)
+        return limits
+
+    def _adopt(self, run, wrapper):
+        run.pid, run.wrapper = wrapper.pid, wrapper
+        status = _read_status(run.run_dir) or {}
         run.started_at = status.get("time") if status.get("state") == RUNNING else time.time()
         run.state = RUNNING
         self._running[run.run_id] = run
 
     def _settle_vanished(self, run):
         """A run whose process is gone: its wrapper's status.json tells how it ended, if it could."""
-        status = storage.read_run_status(run.run_dir) or {}
+        status = _read_status(run.run_dir) or {}
         run.ended_at = time.time()
+        limit_message = self._limit_message(run)
+        if self.cgroups is not None:
+            self.cgroups.remove(run.run_id)
         if status.get("state") in ENDED_STATES:
             run.state, run.exit_code = status["state"], status.get("exit_code")
             run.ended_at = status.get("time", run.ended_at)
             run.stop_reason = status.get("message")
+            if limit_message:
+                run.state, run.stop_reason = FAILED, limit_message
+                _write_status(run.run_dir, FAILED, run.exit_code, limit_message)
         else:
             run.state, run.stop_reason = FAILED, GONE_MESSAGE
             _write_status(run.run_dir, FAILED, None, GONE_MESSAGE)
@@ -378,70 +469,237 @@ class LocalRunner(Runner):
     def _begin_stop(self, run, end_state, reason, first_signal=signal.SIGTERM):
         run.stop_state, run.stop_reason = end_state, reason
         self._signal_run(run, first_signal)
-        run.kill_at = time.time() + self.grace_period_s
+        grace = self.grace_period_s if first_signal == signal.SIGTERM else 0
+        run.kill_at = time.time() + grace
 
-    @staticmethod
-    def _signal_run(run, sig):
-        """Signals the run's process group.
+    def _signal_run(self, run, sig):
+        """Signals the run's processes.
 
-        An adopted run's leader is not our child: once it is gone its pid may be
-        reused, so then only the group members that are verifiably the run's
-        get the signal.
+        SIGTERM goes to the script and everything it started (not to the wrapper,
+        which then records how the script ended), once to each process: ``poll``
+        repeats it for processes that started since. SIGKILL goes to the wrapper and the
+        sandbox too, whose PID namespace then ends with all that is in it, escaped or
+        not, and to every process in the run's cgroups; this runner records the end.
         """
-        if run.process is not None or _process_start_ticks(run.pid) == run.process_start_ticks:
-            _signal_group(run.pid, sig)
-        else:
-            _signal_group_members(run.pid, run.run_dir, sig)
+        if sig == signal.SIGKILL and self.cgroups is not None:
+            self.cgroups.kill(run.run_id, timeout_s=0)
+        skipped = 2 if self.sandbox is not None and sig != signal.SIGKILL else 0
+        processes = _processes_below(run.wrapper, skipped)
+        if sig == signal.SIGKILL and _is_alive(run.wrapper):
+            processes.insert(0, run.wrapper)
+        for process in processes:
+            try:
+                if sig == signal.SIGTERM:
+                    key = (process.pid, process.create_time())
+                    if key in run.terminated:
+                        continue
+                    run.terminated.add(key)
+                process.send_signal(sig)
+            except psutil.Error:
+                pass
 
-    def _enforce_limits(self, run, now, rss_bytes):
+    def _enforce_limits(self, run, now, disk_bytes):
         if self.wall_time_s and now - run.started_at > self.wall_time_s:
             self._begin_stop(run, FAILED, "wall time limit of %g s exceeded" % self.wall_time_s)
-        elif self.memory_limit_mb and rss_bytes > self.memory_limit_mb * 2 ** 20:
-            # No grace period: the run would only take more memory meanwhile.
-            self._begin_stop(run, FAILED, "memory limit of %g MB exceeded (it used %d MB)"
-                             % (self.memory_limit_mb, rss_bytes // 2 ** 20), signal.SIGKILL)
+            return
+        message = self._limit_message(run)
+        if message is None and disk_bytes is not None and disk_bytes > _bytes(run.disk_limit_mb):
+            message = _disk_message(run.disk_limit_mb)
+        if message is None:
+            message = self._watchdog_message(run)
+        if message is not None:
+            # No grace period: the run would only take more meanwhile.
+            self._begin_stop(run, FAILED, message, signal.SIGKILL)
+
+    def _watchdog_message(self, run):
+        """Without cgroups: which limit the run's processes, counted now, are over, or None."""
+        watch_memory = self.memory_limit_mb and not (self.cgroups and
+                                                     self.cgroups.has(sandboxing.MEMORY))
+        watch_processes = self.max_processes and not (self.cgroups and
+                                                      self.cgroups.has(sandboxing.PIDS))
+        if not (watch_memory or watch_processes):
+            return None
+        processes = _processes_below(run.wrapper)
+        if watch_processes and _thread_count(processes) >= self.max_processes:
+            return _process_message(self.max_processes)
+        if watch_memory:
+            used = _resident_bytes(processes)
+            if used > _bytes(self.memory_limit_mb):
+                return "%s (it used %d MB)" % (_memory_message(self.memory_limit_mb),
+                                               used // 2 ** 20)
+        return None
+
+    def _limit_message(self, run):
+        """Which cgroup limit the run ran into, in words, or None."""
+        if self.cgroups is None:
+            return None
+        if self.memory_limit_mb and self.cgroups.memory_limit_hit(run.run_id):
+            return _memory_message(self.memory_limit_mb)
+        if self.max_processes and self.cgroups.process_limit_hit(run.run_id):
+            return _process_message(self.max_processes)
+        return None
+
+    def _measure_disks(self):
+        """{run_id: bytes} of the run folders due for a disk check, measured without the lock."""
+        with self._lock:
+            due = [run for run in self._running.values()
+                   if run.disk_limit_mb and run.stop_reason is None
+                   and time.time() >= run.disk_check_due]
+        measured = {}
+        for run in due:
+            started = time.time()
+            measured[run.run_id] = disk_use_bytes(run.run_dir, _bytes(run.disk_limit_mb))
+            ended = time.time()
+            run.disk_check_due = ended + (ended - started) / DISK_CHECK_SHARE
+        return measured
 
     def _check_ended(self, run):
         """Settles ``run`` if its wrapper process ended; returns whether it did."""
         if run.process is not None:
-            # WNOWAIT leaves the ended wrapper a zombie, so its pid (the group id)
-            # cannot be reused while the group's leftovers get killed.
+            # WNOWAIT leaves the ended wrapper a zombie, so its pid cannot be
+            # reused while the run's leftovers get killed.
             try:
                 ended = os.waitid(os.P_PID, run.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
             except ChildProcessError:
                 ended = True
             if not ended:
                 return False
-            _signal_group(run.pid, signal.SIGKILL)
-            _wait_until_group_gone(run.pid)
+            self._kill_leftovers(run)
             exit_code = run.process.wait()
         else:
-            if _process_start_ticks(run.pid) == run.process_start_ticks:
+            if _is_alive(run.wrapper):
                 return False
-            _signal_group_members(run.pid, run.run_dir, signal.SIGKILL)
-            _wait_until_group_gone(run.pid)
-            status = storage.read_run_status(run.run_dir) or {}
+            self._kill_leftovers(run)
+            status = _read_status(run.run_dir) or {}
             exit_code = status.get("exit_code") if status.get("state") in ENDED_STATES else None
         run.exit_code, run.ended_at, run.kill_at = exit_code, time.time(), None
         del self._running[run.run_id]
+        limit_message = self._limit_message(run)
         if run.stop_state:
             state, message = run.stop_state, run.stop_reason
+        elif limit_message:
+            state, message = FAILED, limit_message
         elif exit_code is None:
             state, message = FAILED, "the run ended while the server was down; its exit code is unknown"
         else:
             state, message = outcome(exit_code)
+        if self.cgroups is not None:
+            self.cgroups.remove(run.run_id)
         self._set_state(run, state, message)
         return True
+
+    def _kill_leftovers(self, run):
+        """SIGKILLs whatever of the run outlived its wrapper and waits until it is gone."""
+        leftovers = _processes_below(run.wrapper)
+        for process in leftovers:
+            try:
+                process.kill()
+            except psutil.Error:
+                pass
+        psutil.wait_procs(leftovers, timeout=2)
+        if self.cgroups is not None:
+            self.cgroups.kill(run.run_id)
 
 
 def _write_status(run_dir, state, exit_code=None, message=None):
     """status.json for the run; a full or broken disk must not stop the runner (the
-    database still gets the state), so a failed write is only reported."""
+    database still gets the state), so a failed write is only reported.
+
+    ``storage.write_run_status`` writes a new file (``O_EXCL``) and renames it into
+    place, so a link the script left there is replaced, never followed.
+    """
     try:
         storage.write_run_status(run_dir, state, exit_code, message)
     except OSError as error:
         print("visualizer runner: could not write the status of %s: %s" % (run_dir, error),
               file=sys.stderr, flush=True)
+
+
+def _read_status(run_dir):
+    """status.json of a run folder the script controls: a regular file only, never a
+    link or a pipe, at most STATUS_READ_LIMIT_BYTES, of the wrapper's form; else None."""
+    try:
+        fd = os.open(storage.status_path(run_dir), os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError:
+        return None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return None
+        return _checked_status(json.loads(os.read(fd, STATUS_READ_LIMIT_BYTES)))
+    except (OSError, ValueError):
+        return None
+    finally:
+        os.close(fd)
+
+
+def _checked_status(status):
+    """``status`` if it has the form the wrapper writes (the script may have written
+    another), else None."""
+    fields = {"state": (str,), "exit_code": (int, type(None)), "message": (str, type(None)),
+              "time": (int, float)}
+    if not (isinstance(status, dict) and status.get("state") in (QUEUED, RUNNING) + ENDED_STATES
+            and all(isinstance(status.get(name), types) for name, types in fields.items())
+            and not isinstance(status["exit_code"], bool)):
+        return None
+    return status
+
+
+def _make_inputs_readable(run_dir, script_path):
+    """Lets the run's own uid read its inputs: the script, ``images/`` and the images.
+
+    The web app writes them as the server's user (``images/`` comes from mkdtemp,
+    mode 0700). Only read permission is added, through file descriptors opened
+    without following links: the folder is the script's, anything may be there.
+    """
+    run_fd = os.open(run_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+    try:
+        _add_read_permission(run_fd, os.path.basename(script_path))
+        images_fd = _open_no_follow(storage.IMAGES_DIR, run_fd)
+        if images_fd is None:
+            return
+        try:
+            if stat.S_ISDIR(os.fstat(images_fd).st_mode):
+                os.fchmod(images_fd, stat.S_IMODE(os.fstat(images_fd).st_mode) | 0o555)
+                for name in os.listdir(images_fd):
+                    _add_read_permission(images_fd, name)
+        finally:
+            os.close(images_fd)
+    finally:
+        os.close(run_fd)
+
+
+def _add_read_permission(dir_fd, name):
+    """Read permission for all on the regular file ``name`` in ``dir_fd``; nothing for
+    anything else."""
+    fd = _open_no_follow(name, dir_fd)
+    if fd is None:
+        return
+    try:
+        info = os.fstat(fd)
+        if stat.S_ISREG(info.st_mode):
+            os.fchmod(fd, stat.S_IMODE(info.st_mode) | 0o444)
+    finally:
+        os.close(fd)
+
+
+def _open_no_follow(name, dir_fd):
+    """A read-only fd of ``name`` in ``dir_fd`` (never through a link, never blocking on a
+    pipe), or None."""
+    try:
+        return os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK, dir_fd=dir_fd)
+    except OSError:
+        return None
+
+
+def _open_output(run_dir):
+    """A new output.txt for the run, never following a link the script may have left there."""
+    path = storage.output_path(run_dir)
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+    return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                   0o644)
 
 
 def outcome(exit_code):
@@ -457,47 +715,138 @@ def outcome(exit_code):
     return FAILED, "exited with code %d" % exit_code
 
 
+def _memory_message(limit_mb):
+    return "memory limit of %g MB exceeded" % limit_mb
+
+
+def _process_message(limit):
+    return "process limit of %d exceeded" % limit
+
+
+def _disk_message(limit_mb):
+    return "disk limit of %g MB exceeded" % limit_mb
+
+
+def _bytes(megabytes):
+    return None if megabytes is None else int(megabytes * 2 ** 20)
+
+
+def disk_use_bytes(folder, stop_above=None):
+    """Disk space of everything under ``folder``, never following a link.
+
+    Every file or folder counts at least one DISK_BLOCK_BYTES block (so a million
+    empty files count too); a file with several links counts once. ``os.fwalk``
+    opens each folder relative to its parent and checks it is the one listed, so a
+    folder swapped for a link meanwhile is not entered.
+
+    Args:
+        folder: the run folder.
+        stop_above: stop counting once the total is above this many bytes.
+    """
+    total, seen = 0, set()
+    try:
+        for _, dirs, files, dir_fd in os.fwalk(folder, follow_symlinks=False):
+            for name in dirs + files:
+                try:
+                    info = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+                except OSError:
+                    continue
+                if (info.st_dev, info.st_ino) in seen:
+                    continue
+                seen.add((info.st_dev, info.st_ino))
+                total += max(info.st_blocks * 512, DISK_BLOCK_BYTES)
+            if stop_above is not None and total > stop_above:
+                break
+    except OSError:
+        pass
+    return total
+
+
 # --- processes ----------------------------------------------------------------
 
-def _signal_group(pgid, sig):
+def _processes_below(wrapper, skipped_levels=0):
+    """The live processes below the wrapper, leaving out the first ``skipped_levels``
+    generations (the sandbox's own bwrap and its init are two)."""
+    if wrapper is None or not _is_alive(wrapper):
+        return []
+    level = [wrapper]
+    for _ in range(skipped_levels):
+        level = [child for process in level for child in _children(process)]
+    found = []
+    for process in level:
+        found += _children(process, recursive=True)
+    return found
+
+
+def _children(process, recursive=False):
     try:
-        os.killpg(pgid, sig)
-    except (ProcessLookupError, PermissionError):
-        pass
+        return process.children(recursive=recursive)
+    except psutil.Error:
+        return []
 
 
-def _read_stat(pid):
-    """The fields of /proc/<pid>/stat after the command name, or None if it is gone.
+def _is_alive(process):
+    """Whether ``process`` (a psutil.Process) is running and not a zombie; its pid reused is not."""
+    try:
+        return process.is_running() and process.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
 
-    Index 0 is the state, 2 the process group, 19 the start time, 21 the RSS in pages.
+
+def _resident_bytes(processes):
+    total = 0
+    for process in processes:
+        try:
+            total += process.memory_info().rss
+        except psutil.Error:
+            pass
+    return total
+
+
+def _thread_count(processes):
+    total = 0
+    for process in processes:
+        try:
+            total += process.num_threads()
+        except psutil.Error:
+            pass
+    return total
+
+
+def _threads_of_uid(uid):
+    total = 0
+    for process in psutil.process_iter(["uids", "num_threads"]):
+        uids, threads = process.info["uids"], process.info["num_threads"]
+        if uids is not None and uids.real == uid:
+            total += threads or 1
+    return total
+
+
+def _wrapper_process(pid, run_dir):
+    """The psutil process of the run's wrapper if ``pid`` is it, else None (pids get reused).
+
+    A wrapper is this file run as a program for ``run_dir`` in this PID namespace (a
+    sandboxed script, in a namespace of its own, cannot pass for one).
     """
     try:
-        with open("/proc/%d/stat" % pid, "rb") as f:
-            data = f.read()
-    except (FileNotFoundError, ProcessLookupError):
+        process = psutil.Process(pid)
+        command = process.cmdline()
+        same_namespace = os.readlink("/proc/%d/ns/pid" % pid) == os.readlink("/proc/self/ns/pid")
+    except (psutil.Error, OSError):
         return None
-    return data[data.rfind(b")") + 2:].split()
+    if same_namespace and command[2:4] == [WRAPPER_FILE, run_dir] and _is_alive(process):
+        return process
+    return None
 
 
-def _process_start_ticks(pid):
-    """Start time of a live (not zombie) process, which tells a reused pid apart; else None."""
-    fields = _read_stat(pid)
-    if fields is None or fields[0] in (b"Z", b"X"):
-        return None
-    return int(fields[19])
-
-
-def _is_run_process(pid, run_dir):
-    """Whether ``pid`` is alive and really a run of ``run_dir`` (pids get reused)."""
-    if _process_start_ticks(pid) is None:
-        return False
-    try:
-        with open("/proc/%d/environ" % pid, "rb") as f:
-            environ = f.read().split(b"\0")
-    except OSError:
-        return False
-    expected = ("%s=%s" % (storage.RUN_DIR_ENV, run_dir)).encode()
-    return expected in environ
+def _find_wrapper(run_dir):
+    """The psutil process of the live wrapper running in ``run_dir``, or None."""
+    for process in psutil.process_iter(["cmdline"]):
+        if (process.info["cmdline"] or [])[2:4] == [WRAPPER_FILE, run_dir]:
+            found = _wrapper_process(process.pid, run_dir)
+            if found:
+                return found
+    return None
 
 
 def _has_started(run_dir):
@@ -507,71 +856,57 @@ def _has_started(run_dir):
     'running' there before the process starts; so any later state means this run
     started, even if the database (updated a moment later) still calls it queued.
     """
-    return (storage.read_run_status(run_dir) or {}).get("state") not in (None, QUEUED)
-
-
-def _find_run_leader(run_dir):
-    """The pid of the live wrapper (group leader) running in ``run_dir``, or None."""
-    for pid, fields in _all_processes().items():
-        if int(fields[2]) == pid and _is_run_process(pid, run_dir):
-            return pid
-    return None
-
-
-def _all_processes():
-    """{pid: stat fields} of every process on the machine."""
-    processes = {}
-    for name in os.listdir("/proc"):
-        if name.isdigit():
-            fields = _read_stat(int(name))
-            if fields is not None:
-                processes[int(name)] = fields
-    return processes
-
-
-def _group_rss_bytes():
-    """{process group id: summed resident memory in bytes} of every group."""
-    page_size = os.sysconf("SC_PAGE_SIZE")
-    totals = {}
-    for fields in _all_processes().values():
-        pgid = int(fields[2])
-        totals[pgid] = totals.get(pgid, 0) + int(fields[21]) * page_size
-    return totals
-
-
-def _wait_until_group_gone(pgid, timeout_s=2):
-    """Waits (briefly: SIGKILL takes effect within moments) until no live process is in the group,
-    so that an ended run has really left nothing running."""
-    deadline = time.time() + timeout_s
-    while time.time() < deadline and any(
-            int(fields[2]) == pgid and fields[0] not in (b"Z", b"X")
-            for fields in _all_processes().values()):
-        time.sleep(0.01)
-
-
-def _signal_group_members(pgid, run_dir, sig):
-    """Signals the processes of group ``pgid`` that are verifiably runs of ``run_dir``."""
-    for pid, fields in _all_processes().items():
-        if int(fields[2]) == pgid and _is_run_process(pid, run_dir):
-            try:
-                os.kill(pid, sig)
-            except ProcessLookupError:
-                pass
+    return (_read_status(run_dir) or {}).get("state") not in (None, QUEUED)
 
 
 # --- the wrapper program --------------------------------------------------------
 
-def _wrap(script_path):
-    """Runs the script, records its exit code in status.json, ends the same way.
+def _wrap(run_dir, spec):
+    """Runs the run's command, records its exit code in status.json, ends the same way.
 
-    SIGTERM is caught (and so reset to the default in the script) so that the
-    wrapper outlives a stop long enough to record the outcome.
+    Args:
+        run_dir: the run folder.
+        spec: {"command": argv, "sandboxed": bool, "cgroups": cgroup.procs files to
+            join, "limits": {RLIMIT name: value}}.
+
+    The wrapper is the child subreaper of everything the command starts, so
+    leftovers that escaped their process group are still its descendants and are
+    killed when the command ends; its child dies with it. SIGTERM is ignored so
+    that the wrapper outlives a stop long enough to record the outcome.
     """
-    signal.signal(signal.SIGTERM, lambda signum, frame: None)
-    script = subprocess.Popen([sys.executable, "-u", script_path])
-    exit_code = script.wait()
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    ctypes.CDLL(None).prctl(PR_SET_CHILD_SUBREAPER, 1)
+
+    wrapper_pid = os.getpid()
+
+    def enter_limits():
+        # The run must not outlive its wrapper (a kill while it was still starting).
+        ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+        if os.getppid() != wrapper_pid:
+            os._exit(1)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        sandboxing.join_cgroups(spec["cgroups"])
+        for name, value in spec["limits"].items():
+            resource.setrlimit(getattr(resource, name), (value, value))
+
+    try:
+        child = subprocess.Popen(spec["command"], preexec_fn=enter_limits)
+    except OSError as error:
+        print("visualizer runner: could not start the script: %s" % error, flush=True)
+        _write_status(run_dir, FAILED, None, "could not start the script: %s" % error)
+        sys.exit(1)
+    exit_code = _wait_reaping(child.pid)
+    if spec["sandboxed"] and exit_code > 128 and exit_code - 128 in signal.valid_signals():
+        exit_code = 128 - exit_code  # bwrap reports a signal as 128 + its number
+    leftovers = psutil.Process().children(recursive=True)
+    for process in leftovers:
+        try:
+            process.kill()
+        except psutil.Error:
+            pass
+    psutil.wait_procs(leftovers, timeout=2)
     state, message = outcome(exit_code)
-    _write_status(os.getcwd(), state, exit_code, message)
+    _write_status(run_dir, state, exit_code, message)
     if exit_code < 0:  # end by the same signal, so the runner sees it too
         if -exit_code != signal.SIGKILL:
             signal.signal(-exit_code, signal.SIG_DFL)
@@ -579,5 +914,16 @@ def _wrap(script_path):
     sys.exit(exit_code)
 
 
+def _wait_reaping(pid):
+    """Waits for child ``pid``, reaping the orphans a subreaper adopts meanwhile; its exit code."""
+    while True:
+        try:
+            reaped, status = os.wait()
+        except InterruptedError:
+            continue
+        if reaped == pid:
+            return os.waitstatus_to_exitcode(status)
+
+
 if __name__ == "__main__":
-    _wrap(sys.argv[1])
+    _wrap(sys.argv[1], json.loads(sys.argv[2]))

@@ -30,7 +30,9 @@ ENDED_STATES = ("finished", "failed", "stopped")
 # Settings the servers must not inherit from the shell that runs the tests.
 INHERITED_SETTINGS = ("VISUALIZER_SECRET_KEY", "VISUALIZER_DATABASE_URL", "VISUALIZER_BOKEH_URL",
                       "VISUALIZER_RUN_MEMORY_MB", "VISUALIZER_RUN_WALL_TIME_S", "VISUALIZER_HTTPS",
-                      "VISUALIZER_USER_MAX_SCRIPTS", "VISUALIZER_USER_STORAGE_MB")
+                      "VISUALIZER_USER_MAX_SCRIPTS", "VISUALIZER_USER_STORAGE_MB",
+                      "VISUALIZER_RUN_DISK_MB", "VISUALIZER_RUN_PROCESSES",
+                      "VISUALIZER_RUN_NETWORK", "VISUALIZER_SANDBOX")
 CSRF_PATTERN = re.compile(r'name="csrf_token" value="([^"]+)"')
 
 
@@ -412,3 +414,21 @@ def record_measurement(name, value):
         measurements = {}
     measurements[name] = value
     path.write_text(json.dumps(measurements, indent=2, sort_keys=True))
+
+
+def host_pid(run_dir, sandbox_pid):
+    """The pid on this machine of the run's process that is ``sandbox_pid`` inside its
+    sandbox (a sandboxed script sees the pids of its own PID namespace), or None."""
+    entry = ("VISUALIZER_RUN_DIR=%s" % run_dir).encode()
+    for pid in _pids():
+        try:
+            with open("/proc/%d/environ" % pid, "rb") as f:
+                if entry not in f.read().split(b"\0"):
+                    continue
+            with open("/proc/%d/status" % pid) as f:
+                nspids = [line.split()[1:] for line in f if line.startswith("NSpid:")][0]
+        except (OSError, IndexError):
+            continue
+        if len(nspids) > 1 and int(nspids[-1]) == sandbox_pid:
+            return pid
+    return None

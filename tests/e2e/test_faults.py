@@ -14,7 +14,7 @@ import time
 import pytest
 
 from custom_keras import storage
-from e2e.harness import (Servers, WebUser, bokeh_state, fake_training, files_under,
+from e2e.harness import (Servers, WebUser, bokeh_state, fake_training, files_under, host_pid,
                          png_bytes, process_alive, read_status_file, record_measurement,
                          screenshot, wait_for)
 
@@ -34,9 +34,10 @@ def snapshot_count(run_dir):
 
 
 def script_pid(run_dir):
-    """The pid the fake training script wrote, once it wrote it."""
+    """The pid on this machine of the fake training script (it writes its pid inside the
+    sandbox), once it wrote it."""
     try:
-        return int((run_dir / "script.pid").read_text())
+        return host_pid(run_dir, int((run_dir / "script.pid").read_text()))
     except (FileNotFoundError, ValueError):
         return None
 
@@ -365,3 +366,102 @@ def test_ten_runs_at_once_stay_under_the_concurrency_limit_and_all_finish(make_u
         status = user.wait_for_state(script_id, ("finished", "failed", "stopped"), 30)
         assert status["state"] == "finished" and status["exit_code"] == 0
         assert user.get("/scripts/%d/output.json" % script_id).json()["lines"] == ["start", "end"]
+
+
+# --- runs that attack the machine: each is stopped, and nothing of it is left -----------
+
+RUN_PROCESSES = 64
+RUN_DISK_MB = 20
+FORK_BOMB = """import os, time
+while True:
+    try:
+        if os.fork() == 0:
+            time.sleep(600)
+            os._exit(0)
+    except OSError:
+        time.sleep(0.01)
+"""
+DISK_FILLER = """import itertools
+for n in itertools.count():
+    with open("filler-%d" % n, "wb") as f:
+        for _ in range(4):
+            f.write(b"x" * 2 ** 20)
+"""
+ESCAPING_CHILD = """import os, time
+if os.fork() == 0:
+    os.setsid()
+    if os.fork() == 0:
+        open("escaped", "w").close()
+        time.sleep(600)
+    os._exit(0)
+print("left a child behind", flush=True)
+time.sleep(600)
+"""
+
+
+@pytest.fixture(scope="module")
+def limited_servers(tmp_path_factory):
+    """Servers with a small process and disk limit per run."""
+    instance = Servers(tmp_path_factory.mktemp("limited"), VISUALIZER_MAX_RUNS="2",
+                       VISUALIZER_RUN_PROCESSES=str(RUN_PROCESSES),
+                       VISUALIZER_RUN_DISK_MB=str(RUN_DISK_MB))
+    instance.start()
+    yield instance
+    instance.cleanup()
+
+
+def run_processes_of(servers, run_dir):
+    return [pid for pid, folder in servers.run_pids().items() if folder == str(run_dir)]
+
+
+@pytest.mark.parametrize("stem, source, message", [
+    ("fork_bomb", FORK_BOMB, "process limit of %d exceeded" % RUN_PROCESSES),
+    ("disk_filler", DISK_FILLER, "disk limit of %d MB exceeded" % RUN_DISK_MB)])
+def test_a_run_over_its_limit_is_failed_with_the_reason_and_leaves_nothing(
+        playwright, limited_servers, stem, source, message):
+    user = WebUser(playwright, limited_servers, stem + "_user").register_and_login()
+    script_id = user.upload_script(stem + ".py", source)
+    user.run(script_id)
+
+    status = user.wait_for_state(script_id, ("finished", "failed", "stopped"), 60)
+    assert (status["state"], status["message"]) == ("failed", message)
+    assert run_processes_of(limited_servers, user.run_dir(script_id, stem)) == []
+    assert "failed" in user.get("/scripts/%d" % script_id).text()
+    assert limited_servers.process.poll() is None
+    if stem == "disk_filler":
+        # The run folder is measured at each poll of the runner (0.5 s): a fast writer
+        # gets a poll or two of its write speed beyond the limit, not the whole disk.
+        written = sum(f.stat().st_size for f in user.run_dir(script_id, stem).glob("filler-*"))
+        record_measurement("disk_filler", {"limit_mb": RUN_DISK_MB,
+                                           "written_mb": round(written / 2 ** 20)})
+        assert written < 2 * 2 ** 30
+
+
+def test_a_child_that_escaped_its_session_is_ended_by_stop(playwright, limited_servers):
+    user = WebUser(playwright, limited_servers, "escaping_user").register_and_login()
+    script_id = user.upload_script("escaping.py", ESCAPING_CHILD)
+    user.run(script_id)
+    folder = user.run_dir(script_id, "escaping")
+    wait_for(lambda: (folder / "escaped").exists(), 30, what="the escaped child to start")
+    assert len(run_processes_of(limited_servers, folder)) >= 3
+
+    stop = user.post("/scripts/%d/stop" % script_id, form={"csrf_token": user.csrf_token()})
+    assert stop.status == 302
+    status = user.wait_for_state(script_id, ("finished", "failed", "stopped"), 30)
+    assert (status["state"], status["message"]) == ("stopped", "stopped by the user")
+    assert run_processes_of(limited_servers, folder) == []
+
+
+@pytest.mark.slow
+def test_a_child_that_escaped_its_session_is_ended_by_server_shutdown(playwright, fresh_servers):
+    servers = fresh_servers()
+    user = WebUser(playwright, servers, "escaping_shutdown").register_and_login()
+    script_id = user.upload_script("escaping_down.py", ESCAPING_CHILD)
+    user.run(script_id)
+    folder = user.run_dir(script_id, "escaping_down")
+    wait_for(lambda: (folder / "escaped").exists(), 30, what="the escaped child to start")
+
+    servers.stop(signal.SIGTERM)
+    assert servers.process.returncode == 0
+    assert servers.run_pids() == {}
+    assert read_status_file(folder)["state"] == "stopped"
