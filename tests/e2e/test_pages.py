@@ -11,7 +11,7 @@ of every page go to ``test-artifacts/e2e/pages_*.png``.
 import pytest
 
 from custom_keras import registry
-from e2e.harness import REPO_ROOT, bokeh_state, screenshot, wait_for
+from e2e.harness import REPO_ROOT, WebUser, bokeh_state, screenshot, wait_for
 
 EXAMPLES = REPO_ROOT / "scripts" / "examples"
 RUN_TIMEOUT_S = 300
@@ -35,8 +35,10 @@ raise ValueError("Input 0 of layer dense is incompatible with the layer: expecte
 
 
 @pytest.fixture(scope="module")
-def user(make_user):
-    return make_user("pages_user")
+def user(playwright, servers):
+    user = WebUser(playwright, servers, "pages_user").register_and_login()
+    yield user
+    user.request.dispose()
 
 
 @pytest.fixture(scope="module")
