@@ -21,6 +21,7 @@ MIN_BAR_CHART_WIDTH, MAX_BAR_CHART_WIDTH = 360, 900
 LABEL_CHARACTER_PIXELS = 7             # of an 11 px axis label
 HEATMAP_WIDTH, MAX_ROW_PIXELS, MIN_ROW_PIXELS = 560, 24, 3
 POSITIVE_COLOR, NEGATIVE_COLOR = "#2b6cb0", "#c05621"
+AXIS_ROOM = 72                         # pixels left of every frame: charts stacked line up
 TITLE_CHARACTERS = 60                  # a longer title is wrapped at word boundaries
 
 
@@ -49,6 +50,7 @@ def _chart(title, width, height, x_range=None, y_range=None, x_label=None, y_lab
         options["y_range"] = y_range
     plot = figure(title=wrap_title(title), tools=CHART_TOOLS, frame_width=width,
                   frame_height=height, toolbar_location="above", min_border=4,
+                  min_border_left=AXIS_ROOM,
                   outline_line_color="#9aa5b1", **options)
     plot.toolbar.logo = None
     plot.toolbar.autohide = True
@@ -90,9 +92,12 @@ def curves_figure(values, title, y_label="value", channel_names=None):
                                    "channel": [name] * steps})
         renderers.append(plot.line("time", "value", source=source, line_width=2,
                                    color=Category10_10[channel % 10], legend_label=name))
-    plot.legend.location = "top_left"
-    plot.legend.click_policy = "hide"
-    plot.legend.label_text_font_size = "11px"
+    # beside the frame, not over the curves
+    legend = plot.legend[0]
+    plot.center.remove(legend)
+    plot.add_layout(legend, "right")
+    legend.click_policy = "hide"
+    legend.label_text_font_size = "11px"
     plot.add_tools(HoverTool(renderers=renderers, mode="vline",
                              tooltips="@channel, step @time: @value{0.0000}"))
     return plot
