@@ -184,6 +184,32 @@ def no_data_text(technique, run_dir):
     return waiting_text(entry)
 
 
+class NoDataMessage:
+    """``no_data_text`` of one technique and run, worked out again only when its files changed.
+
+    Dashboards poll every ``POLL_MS``; the text depends on techniques.json,
+    status.json and the layer activations (for the register call), so their
+    modification times decide whether to read them again.
+
+    Args:
+        technique: the technique's ``registry.Technique``.
+        run_dir: the run folder.
+    """
+
+    def __init__(self, technique, run_dir):
+        self.technique, self.run_dir = technique, run_dir
+        self._key = self._text = None
+
+    def text(self):
+        key = tuple(storage.file_mtime(path) for path in (
+            storage.results_path(self.run_dir, storage.TECHNIQUES_FILE),
+            storage.status_path(self.run_dir),
+            storage.results_path(self.run_dir, registry.get("layer_activations").results_file)))
+        if key != self._key:
+            self._key, self._text = key, no_data_text(self.technique, self.run_dir)
+        return self._text
+
+
 def switched_off_text(entry):
     return "Switched off for this run: %s\nTraining went on without it." % (
         entry.get("reason") or "no reason recorded")
@@ -201,7 +227,7 @@ def waiting_text(entry):
     """E.g. "Waiting for the first snapshot at batch 1 (then every 10 batches)"."""
     state, step = entry.get("state"), entry.get("first_snapshot_step")
     if state == storage.TECHNIQUE_REGISTERED or not isinstance(step, int):
-        text = "Registered; waiting for training to begin, which takes the first snapshot."
+        text = "Registered; the first snapshot is taken when training begins."
     else:
         text = "Waiting for the first snapshot at batch %d" % step
         interval = entry.get("interval")
@@ -366,6 +392,7 @@ class ImageDashboard:
         self.technique = technique
         self.render = render
         self.one_result_for_every_input = one_result_for_every_input
+        self._no_data = NoDataMessage(technique, run_dir)
         self.entries = []
         self.follow_latest = True
         self._index_offset = 0
@@ -444,7 +471,7 @@ class ImageDashboard:
         """Renders the chosen snapshot and image, unless exactly that is already shown."""
         if not self.entries:
             show_message(self.message, self._index_problem or
-                         no_data_text(self.technique, self.run_dir), error=bool(self._index_problem))
+                         self._no_data.text(), error=bool(self._index_problem))
             return
         position = min(int(self.slider.value), len(self.entries) - 1)
         entry = self.entries[position]

@@ -34,8 +34,7 @@ def run_dir(tmp_path):
 
 def test_a_starting_run_that_registered_the_technique_is_waiting_not_told_to_register(run_dir):
     storage.write_techniques(run_dir, {"saliency_maps": entry("registered")})
-    assert message(run_dir) == ("Registered; waiting for training to begin, which takes the "
-                                "first snapshot.")
+    assert message(run_dir) == "Registered; the first snapshot is taken when training begins."
     storage.write_techniques(run_dir, {"saliency_maps": entry("active", first_snapshot_step=0)})
     assert message(run_dir) == "Waiting for the first snapshot at batch 0 (then every 10 batches)."
 
