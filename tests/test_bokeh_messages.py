@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from custom_bokeh import dashboard, deep_visualization, saliency_maps
+from custom_bokeh import dashboard, deep_visualization
 from custom_bokeh.dashboard import ImageDashboard
 from custom_keras import registry, storage
 
