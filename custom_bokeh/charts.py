@@ -19,7 +19,7 @@ CURVE_WIDTH, CURVE_HEIGHT = 560, 170   # frame pixels of one curves chart
 BAR_WIDTH = 64                         # frame pixels per feature
 MIN_BAR_CHART_WIDTH, MAX_BAR_CHART_WIDTH = 360, 900
 LABEL_CHARACTER_PIXELS = 7             # of an 11 px axis label
-HEATMAP_WIDTH, MAX_ROW_PIXELS, MIN_ROW_PIXELS = 560, 24, 3
+HEATMAP_WIDTH, MAX_HEATMAP_HEIGHT, MAX_ROW_PIXELS, MIN_ROW_PIXELS = 560, 480, 24, 3
 POSITIVE_COLOR, NEGATIVE_COLOR = "#2b6cb0", "#c05621"
 AXIS_ROOM = 72                         # pixels left of every frame: charts stacked line up
 TITLE_CHARACTERS = 60                  # a longer title is wrapped at word boundaries
@@ -149,9 +149,11 @@ def heatmap_figure(maps, title):
         raise ValueError("%s must be a non-empty uint8 (filters, time steps) array, got %s of "
                          "shape %s" % (title, maps.dtype, maps.shape))
     filters, steps = maps.shape
+    # 8 filters get 24 px rows; many filters thinner rows, the map at most MAX_HEATMAP_HEIGHT
     row_pixels = int(np.clip(MAX_ROW_PIXELS * 8 // filters, MIN_ROW_PIXELS, MAX_ROW_PIXELS))
+    height = min(filters * row_pixels, MAX_HEATMAP_HEIGHT)
     # x from -0.5 so that time step t is drawn over [t - 0.5, t + 0.5] and hovers as t
-    plot = _chart(title, HEATMAP_WIDTH, filters * row_pixels,
+    plot = _chart(title, HEATMAP_WIDTH, height,
                   x_range=Range1d(-0.5, steps - 0.5, bounds=(-0.5, steps - 0.5)),
                   y_range=Range1d(-0.5, filters - 0.5, bounds=(-0.5, filters - 0.5)),
                   x_label="time step", y_label="filter")

@@ -5,7 +5,11 @@
 a live page: a slider over the snapshot history (following the newest by
 default), a play button, an image choice, and a periodic callback that reads
 only new history lines, redraws only when a file changed and stops once the
-run has ended. Run folders are hostile input: every file is read through
+run has ended. Without results a dashboard says what is true (``no_data_text``:
+waiting for the first snapshot, switched off and why, the run failed and with
+which exception, or not registered and the call to add), read from
+``results/techniques.json``, ``status.json`` and the output's traceback. Run
+folders are hostile input: every file is read through
 ``custom_keras.storage``'s safe readers (no links, regular files, capped sizes)
 with the restricted unpickler, a snapshot is drawn only within the drawing caps
 below, and whatever is refused is reported on the page, never executed. This

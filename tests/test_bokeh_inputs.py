@@ -58,6 +58,12 @@ def test_a_sequence_layer_is_a_filter_by_time_heat_map():
     assert (plot.xaxis.axis_label, plot.yaxis.axis_label) == ("time step", "filter")
 
 
+def test_a_heat_map_of_many_filters_stays_on_the_screen():
+    plot = charts.heatmap_figure(np.zeros((512, 100), np.uint8), "Layer 3: lstm")
+    assert plot.frame_height == charts.MAX_HEATMAP_HEIGHT
+    assert charts.heatmap_figure(np.zeros((8, 100), np.uint8), "x").frame_height == 8 * 24
+
+
 def test_sequence_saliency_is_drawn_as_curves_over_time_per_channel():
     result = {"gradient": sequence(), "gradient_x_input": sequence(), "input": sequence()}
     layout = saliency_maps.render(result, {"predicted_class": 2, "confidence": 0.5}, None,
