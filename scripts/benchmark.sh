@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Run every benchmark: techniques and training overhead, the sandbox, then the dashboards in
+# Run every benchmark: techniques and training overhead, the attribution methods
+# against one forward+backward pass, the sandbox, then the dashboards in
 # Debian's chromium. Each figure is a ratio measured within one run. Extra
 # arguments go to benchmarks.techniques (--quick for a shorter epoch, --rounds N for
 # N epochs of each kind instead of one).
@@ -9,6 +10,7 @@ bash scripts/setup.sh
 .venv/bin/pip install --quiet --disable-pip-version-check -r benchmarks/requirements.txt
 export TF_CPP_MIN_LOG_LEVEL=2
 .venv/bin/python -m benchmarks.techniques "$@"
+.venv/bin/python -m benchmarks.attribution
 .venv/bin/python -m benchmarks.sandbox
 .venv/bin/python -m benchmarks.dashboards
 .venv/bin/python -m benchmarks.logins
