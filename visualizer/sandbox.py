@@ -82,8 +82,9 @@ def run_environment(run_dir, environ=None):
     environ = os.environ if environ is None else environ
     env = {name: environ[name] for name in PASSED_ENVIRONMENT if environ.get(name)}
     env.setdefault("LANG", "C.UTF-8")
-    # TensorFlow's C++ log noise (oneDNN, cpu_feature_guard) off, so the Output tab starts
-    # with the script's own lines; the server's setting passes, a script that sets it wins
+    # TensorFlow's C++ INFO and WARNING lines (cpu_feature_guard ...) off, so the Output tab
+    # starts nearer the script's own lines; the server's setting passes, a script's wins.
+    # (TensorFlow 2.21 still prints its oneDNN notice before absl logging is set up.)
     env.setdefault(TF_LOG_LEVEL_ENV, RUN_TF_LOG_LEVEL)
     env.update({
         "PATH": os.pathsep.join([os.path.dirname(sys.executable), "/usr/local/bin", "/usr/bin",
