@@ -281,6 +281,7 @@ MAX_IMAGE_BYTES = 32 * MIB           # one file of images/, served by the image 
 MAX_SCRIPT_BYTES = 2 * MIB           # the script shown in the Overview tab
 MAX_TAIL_BYTES = 256 * KIB           # the end of output.txt shown live
 MAX_DOWNLOAD_BYTES = 2048 * MIB      # output.txt or the network, streamed as a download
+MAX_LINE_COUNT_BYTES = 64 * MIB      # of output.txt read to count lines (a traceback's line)
 
 _FOLDER_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 _FILE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
@@ -618,18 +619,20 @@ def read_failure(run_dir):
     """Where the last Python traceback of ``output.txt`` starts and the exception it ends with.
 
     Only the end of the output is searched (``MAX_TAIL_BYTES``), where a run that
-    failed printed its traceback.
+    failed printed its traceback; lines are counted up to there only within
+    ``MAX_LINE_COUNT_BYTES``.
 
     Returns:
-        (line number counted from 1 in the whole output, the exception's last
-        line, e.g. "ValueError: bad shape"), or None when the end of the output
-        holds no traceback.
+        (line number counted from 1 in the whole output, or None when the output
+        is too long to count, the exception's last line, e.g. "ValueError: bad
+        shape"), or None when the end of the output holds no traceback.
     """
     try:
         with open_run_file(run_dir, OUTPUT_FILE, float("inf")) as run_file:
             start = max(0, run_file.size - MAX_TAIL_BYTES)
             tail = run_file.read_at(start)
-            lines_before = _count_newlines(run_file, start)
+            lines_before = (_count_newlines(run_file, start) if start <= MAX_LINE_COUNT_BYTES
+                            else None)
     except (FileNotFoundError, UnsafeFileError):
         return None
     lines = tail.decode("utf-8", errors="replace").split("\n")
@@ -639,7 +642,7 @@ def read_failure(run_dir):
     # the frames are indented; the first unindented line after them names the exception
     exception = next((line.strip() for line in lines[starts[-1] + 1:]
                       if line.strip() and not line.startswith((" ", "\t"))), "")
-    return lines_before + starts[-1] + 1, exception
+    return (None if lines_before is None else lines_before + starts[-1] + 1), exception
 
 
 def _count_newlines(run_file, end, chunk=MIB):

@@ -146,3 +146,12 @@ def test_techniques_json_that_is_not_an_object_reads_as_nothing_registered(tmp_p
     storage.atomic_write_bytes(storage.results_path(run_dir, storage.TECHNIQUES_FILE),
                                b'{"saliency_maps": 3, "deep_visualization": {"state": "active"}}')
     assert storage.read_techniques(run_dir) == {"deep_visualization": {"state": "active"}}
+
+
+def test_a_traceback_after_more_output_than_is_counted_has_no_line_number(tmp_path, monkeypatch):
+    monkeypatch.setattr(storage, "MAX_LINE_COUNT_BYTES", 1000)
+    monkeypatch.setattr(storage, "MAX_TAIL_BYTES", 500)
+    with open(storage.output_path(str(tmp_path)), "w") as output:
+        output.write("x" * 99 + "\n" * 2000 + TRACEBACK)
+    assert storage.read_failure(str(tmp_path)) == (
+        None, "ValueError: Input 0 of layer \"dense\" is incompatible with the layer")

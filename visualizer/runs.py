@@ -347,21 +347,23 @@ def terminal_line(line):
 def lines_from(folder, first_line, count=OUTPUT_WINDOW_LINES):
     """``count`` lines of a run's output from line ``first_line`` (counted from 1), cleaned.
 
-    The file is read from its start up to the wanted lines (a file over
-    ``storage.MAX_DOWNLOAD_BYTES`` is not read), and at most ``storage.MAX_TAIL_BYTES``
-    of the lines themselves are kept.
+    The file is read from its start up to the wanted lines, at most
+    ``storage.MAX_LINE_COUNT_BYTES`` of it (no lines beyond), and at most
+    ``storage.MAX_TAIL_BYTES`` of the lines themselves are kept.
     """
     try:
-        output_file = storage.open_run_file(folder, storage.OUTPUT_FILE,
-                                            storage.MAX_DOWNLOAD_BYTES)
+        output_file = storage.open_run_file(folder, storage.OUTPUT_FILE, float("inf"))
     except FileNotFoundError:
         return []
     except storage.UnsafeFileError as error:
         return ["[The output cannot be shown: %s.]" % error]
     with output_file:
         reader = io.BufferedReader(output_file)
+        skipped = 0
         for _ in range(first_line - 1):
-            if not reader.readline(storage.MAX_TAIL_BYTES):
+            line = reader.readline(storage.MAX_TAIL_BYTES)
+            skipped += len(line)
+            if not line or skipped > storage.MAX_LINE_COUNT_BYTES:
                 return []
         lines = []
         kept = 0
