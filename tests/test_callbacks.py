@@ -403,7 +403,7 @@ def test_an_image_array_works_as_well_as_the_images_folder(tmp_path):
     saliency = storage.read_latest(run_dir, "saliency_maps.pickle", "input_1")
     assert saliency.dtype == np.uint8 and saliency.shape == (8, 8, 1)
     assert sorted(storage.read_input_images(run_dir)) == ["input_0", "input_1"]
-    fed = storage.safe_load(storage.results_path(run_dir, storage.VISUALIZATION_INPUTS_FILE))
+    fed = storage.safe_load(run_dir, storage.results_path(run_dir, storage.VISUALIZATION_INPUTS_FILE))
     np.testing.assert_array_equal(fed["input_1"], x[1])
 
 

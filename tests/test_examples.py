@@ -118,7 +118,7 @@ def test_sequence_example_gives_curves_over_time(tmp_path):
         assert (reconstruction.dtype, reconstruction.shape, layer_name) == (np.float32, (64, 2), "conv1d_1")
     deep = storage.read_latest(run_dir, "deep_visualization.pickle")
     assert [(synthetic.shape, unit) for synthetic, _, unit, _ in deep] == [((64, 2), u) for u in range(3)]
-    inputs = storage.safe_load(storage.results_path(run_dir, storage.VISUALIZATION_INPUTS_FILE))
+    inputs = storage.safe_load(run_dir, storage.results_path(run_dir, storage.VISUALIZATION_INPUTS_FILE))
     assert sorted(inputs) == names
 
 
