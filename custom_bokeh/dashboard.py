@@ -5,7 +5,11 @@
 a live page: a slider over the snapshot history (following the newest by
 default), a play button, an image choice, and a periodic callback that reads
 only new history lines, redraws only when a file changed and stops once the
-run has ended. Run folders are hostile input: every file is read through
+run has ended. Without results a dashboard says what is true (``no_data_text``:
+waiting for the first snapshot, switched off and why, the run failed and with
+which exception, or not registered and the call to add), read from
+``results/techniques.json``, ``status.json`` and the output's traceback. Run
+folders are hostile input: every file is read through
 ``custom_keras.storage``'s safe readers (no links, regular files, capped sizes)
 with the restricted unpickler, a snapshot is drawn only within the drawing caps
 below, and whatever is refused is reported on the page, never executed. This
@@ -23,9 +27,11 @@ from bokeh.models import Div, Range, Select, Slider, Toggle
 from tornado.web import HTTPError
 
 from custom_bokeh.auth import InvalidToken, verify_token
-from custom_keras import storage
+from custom_keras import registry, storage
 
-ENDED_STATES = ("finished", "failed", "stopped")
+# the run states of status.json (written by the web app's runner) that the dashboards tell apart
+FINISHED, FAILED, STOPPED = "finished", "failed", "stopped"
+ENDED_STATES = (FINISHED, FAILED, STOPPED)
 POLL_MS = 250
 PLAY_MS = 600
 
@@ -148,22 +154,146 @@ def run_has_ended(run_dir):
     return bool(status) and status.get("state") in ENDED_STATES
 
 
-def no_data_text(technique, ended):
-    if ended:
-        return ("The run ended without %s results. Register the technique in your script with:\n%s"
-                % (technique.title.lower(), technique.register_call))
-    return "No data yet. Register the technique in your script with:\n%s" % technique.register_call
+def no_data_text(technique, run_dir):
+    """What is true about a technique that has no results in this run yet, in words.
+
+    Built from ``results/techniques.json`` (what the script registered and what
+    became of it), ``status.json`` (the run's state) and, for a failed run, the
+    exception at the end of ``output.txt``.
+
+    Args:
+        technique: the technique's ``registry.Technique``.
+        run_dir: the run folder.
+    """
+    techniques = storage.read_techniques(run_dir)
+    entry = (techniques or {}).get(technique.key)
+    status = storage.read_run_status(run_dir) or {}
+    state = status.get("state")
+    title = technique.title.lower()
+    if entry and entry.get("state") == storage.TECHNIQUE_SWITCHED_OFF:
+        return switched_off_text(entry)
+    if state == FAILED and (entry or techniques is None):
+        return "The run failed before the %s produced results: %s" % (
+            title, failure_text(run_dir, status))
+    if entry is None and (techniques is not None or state in ENDED_STATES):
+        return "Not registered: this run's script does not register the %s. Add:\n%s" % (
+            title, register_call(technique, run_dir, techniques))
+    if state == STOPPED:
+        return "The run was stopped before the %s produced results." % title
+    if state in ENDED_STATES:
+        return "The run finished without %s results." % title
+    if entry is None:
+        return ("Waiting for the script to start: it has not registered any technique yet "
+                "(loading TensorFlow takes a few seconds).")
+    return waiting_text(entry)
+
+
+class NoDataMessage:
+    """``no_data_text`` of one technique and run, worked out again only when its files changed.
+
+    Dashboards poll every ``POLL_MS``; the text depends on techniques.json,
+    status.json and the layer activations (for the register call), so their
+    modification times decide whether to read them again.
+
+    Args:
+        technique: the technique's ``registry.Technique``.
+        run_dir: the run folder.
+    """
+
+    def __init__(self, technique, run_dir):
+        self.technique, self.run_dir = technique, run_dir
+        self._key = self._text = None
+
+    def text(self):
+        key = tuple(storage.file_mtime(path) for path in (
+            storage.results_path(self.run_dir, storage.TECHNIQUES_FILE),
+            storage.status_path(self.run_dir),
+            storage.results_path(self.run_dir, registry.get("layer_activations").results_file)))
+        if key != self._key:
+            self._key, self._text = key, no_data_text(self.technique, self.run_dir)
+        return self._text
+
+
+def switched_off_text(entry):
+    return "Switched off for this run: %s\nTraining went on without it." % (
+        entry.get("reason") or "no reason recorded")
+
+
+def failure_text(run_dir, status):
+    """The exception that ended a failed run (the last line of its traceback), else its message."""
+    failure = storage.read_failure(run_dir)
+    if failure and failure[1]:
+        return failure[1]
+    return status.get("message") or "no exception recorded in the output"
+
+
+def waiting_text(entry):
+    """E.g. "Waiting for the first snapshot at batch 1 (then every 10 batches)"."""
+    state, step = entry.get("state"), entry.get("first_snapshot_step")
+    if state == storage.TECHNIQUE_REGISTERED or not isinstance(step, int):
+        text = "Registered; the first snapshot is taken when training begins."
+    else:
+        text = "Waiting for the first snapshot at batch %d" % step
+        interval = entry.get("interval")
+        text += " (then every %d batches)." % interval if isinstance(interval, int) else "."
+    if state == storage.TECHNIQUE_WAITING and entry.get("reason"):
+        text += "\n%s" % entry["reason"]
+    return text
+
+
+def register_call(technique, run_dir, techniques):
+    """The register call to add, with this model's own layer numbers when they are known.
+
+    The layer numbers come from this run's layer activations ("Layer <no>: <name>"
+    with each layer's output shape); without them the registry's example call.
+    """
+    layers = _known_layers(run_dir)
+    kinds = {entry.get("input_kind") for entry in (techniques or {}).values()}
+    images = "image" in kinds or not kinds - {None}
+    if technique.key == "deconvolutional_network":
+        convolutions = [(no, shape) for no, name, shape in layers
+                        if len(shape) in (2, 3) and "conv" in name]
+        if convolutions:
+            no, shape = convolutions[-1]
+            return "callbacks.register_deconvolutional_network(%d, feat_map_amount=%d)" % (
+                no, min(8, shape[0]))
+    if technique.key == "deep_visualization" and layers:
+        no, _, shape = layers[-1]
+        units = ", ".join("(%d, %d)" % (no, unit) for unit in range(min(2, shape[0])))
+        settings = ("learning_rate=200, no_of_iterations=50, l2_decay=0.0001, blur_interval=4, "
+                    "blur_std=1.0" if images else
+                    "learning_rate=0.5, no_of_iterations=30, l2_decay=0.01")
+        return "callbacks.register_deep_visualization([%s], %s)" % (units, settings)
+    return technique.register_call
+
+
+def _known_layers(run_dir):
+    """[(layer no, layer name, output shape), ...] from the latest layer activations, or []."""
+    try:
+        result = storage.read_latest(run_dir, registry.get("layer_activations").results_file)
+    except (OSError, EOFError, pickle.UnpicklingError, ValueError):
+        return []
+    layers = []
+    for entry in result if isinstance(result, (list, tuple)) else ():
+        if isinstance(entry, (list, tuple)) and len(entry) == 2 and isinstance(entry[0], str):
+            number, _, name = entry[0].partition(": ")
+            if number.startswith("Layer ") and number[6:].isdigit():
+                layers.append((int(number[6:]), name, np.shape(entry[1])))
+    return layers
 
 
 def snapshot_label(entry, position, count):
-    """E.g. "Stage 3 · epoch 1, batch 30 · snapshot 4 of 11" (epochs counted from 1, as Keras prints)."""
+    """E.g. "Snapshot 4 of 11 · epoch 1, batch 30" (epochs counted from 1, as Keras prints).
+
+    The snapshot number counts from 1 like the slider's positions; the stage
+    (counted from 0 in the results files) is not shown beside it.
+    """
     epoch = entry.get("epoch")
-    return "Stage %s \u00b7 epoch %s, batch %s \u00b7 snapshot %d of %d" % (
-        entry.get("stage"), epoch + 1 if isinstance(epoch, int) else epoch, entry.get("batch"),
-        position + 1, count)
+    return "Snapshot %d of %d \u00b7 epoch %s, batch %s" % (
+        position + 1, count, epoch + 1 if isinstance(epoch, int) else epoch, entry.get("batch"))
 
 
-def image_dashboard(doc, technique, render):
+def image_dashboard(doc, technique, render, one_result_for_every_input=False):
     """Fills ``doc`` with the live dashboard of a snapshot technique.
 
     Args:
@@ -171,11 +301,13 @@ def image_dashboard(doc, technique, render):
         technique: the technique's ``registry.Technique``.
         render: ``render(result, info, input_image, image_name)`` returning the
             Bokeh layout of one snapshot for one image.
+        one_result_for_every_input: True when the result does not depend on the
+            visualization input (deep visualization): no input choice is shown.
     """
     doc.title = technique.title
     run_dir = open_run(doc)
     if run_dir is not None:
-        ImageDashboard(run_dir, technique, render).attach(doc)
+        ImageDashboard(run_dir, technique, render, one_result_for_every_input).attach(doc)
 
 
 def layout_signature(layout):
@@ -248,16 +380,23 @@ class ImageDashboard:
     Args:
         run_dir: the run folder.
         technique: the technique's ``registry.Technique``.
-        render: ``render(result, info, input_image, image_name)`` -> Bokeh layout.
+        render: ``render(result, info, input_image, image_name)`` -> Bokeh layout;
+            ``input_image`` is the image as fed to the model (``input_images.pickle``),
+            else the float input of a sequence or tabular model
+            (``visualization_inputs.pickle``), else None.
+        one_result_for_every_input: True hides the input choice (the result does
+            not depend on the input).
 
     ``layout`` is the page; ``update()`` is the periodic callback (reads new
     history lines, redraws when something changed, stops once the run ended).
     """
 
-    def __init__(self, run_dir, technique, render):
+    def __init__(self, run_dir, technique, render, one_result_for_every_input=False):
         self.run_dir = run_dir
         self.technique = technique
         self.render = render
+        self.one_result_for_every_input = one_result_for_every_input
+        self._no_data = NoDataMessage(technique, run_dir)
         self.entries = []
         self.follow_latest = True
         self._index_offset = 0
@@ -266,6 +405,7 @@ class ImageDashboard:
         self._choosing_image = False
         self._ended = False
         self._input_images, self._input_images_mtime = ({}, None), None
+        self._inputs, self._inputs_mtime = ({}, None), None
         self._index_problem = ""
         self._doc = self._poll_callback = self._play_callback = None
 
@@ -280,7 +420,8 @@ class ImageDashboard:
                              width=360, visible=False)
         self.play = Toggle(label="Play", width=80, visible=False)
         self.image_select = Select(title="Image", options=[], width=220, visible=False)
-        self.content = column()
+        # an empty column draws nothing but makes Bokeh warn (EMPTY_LAYOUT): hold a placeholder
+        self.content = column(Div(visible=False))
         self.layout = column(self.message, self.label,
                              row(self.slider, self.play, self.image_select), self.content)
         self.slider.on_change("value", self._on_slider)
@@ -334,7 +475,7 @@ class ImageDashboard:
         """Renders the chosen snapshot and image, unless exactly that is already shown."""
         if not self.entries:
             show_message(self.message, self._index_problem or
-                         no_data_text(self.technique, self._ended), error=bool(self._index_problem))
+                         self._no_data.text(), error=bool(self._index_problem))
             return
         position = min(int(self.slider.value), len(self.entries) - 1)
         entry = self.entries[position]
@@ -342,6 +483,7 @@ class ImageDashboard:
         try:
             snapshot_key, snapshot = self._read_snapshot(entry)
             input_images = self._read_input_images()
+            inputs = self._read_inputs()
         except (storage.UnsafePickleError, storage.UnsafeFileError) as error:
             self._shown_key = None
             show_message(self.message, "Refused to read a results file: %s" % error, error=True)
@@ -351,7 +493,10 @@ class ImageDashboard:
             show_message(self.message, "Could not read %s: %s" % (entry["file"], error), error=True)
             return
         image_name = self._choose_image(list(snapshot["images"]))
-        key = (snapshot_key, image_name, self._input_images_mtime)
+        # techniques.json and status.json too: the notice above the results follows them
+        key = (snapshot_key, image_name, self._input_images_mtime, self._inputs_mtime,
+               storage.file_mtime(storage.results_path(self.run_dir, storage.TECHNIQUES_FILE)),
+               storage.file_mtime(storage.status_path(self.run_dir)))
         if key == self._shown_key:
             return
         self._shown_key = key
@@ -364,6 +509,8 @@ class ImageDashboard:
         info = info.get(image_name) if isinstance(info, dict) else None
         info = info if isinstance(info, dict) else {}
         input_image = input_images.get(image_name)
+        if input_image is None:
+            input_image = inputs.get(image_name)
         try:
             if isinstance(result, TooMuchToDraw):  # found when the snapshot was read
                 raise result.with_traceback(None)
@@ -377,13 +524,24 @@ class ImageDashboard:
             show_message(self.message, "Could not show the %s of image %s: %s: %s" % (
                 self.technique.title.lower(), image_name, type(error).__name__, error), error=True)
             return
-        show_message(self.message, self._index_problem, error=True)
+        show_message(self.message, self._index_problem or self._notice(), error=bool(self._index_problem))
         signature = layout_signature(layout)
         if self.content.children and _same(signature, self._shown_signature):
             copy_content(self.content.children[0], layout)
         else:
             self.content.children = [layout]
             self._shown_signature = signature
+
+    def _notice(self):
+        """Shown above the results: why the snapshots stop (switched off, the run failed)."""
+        entry = (storage.read_techniques(self.run_dir) or {}).get(self.technique.key)
+        if entry and entry.get("state") == storage.TECHNIQUE_SWITCHED_OFF:
+            return switched_off_text(entry) + " The snapshots taken before are shown."
+        status = storage.read_run_status(self.run_dir) or {}
+        if status.get("state") == FAILED:
+            return "The run failed: %s\nThe snapshots taken before are shown." % failure_text(
+                self.run_dir, status)
+        return ""
 
     def _read_snapshot(self, entry):
         """(path and mtime, snapshot), read again only when the file changed; errors are kept too."""
@@ -414,7 +572,9 @@ class ImageDashboard:
             return None
         self._choosing_image = True  # setting the Select below must not start another show()
         try:
-            self.image_select.update(options=names, visible=len(names) > 1)
+            images = all(name.lower().endswith(storage.IMAGE_EXTENSIONS) for name in names)
+            self.image_select.update(options=names, title="Image" if images else "Input",
+                                     visible=len(names) > 1 and not self.one_result_for_every_input)
             if self.image_select.value not in names:
                 newest = [n for n in storage.list_images(self.run_dir) if n in names]
                 self.image_select.value = newest[-1] if newest else names[-1]
@@ -437,6 +597,23 @@ class ImageDashboard:
         if self._input_images[1] is not None:
             raise self._input_images[1].with_traceback(None)
         return self._input_images[0]
+
+    def _read_inputs(self):
+        """{input name: float array} of a sequence or tabular model, read again only when changed."""
+        path = storage.results_path(self.run_dir, storage.VISUALIZATION_INPUTS_FILE)
+        mtime = storage.file_mtime(path)
+        if mtime != self._inputs_mtime:
+            self._inputs_mtime = mtime
+            try:
+                inputs = storage.read_visualization_inputs(self.run_dir)
+                if not isinstance(inputs, dict):
+                    raise ValueError("%s must hold a dict" % storage.VISUALIZATION_INPUTS_FILE)
+                self._inputs = (inputs, None)
+            except (OSError, EOFError, pickle.UnpicklingError, ValueError) as error:
+                self._inputs = ({}, error.with_traceback(None))
+        if self._inputs[1] is not None:
+            raise self._inputs[1].with_traceback(None)
+        return self._inputs[0]
 
     def _index_was_replaced(self):
         """True when the history index shrank (a re-run deleted the previous results)."""

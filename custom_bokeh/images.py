@@ -19,6 +19,10 @@ TITLE_STYLE = {"text_font_size": "13px", "text_color": "#1f2933", "text_font_sty
 SUBTITLE_STYLE = {"text_font_size": "12px", "text_color": "#3e4c59", "text_font_style": "normal"}
 IMAGE_TOOLS = "pan,wheel_zoom,reset,save"
 GRID_COLUMNS = 4
+OUTLINE_COLOR = "#9aa5b1"
+# screen pixels per character of a title (13 px bold) and a subtitle (12 px), a little generous,
+# and the room the toolbar takes beside the title (up to 5 tools, a hover tool included)
+TITLE_CHARACTER_PIXELS, SUBTITLE_CHARACTER_PIXELS, TOOLBAR_PIXELS = 8, 7, 60
 
 
 def _check_uint8(array, argument):
@@ -134,7 +138,13 @@ def display_scale(height, width, target=180, max_width=900, max_height=640):
     return max(1, min(target // max(height, width), int(fit)))
 
 
-def image_figure(array, title, scale=None, tools=IMAGE_TOOLS, subtitle=None):
+def title_room(title, subtitle=None):
+    """Screen pixels a figure's frame needs so that Bokeh does not cut its title or subtitle."""
+    return max(TOOLBAR_PIXELS + len(title) * TITLE_CHARACTER_PIXELS,
+               len(subtitle or "") * SUBTITLE_CHARACTER_PIXELS)
+
+
+def image_figure(array, title, scale=None, tools=IMAGE_TOOLS, subtitle=None, min_frame_width=0):
     """A figure that shows one uint8 image at an integer zoom, with no axes or grid.
 
     Args:
@@ -144,6 +154,8 @@ def image_figure(array, title, scale=None, tools=IMAGE_TOOLS, subtitle=None):
             picks one (a 28x28 image -> 168 px).
         tools: Bokeh tools (pan, wheel zoom, reset and save by default).
         subtitle: an optional second title line (e.g. "activation 12.3").
+        min_frame_width: the frame is at least this wide (figures of a grid pass their
+            widest ``title_room``, so that equal images keep equal frames).
 
     Returns:
         the figure; its image glyph is ``figure.renderers[0]``, drawn over
@@ -152,11 +164,17 @@ def image_figure(array, title, scale=None, tools=IMAGE_TOOLS, subtitle=None):
     rgba = to_rgba(array)
     height, width = rgba.shape
     scale = scale or display_scale(height, width)
-    plot = figure(title=title, tools=tools, frame_width=max(1, round(width * scale)),
+    image_width = max(1, round(width * scale))
+    # Bokeh cuts a title at the frame's width: a narrow image (a dense layer of 3 units)
+    # gets a wider frame, the image at its left and blank room at its right
+    frame_width = max(image_width, title_room(title, subtitle), min_frame_width)
+    x_end = width * frame_width / image_width
+    plot = figure(title=title, tools=tools, frame_width=frame_width,
                   frame_height=max(1, round(height * scale)),
-                  x_range=Range1d(0, width, bounds=(0, width)),
+                  x_range=Range1d(0, x_end, bounds=(0, x_end)),
                   y_range=Range1d(0, height, bounds=(0, height)),
-                  toolbar_location="above", min_border=4, outline_line_color="#9aa5b1")
+                  toolbar_location="above", min_border=4,
+                  outline_line_color=OUTLINE_COLOR if frame_width == image_width else None)
     plot.toolbar.logo = None
     plot.toolbar.autohide = True
     plot.axis.visible = False
@@ -166,11 +184,14 @@ def image_figure(array, title, scale=None, tools=IMAGE_TOOLS, subtitle=None):
     if subtitle:
         plot.add_layout(Title(text=subtitle, **SUBTITLE_STYLE), "above")
     plot.image_rgba(image=[rgba], x=0, y=0, dw=width, dh=height)
+    if frame_width > image_width:  # the outline goes round the image, not the blank room
+        plot.quad(left=0, right=width, bottom=0, top=height, fill_alpha=0,
+                  line_color=OUTLINE_COLOR)
     return plot
 
 
 def image_grid(figures, columns=GRID_COLUMNS, filename=None):
-    """Figures in a grid with one toolbar; figures of equal image size share pan and zoom.
+    """Figures in a grid with one toolbar; figures of equal image and frame size share pan and zoom.
 
     Bokeh 3.9 merges the figures' save tools into one SaveTool of the grid, which
     exports the whole grid, titles included, as one PNG.
@@ -182,7 +203,8 @@ def image_grid(figures, columns=GRID_COLUMNS, filename=None):
     """
     shapes = [plot.renderers[0].data_source.data["image"][0].shape for plot in figures]
     for plot, shape in zip(figures[1:], shapes[1:]):
-        if shape == shapes[0]:
+        # the same image size in a frame of the same width (a long title widens a frame)
+        if shape == shapes[0] and plot.frame_width == figures[0].frame_width:
             plot.x_range, plot.y_range = figures[0].x_range, figures[0].y_range
     grid = gridplot(figures, ncols=columns, toolbar_location="above",
                     toolbar_options={"logo": None})

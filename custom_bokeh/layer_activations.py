@@ -1,8 +1,10 @@
-"""Layer activations dashboard: the input image, then every layer's output as one tiled image.
+"""Layer activations dashboard: the input, then every layer's output as one tiled image.
 
 A convolutional layer's (filters, H, W) output becomes one grid of grey maps
 separated by thin borders; a dense layer's (units,) output one strip of pixels,
-wrapped into rows when long. Each layer is a single image glyph (a layer of 512
+wrapped into rows when long; a sequence layer's (filters, T) output one filter x
+time heat map. A sequence input is drawn as curves per channel, a tabular input
+as bars per feature. Each layer is a single image glyph (a layer of 512
 filters stays fast) with an invisible rectangle per filter or unit, so hovering
 names the filter or unit under the mouse and outlines it.
 """
@@ -10,7 +12,7 @@ import numpy as np
 from bokeh.layouts import column
 from bokeh.models import ColumnDataSource, HoverTool
 
-from custom_bokeh import images
+from custom_bokeh import charts, images
 from custom_bokeh.dashboard import MAX_DRAWN_MAPS, TooMuchToDraw, image_dashboard
 from custom_keras import registry
 
@@ -30,8 +32,9 @@ def render(result, info, input_image, image_name):
     Args:
         result: [(layer name, uint8 (filters, H, W) or (units,)), ...] (Appendix D.2).
         info: unused; this technique records no per-image info.
-        input_image: uint8 (H, W, C) image as fed to the model, or None.
-        image_name: the visualization image's file name.
+        input_image: uint8 (H, W, C) image as fed to the model, float (T, C) or (F,)
+            input of a sequence or tabular model, or None.
+        image_name: the visualization input's name.
     """
     if not isinstance(result, (list, tuple)):
         raise ValueError("layer activations must be a list of (layer name, array) pairs, got %s"
@@ -45,7 +48,9 @@ def render(result, info, input_image, image_name):
         raise TooMuchToDraw("its layers hold %d feature maps and units; the dashboard draws at "
                             "most %d" % (maps, MAX_DRAWN_MAPS))
     figures = []
-    if input_image is not None:
+    if charts.input_kind_of(input_image):
+        figures.append(charts.input_figure(input_image, image_name))
+    elif input_image is not None:
         figures.append(images.image_figure(input_image, "Input: %s" % image_name))
     for layer_name, activations in result:
         figures.append(layer_figure(str(layer_name), activations))
@@ -72,8 +77,9 @@ def layer_figure(layer_name, activations):
     if activations.ndim not in (2, 3) or 0 in activations.shape:
         raise ValueError("activations of %s must have shape (filters, H, W) or (units,), got %s"
                          % (layer_name, activations.shape))
-    if activations.ndim == 2:  # e.g. a (timesteps, features) output: one map
-        return _maps_figure("%s \u2014 %s (H \u00d7 W)" % (layer_name, shape), activations[None])
+    if activations.ndim == 2:  # a sequence layer's (filters, time steps) output
+        return charts.heatmap_figure(activations, "%s \u2014 %d filters \u00d7 %d time steps"
+                                     % ((layer_name,) + activations.shape))
     return _maps_figure("%s \u2014 %s (filters \u00d7 H \u00d7 W)" % (layer_name, shape),
                         activations)
 

@@ -15,10 +15,10 @@ The tables are hostile input: read through ``custom_keras.storage``'s safe reade
 import os
 
 from bokeh.layouts import column
-from bokeh.models import ColumnDataSource, DataRange1d, HoverTool, Select
+from bokeh.models import ColumnDataSource, DataRange1d, Div, HoverTool, Select
 from bokeh.plotting import figure
 
-from custom_bokeh.dashboard import (POLL_MS, message_div, no_data_text, open_run, run_has_ended,
+from custom_bokeh.dashboard import (POLL_MS, NoDataMessage, message_div, open_run, run_has_ended,
                                     show_message)
 from custom_keras import registry, storage
 
@@ -134,6 +134,7 @@ class TrainingProgressDashboard:
 
     def __init__(self, run_dir):
         self.run_dir = run_dir
+        self._no_data = NoDataMessage(TECHNIQUE, run_dir)
         self.batches = TableReader(run_dir, "training_progress.tsv", "training_progress.txt",
                                    ("progress", "accuracy", "loss"))
         self.validation = TableReader(run_dir, "training_progress_val.tsv",
@@ -146,8 +147,9 @@ class TrainingProgressDashboard:
         self.message = message_div()
         self.metric_select = Select(title="Other metric", options=[], width=260)
         self.metric_select.on_change("value", lambda attr, old, new: self._show_other_metric())
-        self.other_figure = column(sizing_mode="stretch_width")
-        self.content = column(sizing_mode="stretch_width")
+        # an empty column makes Bokeh warn (EMPTY_LAYOUT): each holds a placeholder until drawn
+        self.other_figure = column(Div(visible=False), sizing_mode="stretch_width")
+        self.content = column(Div(visible=False), sizing_mode="stretch_width")
         self.layout = column(self.message, self.content, sizing_mode="stretch_width")
         self._doc = self._poll_callback = None
         self._ended = False
@@ -174,7 +176,7 @@ class TrainingProgressDashboard:
         if any(problems):
             show_message(self.message, "\n".join(p for p in problems if p), error=True)
         else:
-            show_message(self.message, "" if self.metrics else no_data_text(TECHNIQUE, self._ended))
+            show_message(self.message, "" if self.metrics else self._no_data.text())
         if self._ended and self._poll_callback is not None:
             self._doc.remove_periodic_callback(self._poll_callback)
             self._poll_callback = None

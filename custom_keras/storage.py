@@ -281,6 +281,7 @@ MAX_IMAGE_BYTES = 32 * MIB           # one file of images/, served by the image 
 MAX_SCRIPT_BYTES = 2 * MIB           # the script shown in the Overview tab
 MAX_TAIL_BYTES = 256 * KIB           # the end of output.txt shown live
 MAX_DOWNLOAD_BYTES = 2048 * MIB      # output.txt or the network, streamed as a download
+MAX_LINE_COUNT_BYTES = 64 * MIB      # of output.txt read to count lines (a traceback's line)
 
 _FOLDER_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 _FILE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
@@ -514,6 +515,15 @@ def read_input_images(run_dir):
         return {}
 
 
+def read_visualization_inputs(run_dir):
+    """{input name: float32 array as fed to the model}, or {} before the run wrote them."""
+    try:
+        return safe_load(run_dir, results_path(run_dir, VISUALIZATION_INPUTS_FILE),
+                         MAX_INPUT_IMAGES_BYTES)
+    except FileNotFoundError:
+        return {}
+
+
 def read_complete_lines(run_dir, path, offset=0, max_bytes=MAX_LINES_BYTES):
     """Complete lines of a file of a run folder from byte ``offset``: (lines, new offset).
 
@@ -580,6 +590,66 @@ def read_run_status(run_dir):
     except (FileNotFoundError, UnsafeFileError, ValueError):
         return None
     return status if isinstance(status, dict) else None
+
+
+MAX_TECHNIQUES_BYTES = 256 * KIB   # results/techniques.json
+
+
+def read_techniques(run_dir):
+    """{key: entry} of ``results/techniques.json`` (entries that are dicts), or None.
+
+    None means the script has registered nothing yet (or the file is missing,
+    unreadable or not a JSON object); a technique missing from a dict was not
+    registered.
+    """
+    try:
+        entries = json.loads(read_run_file(run_dir, results_path(run_dir, TECHNIQUES_FILE),
+                                           MAX_TECHNIQUES_BYTES))
+    except (FileNotFoundError, UnsafeFileError, ValueError, RecursionError):
+        return None
+    if not isinstance(entries, dict):
+        return None
+    return {key: entry for key, entry in entries.items() if isinstance(entry, dict)}
+
+
+TRACEBACK_START = "Traceback (most recent call last):"
+
+
+def read_failure(run_dir):
+    """Where the last Python traceback of ``output.txt`` starts and the exception it ends with.
+
+    Only the end of the output is searched (``MAX_TAIL_BYTES``), where a run that
+    failed printed its traceback; lines are counted up to there only within
+    ``MAX_LINE_COUNT_BYTES``.
+
+    Returns:
+        (line number counted from 1 in the whole output, or None when the output
+        is too long to count, the exception's last line, e.g. "ValueError: bad
+        shape"), or None when the end of the output holds no traceback.
+    """
+    try:
+        with open_run_file(run_dir, OUTPUT_FILE, float("inf")) as run_file:
+            start = max(0, run_file.size - MAX_TAIL_BYTES)
+            tail = run_file.read_at(start)
+            lines_before = (_count_newlines(run_file, start) if start <= MAX_LINE_COUNT_BYTES
+                            else None)
+    except (FileNotFoundError, UnsafeFileError):
+        return None
+    lines = tail.decode("utf-8", errors="replace").split("\n")
+    starts = [i for i, line in enumerate(lines) if line.rstrip("\r").endswith(TRACEBACK_START)]
+    if not starts:
+        return None
+    # the frames are indented; the first unindented line after them names the exception
+    exception = next((line.strip() for line in lines[starts[-1] + 1:]
+                      if line.strip() and not line.startswith((" ", "\t"))), "")
+    return (None if lines_before is None else lines_before + starts[-1] + 1), exception
+
+
+def _count_newlines(run_file, end, chunk=MIB):
+    count = 0
+    for offset in range(0, end, chunk):
+        count += run_file.read_at(offset, min(chunk, end - offset)).count(b"\n")
+    return count
 
 
 def list_images(run_dir):

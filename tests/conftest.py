@@ -75,9 +75,13 @@ class AuthActions:
         self._client = client
 
     def register(self, username="alice_1", password="password123", confirm=None):
-        return self._client.post("/auth/register", data={
+        """Creates a user (which logs them in), then logs out: tests log in as they need."""
+        response = self._client.post("/auth/register", data={
             "username": username, "password": password,
             "confirm": password if confirm is None else confirm})
+        if response.status_code == 302:
+            self.logout()
+        return response
 
     def login(self, username="alice_1", password="password123", next_url=None,
               address="127.0.0.1"):

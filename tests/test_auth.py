@@ -18,7 +18,7 @@ def user_count(app):
 
 def test_register_creates_user_with_salted_hash(app, client, auth):
     response = auth.register("alice_1", "password123")
-    assert response.status_code == 302 and response.headers["Location"] == "/auth/login"
+    assert response.status_code == 302 and response.headers["Location"] == "/"
     auth.register("bob_22", "password123")
     with app.app_context():
         alice = User.query.filter_by(username="alice_1").one()
@@ -26,6 +26,14 @@ def test_register_creates_user_with_salted_hash(app, client, auth):
         assert alice.password_hash != "password123"
         assert alice.password_hash != bob.password_hash  # salted
         assert alice.check_password("password123") and not alice.check_password("password124")
+
+
+def test_creating_a_user_logs_them_in(client):
+    response = client.post("/auth/register", data={
+        "username": "dana_4", "password": "password123", "confirm": "password123"},
+        follow_redirects=True)
+    assert "User dana_4 created; you are logged in." in response.get_data(as_text=True)
+    assert client.get("/").status_code == 200  # the file list, not the login page
 
 
 @pytest.mark.parametrize("username, password, confirm, message", [

@@ -107,13 +107,6 @@ def test_a_layer_of_512_filters_is_one_image_glyph():
     assert plot.frame_width <= layer_activations.MAX_WIDTH
 
 
-def test_a_two_dimensional_output_is_one_map():
-    output = random_uint8(5, 7)
-    plot = layer_activations.layer_figure("Layer 2: lstm", output)
-    assert plot.title.text == "Layer 2: lstm \u2014 5 \u00d7 7 (H \u00d7 W)"
-    assert np.array_equal(shown_image(plot), images.to_rgba(images.tile(output[None])))
-
-
 def test_a_layer_of_large_maps_is_shrunk_to_the_page_width():
     maps = np.zeros((64, 224, 224), np.uint8)
     plot = layer_activations.layer_figure("Layer 1: block1_conv1", maps)

@@ -101,8 +101,8 @@ def test_display_scale_gives_small_images_a_readable_integer_zoom():
 
 def test_image_figure_shows_the_image_pixel_for_pixel_without_axes():
     image = np.random.default_rng(0).integers(0, 256, (28, 20, 1), dtype=np.uint8)
-    plot = images.image_figure(image, "Input: digit.png")
-    assert plot.title.text == "Input: digit.png"
+    plot = images.image_figure(image, "3")
+    assert plot.title.text == "3"
     [renderer] = plot.renderers
     assert isinstance(renderer.glyph, ImageRGBA)
     assert np.array_equal(renderer.data_source.data["image"][0], images.to_rgba(image))
@@ -117,10 +117,21 @@ def test_image_figure_shows_the_image_pixel_for_pixel_without_axes():
 
 
 def test_image_figure_subtitle_and_scale():
-    plot = images.image_figure(np.zeros((4, 4), np.uint8), "dense_2 unit 7",
-                               scale=10, subtitle="activation 12.3")
-    assert plot.frame_width == 40
-    assert [t.text for t in plot.above if hasattr(t, "text")] == ["activation 12.3"]
+    plot = images.image_figure(np.zeros((4, 4), np.uint8), "u", scale=30, subtitle="act 1")
+    assert plot.frame_width == 120
+    assert [t.text for t in plot.above if hasattr(t, "text")] == ["act 1"]
+
+
+def test_a_narrow_image_gets_room_for_its_whole_title_and_keeps_square_pixels():
+    title = "Layer 8: out \u2014 3 units"
+    plot = images.image_figure(np.zeros((1, 3), np.uint8), title, scale=40)
+    needed = images.TOOLBAR_PIXELS + len(title) * images.TITLE_CHARACTER_PIXELS
+    assert plot.frame_width >= needed > 3 * 40
+    # the x range grows with the frame, so an image pixel stays 40 screen pixels wide
+    assert plot.x_range.end == pytest.approx(3 * plot.frame_width / 120)
+    image, outline = plot.renderers
+    assert isinstance(image.glyph, ImageRGBA) and image.glyph.dw == 3
+    assert (outline.glyph.left, outline.glyph.right, outline.glyph.top) == (0, 3, 1)
 
 
 def test_image_grid_shares_ranges_of_equal_images_and_saves_as_one_file():

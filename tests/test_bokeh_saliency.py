@@ -57,6 +57,11 @@ class RecordingRender:
         return saliency_maps.render(result, info, input_image, image_name)
 
 
+def drawn(dashboard):
+    """The figures the dashboard shows."""
+    return list(dashboard.content.select({"type": Plot}))
+
+
 def image_renderers(layout):
     return [r for fig in layout.select({"type": Plot}) for r in fig.renderers
             if isinstance(r.glyph, ImageRGBA)]
@@ -92,7 +97,7 @@ def test_dashboard_follows_new_snapshots_and_redraws_only_on_change(run_dir):
     dashboard = ImageDashboard(run_dir, TECHNIQUE, render)
 
     assert render.calls == [(0, "digit_7.png")]
-    assert dashboard.label.text == "Stage 0 \u00b7 epoch 1, batch 0 \u00b7 snapshot 1 of 1"
+    assert dashboard.label.text == "Snapshot 1 of 1 \u00b7 epoch 1, batch 0"
     assert dashboard.image_select.options == list(IMAGES) and dashboard.image_select.visible
     assert dashboard.image_select.value == "digit_7.png"
     assert not dashboard.slider.visible and not dashboard.message.visible
@@ -106,7 +111,7 @@ def test_dashboard_follows_new_snapshots_and_redraws_only_on_change(run_dir):
     dashboard.update()
     assert render.calls[-1] == (1, "digit_7.png") and len(render.calls) == 2
     assert dashboard.slider.visible and (dashboard.slider.end, dashboard.slider.value) == (1, 1)
-    assert dashboard.label.text.endswith("snapshot 2 of 2")
+    assert dashboard.label.text.startswith("Snapshot 2 of 2")
 
     # scrubbing back stops following; a new snapshot then only extends the slider
     dashboard.slider.value = 0
@@ -114,7 +119,7 @@ def test_dashboard_follows_new_snapshots_and_redraws_only_on_change(run_dir):
     write_stage(run_dir, 2)
     dashboard.update()
     assert (dashboard.slider.end, dashboard.slider.value) == (2, 0)
-    assert len(render.calls) == 3 and dashboard.label.text.endswith("snapshot 1 of 3")
+    assert len(render.calls) == 3 and dashboard.label.text.startswith("Snapshot 1 of 3")
 
     dashboard.image_select.value = "digit_3.png"
     assert render.calls[-1] == (0, "digit_3.png")
@@ -135,15 +140,15 @@ def test_the_slider_is_captioned_by_the_shown_stage(run_dir):
     slider_row = next(c for c in children if dashboard.slider in getattr(c, "children", []))
     assert children.index(dashboard.label) == children.index(slider_row) - 1
     assert dashboard.label.visible and dashboard.slider.visible
-    assert dashboard.label.text == "Stage 2 \u00b7 epoch 2, batch 0 \u00b7 snapshot 3 of 3"
+    assert dashboard.label.text == "Snapshot 3 of 3 \u00b7 epoch 2, batch 0"
 
     dashboard.slider.value = 1  # the user drags the slider
-    assert dashboard.label.text == "Stage 1 \u00b7 epoch 1, batch 10 \u00b7 snapshot 2 of 3"
+    assert dashboard.label.text == "Snapshot 2 of 3 \u00b7 epoch 1, batch 10"
     write_stage(run_dir, 3)  # a new snapshot arrives
     dashboard.update()
-    assert dashboard.label.text == "Stage 1 \u00b7 epoch 1, batch 10 \u00b7 snapshot 2 of 4"
+    assert dashboard.label.text == "Snapshot 2 of 4 \u00b7 epoch 1, batch 10"
     dashboard.slider.value = 3
-    assert dashboard.label.text == "Stage 3 \u00b7 epoch 2, batch 10 \u00b7 snapshot 4 of 4"
+    assert dashboard.label.text == "Snapshot 4 of 4 \u00b7 epoch 2, batch 10"
 
 
 def test_a_snapshot_of_the_same_shape_is_copied_into_the_shown_layout(run_dir):
@@ -183,13 +188,14 @@ def test_a_rewritten_snapshot_file_is_drawn_again(run_dir):
     assert render.calls == [(0, "digit_7.png"), (9, "digit_7.png")]
 
 
-def test_no_data_message_names_the_register_call(run_dir):
+def test_a_technique_the_script_did_not_register_names_the_register_call(run_dir):
+    storage.write_techniques(run_dir, {"training_progress": {"state": "active"}})
     dashboard = ImageDashboard(run_dir, TECHNIQUE, saliency_maps.render)
     assert dashboard.message.visible
     assert dashboard.message.text == (
-        "No data yet. Register the technique in your script with:\n"
+        "Not registered: this run's script does not register the saliency maps. Add:\n"
         "callbacks.register_saliency_maps()")
-    assert dashboard.content.children == []
+    assert not drawn(dashboard)
 
 
 class CreatesFile:
@@ -216,7 +222,7 @@ def test_a_malicious_results_file_is_refused_and_never_run(run_dir, tmp_path):
     assert dashboard.message.visible
     assert dashboard.message.text.startswith("Refused to read a results file: refused to load ")
     assert "only numpy arrays and plain containers" in dashboard.message.text
-    assert dashboard.content.children == []
+    assert not drawn(dashboard)
     assert not os.path.exists(marker)
 
 
@@ -247,7 +253,7 @@ def test_polling_stops_after_a_last_read_once_the_run_ended(run_dir):
     storage.write_run_status(run_dir, "failed", 1, "killed")
     dashboard.update()
     assert doc.session_callbacks == []
-    assert dashboard.label.text.endswith("snapshot 2 of 2")
+    assert dashboard.label.text.startswith("Snapshot 2 of 2")
 
 
 def test_play_steps_through_the_history_and_stops_at_the_end(run_dir):

@@ -249,7 +249,7 @@ def test_output_json_returns_last_50_lines(client, script):
     data = client.get("/scripts/1/output.json").get_json()
     assert data["lines"] == ["line %d" % i for i in range(150, 200)]
     page = client.get("/scripts/1/output").get_data(as_text=True)
-    assert "line 199" in page and "line 149\n" not in page and "Download full output" in page
+    assert "line 199" in page and "line 149\n" not in page and "Download raw output" in page
 
 
 def test_tail_lines_reads_the_end_of_a_big_file(tmp_path):
@@ -303,6 +303,9 @@ def test_output_tail_shows_a_keras_progress_bar_as_a_terminal_does(client, scrip
     assert "\n".join(expected) in page and "\x1b" not in page and "\b" not in page
     download = client.get("/scripts/1/output/download")
     assert download.data == KERAS_OUTPUT.encode("utf-8")  # the file as written, codes and all
+    clean = client.get("/scripts/1/output/download?clean=1")
+    assert clean.data.decode("utf-8") == "\n".join(expected)  # as the tab shows it, all lines
+    assert "filename=mnist_keras_output_clean.txt" in clean.headers["Content-Disposition"]
 
 
 @pytest.mark.parametrize("line, shown", [
@@ -325,6 +328,53 @@ def test_download_output(client, script):
     response = client.get("/scripts/1/output/download")
     assert response.data == b"all\nof\nit\n"
     assert "filename=mnist_keras_output.txt" in response.headers["Content-Disposition"]
+
+
+TRACEBACK_OUTPUT = ("".join("Epoch %d/9\n" % i for i in range(1, 4))
+                    + "Traceback (most recent call last):\n"
+                    + '  File "mnist_keras.py", line 3, in <module>\n    model.fit(x)\n'
+                    + "ValueError: Input 0 of layer <dense> is incompatible\n")
+
+
+def fail_run(app, script_dir, output=TRACEBACK_OUTPUT):
+    write_output(script_dir, output)
+    with app.app_context():
+        db.session.add(Run(script_id=1, state="failed", exit_code=1,
+                           message="exited with code 1"))
+        db.session.commit()
+
+
+def test_a_failed_runs_overview_shows_the_exception_and_links_to_its_traceback(app, client,
+                                                                               script):
+    fail_run(app, script)
+    page = client.get("/scripts/1").get_data(as_text=True)
+    assert str(escape("ValueError: Input 0 of layer <dense> is incompatible")) in page
+    assert "The traceback starts at line 4 of the output" in page
+    assert 'href="/scripts/1/output?from=4"' in page
+    output = client.get("/scripts/1/output?from=4").get_data(as_text=True)
+    assert "Lines 4 to 7 of the script" in output
+    assert "Traceback (most recent call last):" in output and "Epoch 3/9" not in output
+    assert "data-url" not in output  # not the live end: nothing replaces these lines
+
+
+def test_a_failed_run_without_a_traceback_shows_no_error_line(app, client, script):
+    fail_run(app, script, output="Killed\n")
+    page = client.get("/scripts/1").get_data(as_text=True)
+    assert "exited with code 1" in page and "The traceback starts" not in page
+
+
+def test_a_finished_run_shows_no_error_even_with_a_traceback_in_its_output(app, client, script):
+    write_output(script, TRACEBACK_OUTPUT)  # e.g. a caught exception the script printed
+    with app.app_context():
+        db.session.add(Run(script_id=1, state="finished", exit_code=0))
+        db.session.commit()
+    assert "The traceback starts" not in client.get("/scripts/1").get_data(as_text=True)
+
+
+def test_the_run_dialogs_file_input_has_a_label_of_its_own(client, script):
+    page = client.get("/scripts/1").get_data(as_text=True)
+    assert ('<label class="file-choice">Image file(s) to upload <input type="file" '
+            'name="image"') in page
 
 
 def test_image_route_serves_only_listed_images(client, script):

@@ -379,3 +379,9 @@ def test_cgroup_limits_and_counters_use_the_kernels_file_names(tmp_path, version
         (memory / "memory.events").write_text("low 0\nhigh 0\nmax 3\noom 1\noom_kill 1\n")
     (pids / "pids.events").write_text("max 2\n")
     assert cgroups.memory_limit_hit(7) and cgroups.process_limit_hit(7)
+
+
+def test_runs_get_tensorflows_log_noise_off_unless_the_server_sets_a_level():
+    assert sandboxing.run_environment("/runs/1", environ={})["TF_CPP_MIN_LOG_LEVEL"] == "2"
+    assert sandboxing.run_environment("/runs/1", environ={"TF_CPP_MIN_LOG_LEVEL": "0"})[
+        "TF_CPP_MIN_LOG_LEVEL"] == "0"

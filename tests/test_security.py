@@ -77,8 +77,6 @@ def test_post_without_csrf_token_is_refused_and_writes_nothing(csrf_app):
     token = csrf_token(client, "/auth/register")
     client.post("/auth/register", data={"username": "alice_1", "password": "password123",
                                         "confirm": "password123", "csrf_token": token})
-    client.post("/auth/login", data={"username": "alice_1", "password": "password123",
-                                     "csrf_token": csrf_token(client, "/auth/login")})
     response = upload_script(client, "sneaky.py")
     assert response.status_code == 400
     with csrf_app.app_context():
@@ -179,10 +177,10 @@ def test_the_dashboards_inline_script_carries_this_responses_nonce(client, auth)
 def test_with_https_cookies_are_secure_and_hsts_is_sent(tmp_path):
     app = create_app(make_test_config(tmp_path, HTTPS=True, BOKEH_URL="https://bokeh.test"))
     client = app.test_client()
-    client.post("/auth/register", data={"username": "alice_1", "password": "password123",
-                                        "confirm": "password123"})
-    response = client.post("/auth/login", data={"username": "alice_1", "password": "password123"},
-                           base_url="https://localhost")
+    # creating a user logs them in: that answer sets the session cookie
+    response = client.post("/auth/register", data={
+        "username": "alice_1", "password": "password123", "confirm": "password123"},
+        base_url="https://localhost")
     assert "Secure" in response.headers["Set-Cookie"]
     assert response.headers["Strict-Transport-Security"] == "max-age=31536000"
     assert app.config["REMEMBER_COOKIE_SECURE"] is True

@@ -188,8 +188,9 @@ def register():
             user.set_password(password)
             db.session.add(user)
             db.session.commit()
-            flash("User %s created. Log in to start." % username, "success")
-            return redirect(url_for("auth.login"))
+            start_login_session(user)  # who just chose the password need not type it again
+            flash("User %s created; you are logged in." % username, "success")
+            return redirect(url_for("scripts.index"))
         for error in errors:
             flash(error, "error")
     return render_template("auth/register.html", username=username)

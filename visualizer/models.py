@@ -14,7 +14,8 @@ from flask_sqlalchemy import SQLAlchemy
 db = SQLAlchemy()
 
 ACTIVE_STATES = ("queued", "running")
-ENDED_STATES = ("finished", "failed", "stopped")
+FAILED = "failed"
+ENDED_STATES = ("finished", FAILED, "stopped")
 
 
 def utcnow():

@@ -10,6 +10,7 @@ import warnings
 from flask import (Blueprint, abort, current_app, flash, jsonify, redirect, render_template,
                    request, send_file, url_for)
 from PIL import Image
+from werkzeug.http import dump_options_header
 from werkzeug.utils import secure_filename
 
 from custom_bokeh.auth import embed_script
@@ -21,7 +22,9 @@ from visualizer.scripts import mark_seen, owned_script, send_run_file, storage_e
 bp = Blueprint("runs", __name__, url_prefix="/scripts/<int:script_id>")
 
 OUTPUT_LINES = 50
+OUTPUT_WINDOW_LINES = 200  # lines the Output tab shows from a line on (a traceback)
 TAIL_BLOCK_BYTES = 8 * 1024
+CLEAN_LINE_BYTES = 1024 * 1024  # the cleaned download cleans a longer line in pieces
 
 
 def check_images(uploads):
@@ -204,10 +207,17 @@ def stop(script_id):
 
 @bp.route("/output")
 def output(script_id):
+    """The live end of the output, or with ``?from=N`` the lines from line N on (not live)."""
     script = owned_script(script_id)
     mark_seen(script)
     folder = run_dir(current_app, script)
-    return render_template("scripts/output.html", script=script, lines=tail_lines(folder),
+    first_line = request.args.get("from", type=int)
+    if first_line is not None and first_line >= 1:
+        lines = lines_from(folder, first_line)
+    else:
+        first_line, lines = None, tail_lines(folder)
+    return render_template("scripts/output.html", script=script, lines=lines,
+                           first_line=first_line, window=OUTPUT_WINDOW_LINES,
                            has_output=storage.is_run_file(folder, storage.OUTPUT_FILE))
 
 
@@ -244,7 +254,27 @@ def download_output(script_id):
     except storage.UnsafeFileError as error:
         flash("The output of %s cannot be downloaded: %s." % (script.filename, error), "error")
         return redirect(url_for("runs.output", script_id=script.id))
+    if request.args.get("clean") == "1":
+        return send_clean_text(output_file, script.stem + "_output_clean.txt")
     return send_run_file(output_file, script.stem + "_output.txt", "text/plain")
+
+
+def send_clean_text(output_file, download_name):
+    """A download of the output as a terminal shows it: every line through ``terminal_line``.
+
+    Read line by line (a line longer than ``CLEAN_LINE_BYTES`` is cleaned in pieces),
+    so a large file costs no more memory than one piece.
+    """
+    def lines():
+        with output_file:
+            reader = io.BufferedReader(output_file)
+            for line in iter(lambda: reader.readline(CLEAN_LINE_BYTES), b""):
+                text = line.decode("utf-8", errors="replace")
+                ending = "\n" if text.endswith("\n") else ""
+                yield (terminal_line(text.rstrip("\n")) + ending).encode("utf-8")
+
+    return current_app.response_class(lines(), mimetype="text/plain", headers={
+        "Content-Disposition": dump_options_header("attachment", {"filename": download_name})})
 
 
 @bp.route("/images/<name>")
@@ -312,6 +342,38 @@ def terminal_line(line):
                 kept.pop()
         line = "".join(kept)
     return CONTROL_CHARACTERS.sub("", line)
+
+
+def lines_from(folder, first_line, count=OUTPUT_WINDOW_LINES):
+    """``count`` lines of a run's output from line ``first_line`` (counted from 1), cleaned.
+
+    The file is read from its start up to the wanted lines, at most
+    ``storage.MAX_LINE_COUNT_BYTES`` of it (no lines beyond), and at most
+    ``storage.MAX_TAIL_BYTES`` of the lines themselves are kept.
+    """
+    try:
+        output_file = storage.open_run_file(folder, storage.OUTPUT_FILE, float("inf"))
+    except FileNotFoundError:
+        return []
+    except storage.UnsafeFileError as error:
+        return ["[The output cannot be shown: %s.]" % error]
+    with output_file:
+        reader = io.BufferedReader(output_file)
+        skipped = 0
+        for _ in range(first_line - 1):
+            line = reader.readline(storage.MAX_TAIL_BYTES)
+            skipped += len(line)
+            if not line or skipped > storage.MAX_LINE_COUNT_BYTES:
+                return []
+        lines = []
+        kept = 0
+        for _ in range(count):
+            line = reader.readline(storage.MAX_TAIL_BYTES - kept)
+            if not line:
+                break
+            kept += len(line)
+            lines.append(terminal_line(line.decode("utf-8", errors="replace").rstrip("\n")))
+    return lines
 
 
 def tail_lines(folder, count=OUTPUT_LINES):

@@ -43,7 +43,9 @@ SHM_SIZE_MB = 256
 RUN_UID_BASE = 1_500_000_000
 RUN_UID_RANGE = 1_000_000
 # Passed on from the server's environment when set; everything else is built here.
-PASSED_ENVIRONMENT = ("LANG", "LC_ALL", "TZ", "TF_CPP_MIN_LOG_LEVEL")
+TF_LOG_LEVEL_ENV = "TF_CPP_MIN_LOG_LEVEL"
+RUN_TF_LOG_LEVEL = "2"  # errors only
+PASSED_ENVIRONMENT = ("LANG", "LC_ALL", "TZ", TF_LOG_LEVEL_ENV)
 CHECK_TIMEOUT_S = 30
 OFF_MESSAGE = ("Runs are NOT sandboxed (VISUALIZER_SANDBOX=off): every script can read and "
                "change everything this server can. Use this only on a machine of your own.")
@@ -80,6 +82,10 @@ def run_environment(run_dir, environ=None):
     environ = os.environ if environ is None else environ
     env = {name: environ[name] for name in PASSED_ENVIRONMENT if environ.get(name)}
     env.setdefault("LANG", "C.UTF-8")
+    # TensorFlow's C++ INFO and WARNING lines (cpu_feature_guard ...) off, so the Output tab
+    # starts nearer the script's own lines; the server's setting passes, a script's wins.
+    # (TensorFlow 2.21 still prints its oneDNN notice before absl logging is set up.)
+    env.setdefault(TF_LOG_LEVEL_ENV, RUN_TF_LOG_LEVEL)
     env.update({
         "PATH": os.pathsep.join([os.path.dirname(sys.executable), "/usr/local/bin", "/usr/bin",
                                  "/bin"]),

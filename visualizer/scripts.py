@@ -14,7 +14,7 @@ from werkzeug.utils import secure_filename
 
 from custom_keras import storage
 from visualizer import quotas, run_dir, script_path
-from visualizer.models import ENDED_STATES, Script, Tag, db, script_tags, utcnow
+from visualizer.models import ENDED_STATES, FAILED, Script, Tag, db, script_tags, utcnow
 
 bp = Blueprint("scripts", __name__)
 
@@ -232,9 +232,12 @@ def overview(script_id):
         source = "# The script file cannot be read from the storage folder: %s." % (
             storage_error_text(error))
     code = highlight(source, PythonLexer(), HtmlFormatter(linenos="table"))
+    run = script.last_run
+    # a failed run: the exception and where its traceback starts in the output
+    failure = storage.read_failure(folder) if run and run.state == FAILED else None
     return render_template("scripts/overview.html", script=script, code=code,
                            has_network=storage.is_run_file(folder, _network_path(script)),
-                           images=storage.list_images(folder))
+                           images=storage.list_images(folder), failure=failure)
 
 
 @bp.route("/scripts/<int:script_id>/tags", methods=("POST",))

@@ -20,14 +20,14 @@ SAMPLE_IMAGE = REPO_ROOT / "scripts" / "examples" / "images" / "digit_3.png"
 RUN_TIMEOUT_S = 240
 PAGE_TIMEOUT_MS = 30000
 
-STAGE_PATTERN = re.compile(r"Stage (\d+) ")
+SNAPSHOT_PATTERN = re.compile(r"Snapshot (\d+) of ")
 ERROR_WORDS = ("Refused", "Could not", "Access refused", "no image results")
 
 
-def shown_stage(state):
-    """The stage number in the dashboard's snapshot label, or None."""
+def shown_snapshot(state):
+    """The snapshot number (counted from 1) in the dashboard's snapshot label, or None."""
     for text in state["texts"]:
-        match = STAGE_PATTERN.search(text)
+        match = SNAPSHOT_PATTERN.search(text)
         if match:
             return int(match.group(1))
     return None
@@ -64,11 +64,8 @@ def _walk_through(page, servers, tmp_path):
     page.get_by_label("Confirm password").fill("correct horse 1")
     screenshot(page, "02_register")
     page.get_by_role("button", name="Create user").click()
-    assert "User new_user_1 created" in page.inner_text("main")
-
-    page.get_by_label("Username").fill("new_user_1")
-    page.get_by_label("Password").fill("correct horse 1")
-    page.get_by_role("button", name="Log in").click()
+    # creating the user logged them in: their (empty) file list
+    assert "User new_user_1 created; you are logged in." in page.inner_text("main")
     assert "You have no files yet" in page.inner_text("main")
     screenshot(page, "03_empty_file_list")
 
@@ -87,7 +84,7 @@ def _walk_through(page, servers, tmp_path):
     # Run it with a sample image.
     page.get_by_role("button", name="Run", exact=True).click()
     dialog = page.locator("dialog#run-dialog")
-    dialog.locator("input[name=image]").set_input_files(str(SAMPLE_IMAGE))
+    dialog.get_by_label("Image file(s) to upload").set_input_files(str(SAMPLE_IMAGE))
     screenshot(page, "06_run_dialog")
     dialog.get_by_role("button", name="Run", exact=True).click()
     assert "mnist_digits.py was queued to run" in page.inner_text("main")
@@ -122,7 +119,7 @@ def _walk_through(page, servers, tmp_path):
     assert re.search(r"^ *(\d+)/\1 \u2501{20} ", output_text, re.MULTILINE), output_text
     screenshot(page, "11_output_finished")
     with page.expect_download() as download_info:
-        page.get_by_role("link", name="Download full output").click()
+        page.get_by_role("link", name="Download raw output").click()
     full_output = tmp_path / "output.txt"
     download_info.value.save_as(full_output)
     assert "Epoch 1/2" in full_output.read_text(errors="replace")
@@ -134,12 +131,12 @@ def _walk_through(page, servers, tmp_path):
     assert final >= 2 * 47  # 6000 digits in batches of 128: 47 batches per epoch
     screenshot(page, "12_training_progress_final")
 
-    # Every snapshot technique shows images of a stage after the first.
+    # Every snapshot technique shows images of a snapshot after the first.
     for number, technique in enumerate(registry.TECHNIQUES[1:], start=13):
         open_tab(page, technique.title)
-        state = wait_for(lambda: (lambda s: s if s["images"] and (shown_stage(s) or 0) > 0
+        state = wait_for(lambda: (lambda s: s if s["images"] and (shown_snapshot(s) or 0) > 1
                                   else None)(bokeh_state(page)),
-                         60, interval=0.5, what="images of stage > 0 in %s" % technique.title)
+                         60, interval=0.5, what="images of snapshot > 1 in %s" % technique.title)
         assert not [t for t in state["texts"] if t.startswith(ERROR_WORDS)], state["texts"]
         assert state["slider_ends"] and max(state["slider_ends"]) >= 1, state
         assert page.locator(".dashboard canvas").count() > 0
