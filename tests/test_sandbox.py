@@ -198,13 +198,15 @@ DISK_FILLER = """
 """
 
 
-@pytest.mark.parametrize("limit_given", ["runner_default", "per_start"])
-def test_a_disk_filler_is_stopped_and_failed_with_the_reason(tmp_path, runners, limit_given):
+# (the runner's per-run limit, the limit given to start): the smaller one holds, so a
+# user's large remaining storage never lifts the per-run limit.
+@pytest.mark.parametrize("runner_limit, start_limit", [(20, None), (1000, 20), (20, 1000)],
+                         ids=["runner_default", "per_start", "per_start_cannot_raise_it"])
+def test_a_disk_filler_is_stopped_and_failed_with_the_reason(tmp_path, runners, runner_limit,
+                                                             start_limit):
     run_dir, script = write_script(tmp_path, "filler", DISK_FILLER)
-    if limit_given == "per_start":
-        update = run_to_end(runners(disk_limit_mb=1000), run_dir, script, disk_limit_mb=20)
-    else:
-        update = run_to_end(runners(disk_limit_mb=20), run_dir, script)
+    update = run_to_end(runners(disk_limit_mb=runner_limit), run_dir, script,
+                        disk_limit_mb=start_limit)
 
     assert (update.state, update.message) == ("failed", "disk limit of 20 MB exceeded")
     assert storage.read_run_status(run_dir)["message"] == "disk limit of 20 MB exceeded"

@@ -113,8 +113,9 @@ class Runner(abc.ABC):
             run_id: the caller's id of the run.
             run_dir: the run folder (working directory, output and status files).
             script_file: the script, absolute or relative to ``run_dir``.
-            disk_limit_mb: the most disk space, in MB, the run folder may take;
-                None for the runner's configured default.
+            disk_limit_mb: a lower disk limit, in MB, for this run folder (what is
+                left of its user's storage); the runner's configured per-run limit
+                holds as well. None: the configured limit alone.
         """
 
     @abc.abstractmethod
@@ -231,7 +232,8 @@ class LocalRunner(Runner):
         with self._lock:
             if self._find(run_id):
                 raise ValueError("run %r is already queued or running" % (run_id,))
-            limit = self.disk_limit_mb if disk_limit_mb is None else disk_limit_mb
+            limit = min((mb for mb in (self.disk_limit_mb, disk_limit_mb) if mb is not None),
+                        default=None)
             self._queue_run(_Run(run_id, run_dir, script_path, limit))
             self._start_queued()
 
