@@ -13,6 +13,7 @@ import time
 
 import pytest
 
+from custom_bokeh.dashboard import snapshot_label
 from custom_keras import storage
 from e2e.harness import (Servers, WebUser, bokeh_state, fake_training, files_under, host_pid,
                          png_bytes, process_alive, read_status_file, record_measurement,
@@ -82,8 +83,7 @@ def test_killed_run_is_failed_and_dashboards_show_its_last_snapshot(make_user, s
         assert "failed" in page.inner_text(".facts")
         assert "killed by signal SIGKILL" in page.inner_text(".facts")
         page.goto("%s/scripts/%d/techniques/saliency_maps" % (servers.url, script_id))
-        label = "Stage %d \u00b7 epoch 1, batch %d \u00b7 snapshot %d of %d" % (
-            count - 1, count - 1, count, count)
+        label = snapshot_label({"epoch": 0, "batch": count - 1}, count - 1, count)
         state = wait_for(lambda: (lambda s: s if label in s["texts"] and s["images"] else None)(
             bokeh_state(page)), 30, what="the last snapshot %r" % label)
         assert not [t for t in state["texts"] if t.startswith(("Refused", "Could not"))]
