@@ -13,7 +13,7 @@ from flask_migrate import Migrate
 from flask_wtf.csrf import CSRFError, CSRFProtect
 from markupsafe import Markup
 
-from custom_keras import registry
+from custom_keras import registry, storage
 from visualizer import config
 from visualizer.models import (ACTIVE_STATES, LoginSession, Run, User, db, utc_from_timestamp,
                                utcnow)
@@ -169,7 +169,7 @@ def apply_run_update(app, update):
 
 def run_dir(app, script):
     """The run folder of a script: ``<STORAGE_DIR>/<user_id>/<stem>``."""
-    return os.path.join(app.config["STORAGE_DIR"], str(script.user_id), script.stem)
+    return storage.run_dir_in(app.config["STORAGE_DIR"], script.rel_dir)
 
 
 def script_path(app, script):

@@ -63,8 +63,9 @@ import psutil  # noqa: E402
 from custom_keras import storage  # noqa: E402  (needs the path set above)
 from visualizer import sandbox as sandboxing  # noqa: E402
 
-QUEUED, RUNNING, FINISHED, FAILED, STOPPED = "queued", "running", "finished", "failed", "stopped"
-ENDED_STATES = (FINISHED, FAILED, STOPPED)
+QUEUED, RUNNING = storage.RUN_QUEUED, storage.RUN_RUNNING
+FINISHED, FAILED, STOPPED = storage.RUN_FINISHED, storage.RUN_FAILED, storage.RUN_STOPPED
+ENDED_STATES = storage.RUN_ENDED_STATES
 GONE_MESSAGE = "the server restarted and the process is gone"
 WRAPPER_FILE = os.path.abspath(__file__)
 DEFAULT_DISK_MB = 2048
