@@ -15,8 +15,9 @@ from werkzeug.utils import secure_filename
 
 from custom_bokeh.auth import embed_script
 from custom_keras import registry, storage
-from visualizer import quotas, run_dir, script_path
+from visualizer import quotas
 from visualizer.models import Run, db
+from visualizer.run_store import run_dir, script_path
 from visualizer.scripts import mark_seen, owned_script, send_run_file, storage_error_text
 
 bp = Blueprint("runs", __name__, url_prefix="/scripts/<int:script_id>")
