@@ -177,7 +177,7 @@ class DashboardSite:
 
     def _start_bokeh(self):
         self._log = open(os.path.join(self.root, "bokeh.log"), "w+")
-        env = dict(os.environ, VISUALIZER_SECRET_KEY=self.secret_key, PYTHONPATH=REPO_ROOT)
+        env = dict(os.environ, VISUALIZER_SECRET_KEY=self.secret_key)
         self._server = subprocess.Popen(
             [sys.executable, "-m", "custom_bokeh", "--port", str(self.bokeh_port),
              "--address", "127.0.0.1", "--storage-dir", self.storage_dir,

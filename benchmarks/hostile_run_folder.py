@@ -103,7 +103,7 @@ def open_session(url, secret, app, run_rel_dir):
 
 def bokeh_server(storage_dir, secret):
     port = free_port()
-    env = dict(os.environ, VISUALIZER_SECRET_KEY=secret, PYTHONPATH=REPO_ROOT)
+    env = dict(os.environ, VISUALIZER_SECRET_KEY=secret)
     process = subprocess.Popen(
         [sys.executable, "-m", "custom_bokeh", "--port", str(port), "--storage-dir", storage_dir],
         cwd=REPO_ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

@@ -15,11 +15,9 @@ import sys
 from bokeh.server.server import Server
 
 from custom_bokeh.dashboard import RunApplication
-from custom_keras import registry
+from custom_keras import registry, storage
 
 SECRET_KEY_ENV = "VISUALIZER_SECRET_KEY"
-DEFAULT_STORAGE_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                                   "user_storage")
 
 
 def parse_args(argv=None):
@@ -31,8 +29,7 @@ def parse_args(argv=None):
                         metavar="HOST:PORT",
                         help="a page origin allowed to open sessions, e.g. 127.0.0.1:5000 "
                              "(repeatable; default: the server's own address)")
-    parser.add_argument("--storage-dir", default=os.environ.get("VISUALIZER_STORAGE",
-                                                                DEFAULT_STORAGE_DIR),
+    parser.add_argument("--storage-dir", default=storage.storage_dir_from_env(),
                         help="the folder holding every user's runs (default: VISUALIZER_STORAGE "
                              "or <repo>/user_storage)")
     return parser.parse_args(argv)

@@ -18,6 +18,8 @@ from bokeh.embed import server_session
 from bokeh.util.token import (check_token_signature, generate_jwt_token, generate_session_id,
                               get_token_payload)
 
+from custom_keras import storage
+
 
 class InvalidToken(ValueError):
     """A session token that is unsigned, forged, expired or names a run it may not open."""
@@ -38,7 +40,7 @@ def make_token(secret_key, user_id, run_rel_dir, technique_key, expiration_s=300
         raise ValueError("secret_key must be a non-empty string")
     if not technique_key or not isinstance(technique_key, str):
         raise ValueError("technique_key must be a technique's key, got %r" % (technique_key,))
-    _check_run_rel_dir(user_id, run_rel_dir)
+    storage.check_run_rel_dir(user_id, run_rel_dir)
     session_id = generate_session_id(secret_key=_as_bytes(secret_key), signed=True)
     return generate_jwt_token(session_id, secret_key=_as_bytes(secret_key), signed=True,
                               extra_payload={"user_id": user_id, "run": run_rel_dir,
@@ -86,22 +88,13 @@ def verify_token(token, secret_key, storage_dir, technique_key):
     if payload.get("technique") != technique_key:
         raise InvalidToken("the session token was made for another dashboard")
     user_id, run_rel_dir = payload.get("user_id"), payload.get("run")
-    _check_run_rel_dir(user_id, run_rel_dir, InvalidToken)
+    storage.check_run_rel_dir(user_id, run_rel_dir, InvalidToken)
     storage_dir = os.path.realpath(storage_dir)
-    run_dir = os.path.join(storage_dir, run_rel_dir)
+    run_dir = storage.run_dir_in(storage_dir, run_rel_dir)
     # a run folder (or the user's folder) replaced by a link could lead to another user's run
     if os.path.realpath(run_dir) != run_dir:
         raise InvalidToken("the session token names a run outside the storage folder")
     return run_dir
-
-
-def _check_run_rel_dir(user_id, run_rel_dir, error=ValueError):
-    """A run must be ``<user_id>/<script>``: one level below the user's own folder."""
-    parts = run_rel_dir.split("/") if isinstance(run_rel_dir, str) else []
-    if (len(parts) != 2 or parts[0] != str(user_id) or parts[1] in ("", ".", "..")
-            or "\\" in run_rel_dir):
-        raise error("run_rel_dir must be '<user_id>/<script>' of user %r, got %r"
-                    % (user_id, run_rel_dir))
 
 
 def _as_bytes(secret_key):

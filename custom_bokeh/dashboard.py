@@ -15,7 +15,6 @@ with the restricted unpickler, a snapshot is drawn only within the drawing caps
 below, and whatever is refused is reported on the page, never executed. This
 module imports no keras.
 """
-import os
 import pickle
 
 import numpy as np
@@ -29,9 +28,6 @@ from tornado.web import HTTPError
 from custom_bokeh.auth import InvalidToken, verify_token
 from custom_keras import registry, storage
 
-# the run states of status.json (written by the web app's runner) that the dashboards tell apart
-FINISHED, FAILED, STOPPED = "finished", "failed", "stopped"
-ENDED_STATES = (FINISHED, FAILED, STOPPED)
 POLL_MS = 250
 PLAY_MS = 600
 
@@ -151,7 +147,7 @@ def check_drawable(*values):
 def run_has_ended(run_dir):
     """True once the web app's runner has recorded that the run finished, failed or stopped."""
     status = storage.read_run_status(run_dir)
-    return bool(status) and status.get("state") in ENDED_STATES
+    return bool(status) and status.get("state") in storage.RUN_ENDED_STATES
 
 
 def no_data_text(technique, run_dir):
@@ -172,15 +168,15 @@ def no_data_text(technique, run_dir):
     title = technique.title.lower()
     if entry and entry.get("state") == storage.TECHNIQUE_SWITCHED_OFF:
         return switched_off_text(entry)
-    if state == FAILED and (entry or techniques is None):
+    if state == storage.RUN_FAILED and (entry or techniques is None):
         return "The run failed before the %s produced results: %s" % (
             title, failure_text(run_dir, status))
-    if entry is None and (techniques is not None or state in ENDED_STATES):
+    if entry is None and (techniques is not None or state in storage.RUN_ENDED_STATES):
         return "Not registered: this run's script does not register the %s. Add:\n%s" % (
             title, register_call(technique, run_dir, techniques))
-    if state == STOPPED:
+    if state == storage.RUN_STOPPED:
         return "The run was stopped before the %s produced results." % title
-    if state in ENDED_STATES:
+    if state in storage.RUN_ENDED_STATES:
         return "The run finished without %s results." % title
     if entry is None:
         return ("Waiting for the script to start: it has not registered any technique yet "
@@ -538,7 +534,7 @@ class ImageDashboard:
         if entry and entry.get("state") == storage.TECHNIQUE_SWITCHED_OFF:
             return switched_off_text(entry) + " The snapshots taken before are shown."
         status = storage.read_run_status(self.run_dir) or {}
-        if status.get("state") == FAILED:
+        if status.get("state") == storage.RUN_FAILED:
             return "The run failed: %s\nThe snapshots taken before are shown." % failure_text(
                 self.run_dir, status)
         return ""
@@ -617,8 +613,7 @@ class ImageDashboard:
 
     def _index_was_replaced(self):
         """True when the history index shrank (a re-run deleted the previous results)."""
-        index = os.path.join(storage.history_dir(self.run_dir, self.technique.results_file),
-                             storage.HISTORY_INDEX)
+        index = storage.history_index_path(self.run_dir, self.technique.results_file)
         return storage.file_size(index) < self._index_offset
 
     def _on_slider(self, attr, old, new):

@@ -135,10 +135,10 @@ class TrainingProgressDashboard:
     def __init__(self, run_dir):
         self.run_dir = run_dir
         self._no_data = NoDataMessage(TECHNIQUE, run_dir)
-        self.batches = TableReader(run_dir, "training_progress.tsv", "training_progress.txt",
-                                   ("progress", "accuracy", "loss"))
-        self.validation = TableReader(run_dir, "training_progress_val.tsv",
-                                      "training_progress_val.txt",
+        self.batches = TableReader(run_dir, storage.TRAINING_PROGRESS_TABLE,
+                                   storage.TRAINING_PROGRESS_FILE, ("progress", "accuracy", "loss"))
+        self.validation = TableReader(run_dir, storage.TRAINING_PROGRESS_VAL_TABLE,
+                                      storage.TRAINING_PROGRESS_VAL_FILE,
                                       ("epoch", "val_accuracy", "val_loss"))
         self.batch_source = ColumnDataSource(data={}, name="batch_rows")
         self.val_source = ColumnDataSource(data={}, name="validation_rows")

@@ -49,9 +49,11 @@ import keras
 import numpy as np
 
 from custom_keras import images as visualization_images
-from custom_keras import storage
+from custom_keras import registry, storage
 from custom_keras.inputs import (NotApplicable, check_inputs_array, input_kind, input_names,
                                  prepare_inputs)
+from custom_keras.storage import (TRAINING_PROGRESS_FILE, TRAINING_PROGRESS_TABLE,
+                                  TRAINING_PROGRESS_VAL_FILE, TRAINING_PROGRESS_VAL_TABLE)
 from custom_keras.techniques.activations import (EXCLUDE_LAYERS, ActivationModel,
                                                  check_exclude_layers)
 from custom_keras.techniques.common import softmax, to_uint8
@@ -61,10 +63,6 @@ from custom_keras.techniques.deep_visualization import (DeepVisualizationModel, 
                                                         check_unit_list)
 from custom_keras.techniques.saliency import SaliencyModel
 
-TRAINING_PROGRESS_FILE = "training_progress.txt"
-TRAINING_PROGRESS_VAL_FILE = "training_progress_val.txt"
-TRAINING_PROGRESS_TABLE = "training_progress.tsv"
-TRAINING_PROGRESS_VAL_TABLE = "training_progress_val.tsv"
 # Deep visualization does not use the visualization images; with none in the
 # folder its results are stored under this name.
 NO_IMAGE = "no_image"
@@ -547,7 +545,7 @@ class LayerActivations(_SnapshotCallback):
     """
 
     key = "layer_activations"
-    results_file = "layer_activations.pickle"
+    results_file = registry.get(key).results_file
     title = "layer activations"
 
     def __init__(self, file_folder, exclude_layers=EXCLUDE_LAYERS, custom_preprocess=None,
@@ -587,7 +585,7 @@ class SaliencyMaps(_SnapshotCallback):
     """
 
     key = "saliency_maps"
-    results_file = "saliency_maps.pickle"
+    results_file = registry.get(key).results_file
     title = "saliency maps"
 
     def __init__(self, file_folder, custom_preprocess=None, custom_postprocess=None, interval=10,
@@ -661,7 +659,7 @@ class DeconvolutionalNetwork(_SnapshotCallback):
     """
 
     key = "deconvolutional_network"
-    results_file = "deconvolutional_network.pickle"
+    results_file = registry.get(key).results_file
     title = "deconvolutional network"
 
     def __init__(self, file_folder, feat_map_layer_no, feat_map_amount=None, feat_map_nos=None,
@@ -727,7 +725,7 @@ class DeepVisualization(_SnapshotCallback):
     """
 
     key = "deep_visualization"
-    results_file = "deep_visualization.pickle"
+    results_file = registry.get(key).results_file
     title = "deep visualization"
 
     def __init__(self, file_folder, units_to_visualize, learning_rate, no_of_iterations,

@@ -7,6 +7,8 @@ This module imports no keras, so the servers can use it.
 """
 from dataclasses import dataclass
 
+from custom_keras import storage
+
 
 @dataclass(frozen=True)
 class Technique:
@@ -30,7 +32,7 @@ TECHNIQUES = (
     Technique(
         key="training_progress",
         title="Training progress",
-        results_file="training_progress.txt",
+        results_file=storage.TRAINING_PROGRESS_FILE,
         register_call="callbacks.register_training_progress()",
         description=(
             "Loss and every metric for each batch, against training progress in epochs; "

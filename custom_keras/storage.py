@@ -1,7 +1,9 @@
 """The run-folder format: paths, atomic writes, snapshot history and safe reading.
 
 This module imports no keras or tensorflow, so the Flask app and the Bokeh
-server read run folders through it too. Layout of one run folder::
+server read run folders through it too. Every run folder is
+``<storage>/<user_id>/<script stem>`` (``run_rel_dir``, ``run_dir_in``; the storage
+folder is ``VISUALIZER_STORAGE`` or ``<repo>/user_storage``). Layout of one run folder::
 
     <run>/
         <script>.py
@@ -86,6 +88,23 @@ HISTORY_DIR = "history"
 HISTORY_INDEX = "index.jsonl"
 RUN_DIR_ENV = "VISUALIZER_RUN_DIR"
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
+# The training-progress tables (written by TrainingProgress, read by its dashboard).
+TRAINING_PROGRESS_FILE = "training_progress.txt"
+TRAINING_PROGRESS_VAL_FILE = "training_progress_val.txt"
+TRAINING_PROGRESS_TABLE = "training_progress.tsv"
+TRAINING_PROGRESS_VAL_TABLE = "training_progress_val.tsv"
+
+# The run states of status.json, written by the web app's runner and by the run itself.
+RUN_QUEUED, RUN_RUNNING = "queued", "running"
+RUN_FINISHED, RUN_FAILED, RUN_STOPPED = "finished", "failed", "stopped"
+RUN_ACTIVE_STATES = (RUN_QUEUED, RUN_RUNNING)
+RUN_ENDED_STATES = (RUN_FINISHED, RUN_FAILED, RUN_STOPPED)
+
+# The storage folder holds one folder per user and in it one run folder per script:
+# ``<storage>/<user_id>/<script stem>``.
+STORAGE_DIR_ENV = "VISUALIZER_STORAGE"
+DEFAULT_STORAGE_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                   "user_storage")
 
 
 class UnsafePickleError(pickle.UnpicklingError):
@@ -104,6 +123,41 @@ def resolve_run_dir(file_folder):
     run_dir = os.path.abspath(run_dir)
     os.makedirs(run_dir, exist_ok=True)
     return run_dir
+
+
+def storage_dir_from_env(env=os.environ):
+    """The storage folder: ``VISUALIZER_STORAGE`` when set, else ``<repo>/user_storage``."""
+    return os.path.abspath(env.get(STORAGE_DIR_ENV) or DEFAULT_STORAGE_DIR)
+
+
+def script_stem(script_file_name):
+    """The run folder's name for a script, e.g. ``"mnist_digits"`` for ``"mnist_digits.py"``."""
+    return os.path.splitext(script_file_name)[0]
+
+
+def user_dir(storage_dir, user_id):
+    """The folder of all of a user's run folders: ``<storage>/<user_id>``."""
+    return os.path.join(storage_dir, str(user_id))
+
+
+def run_rel_dir(user_id, script_file_name):
+    """A script's run folder relative to the storage folder, e.g. ``"3/mnist_digits"``."""
+    return "%d/%s" % (user_id, script_stem(script_file_name))
+
+
+def run_dir_in(storage_dir, rel_dir):
+    """The run folder ``<storage>/<user_id>/<stem>`` of a ``run_rel_dir``."""
+    return os.path.join(storage_dir, *rel_dir.split("/"))
+
+
+def check_run_rel_dir(user_id, rel_dir, error=ValueError):
+    """Raises ``error`` unless ``rel_dir`` is ``<user_id>/<stem>``: one level below the
+    user's own folder."""
+    parts = rel_dir.split("/") if isinstance(rel_dir, str) else []
+    if (len(parts) != 2 or parts[0] != str(user_id) or parts[1] in ("", ".", "..")
+            or "\\" in rel_dir):
+        raise error("run_rel_dir must be '<user_id>/<script>' of user %r, got %r"
+                    % (user_id, rel_dir))
 
 
 def results_dir(run_dir):
@@ -132,6 +186,10 @@ def status_path(run_dir):
 
 def history_dir(run_dir, file_name):
     return os.path.join(run_dir, RESULTS_DIR, HISTORY_DIR, _stem(file_name))
+
+
+def history_index_path(run_dir, file_name):
+    return os.path.join(history_dir(run_dir, file_name), HISTORY_INDEX)
 
 
 def per_image_path(run_dir, image_name, file_name):

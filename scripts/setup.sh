@@ -17,7 +17,19 @@ if [ ! -x .venv/bin/python ]; then
     "$PYTHON" -m venv .venv
 fi
 .venv/bin/pip install --quiet --disable-pip-version-check -r requirements.txt
-# Training scripts run anywhere in this environment import the callback library
-# (`from custom_keras.callbacks import CustomCallbacks`): put the repository on the path.
+# The project itself, editable (pyproject.toml): training scripts run anywhere in this
+# environment import the callback library (`from custom_keras.callbacks import
+# CustomCallbacks`), and so do the runs' sandbox and the servers. Installed once per
+# checkout; setup.sh runs at every start.
+if ! .venv/bin/python -I - "$PWD" 2>/dev/null <<'PYTHON'
+import json, sys
+from importlib import metadata
+url = json.loads(metadata.distribution("training-visualizer").read_text("direct_url.json"))["url"]
+sys.exit(url != "file://" + sys.argv[1])
+PYTHON
+then
+    .venv/bin/pip install --quiet --disable-pip-version-check --no-deps -e .
+fi
+# The path file that earlier versions of this script wrote is replaced by the install above.
 site_packages=$(.venv/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
-pwd > "$site_packages/training_visualizer.pth"
+rm -f "$site_packages/training_visualizer.pth"

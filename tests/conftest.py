@@ -13,7 +13,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from visualizer import create_app, run_dir
+from visualizer import create_app
+from visualizer.run_store import run_dir
 
 
 class FakeRunner:

@@ -170,7 +170,7 @@ def start_server(storage_dir, secret=SECRET, extra_origins=()):
     """``python -m custom_bokeh`` on a free port; returns (process, base URL)."""
     port = free_port()
     origins = sum((["--allow-websocket-origin", o] for o in extra_origins), [])
-    env = dict(os.environ, VISUALIZER_SECRET_KEY=secret, PYTHONPATH=REPO)
+    env = dict(os.environ, VISUALIZER_SECRET_KEY=secret)
     process = subprocess.Popen(
         [sys.executable, "-m", "custom_bokeh", "--port", str(port), "--address", "127.0.0.1",
          "--storage-dir", storage_dir] + origins,
@@ -261,7 +261,7 @@ def test_server_stops_cleanly_on_sigint(tmp_path):
 def test_server_needs_the_secret_key_from_the_environment(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "VISUALIZER_SECRET_KEY"}
     result = subprocess.run([sys.executable, "-m", "custom_bokeh", "--storage-dir", str(tmp_path)],
-                            cwd=REPO, env=dict(env, PYTHONPATH=REPO), capture_output=True,
+                            cwd=REPO, env=env, capture_output=True,
                             text=True, timeout=60)
     assert result.returncode != 0
     assert "VISUALIZER_SECRET_KEY" in result.stderr

@@ -19,7 +19,6 @@ from custom_keras import registry, storage
 from custom_keras.callbacks import (CustomCallbacks, DeepVisualization, NetworkSaver,
                                     SaliencyMaps, TrainingProgress)
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TECHNIQUE_FILES = ("layer_activations.pickle", "saliency_maps.pickle",
                    "deconvolutional_network.pickle", "deep_visualization.pickle")
 
@@ -640,7 +639,7 @@ def test_a_run_killed_mid_snapshot_leaves_every_latest_file_readable(tmp_path):
     script = os.path.join(run_dir, "killed.py")
     with open(script, "w") as f:
         f.write(KILLED_SCRIPT)
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONPATH=ROOT)
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
     env.pop(storage.RUN_DIR_ENV, None)
     rng = random.Random(1)
     for attempt in range(5):

@@ -22,7 +22,7 @@ def run_example(tmp_path, script, epochs=1):
     """Copy the example and its images to ``tmp_path`` and run it there, as a user would."""
     shutil.copy(os.path.join(EXAMPLES, script), tmp_path)
     shutil.copytree(os.path.join(EXAMPLES, "images"), os.path.join(tmp_path, "images"))
-    env = dict(os.environ, EPOCHS=str(epochs), TF_CPP_MIN_LOG_LEVEL="2", PYTHONPATH=ROOT)
+    env = dict(os.environ, EPOCHS=str(epochs), TF_CPP_MIN_LOG_LEVEL="2")
     env.pop(storage.RUN_DIR_ENV, None)
     completed = subprocess.run([sys.executable, script], cwd=tmp_path, env=env, timeout=300,
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -139,7 +139,7 @@ def test_tabular_example_names_its_features_and_says_why_deconvolution_is_off(tm
 def run_without_images(tmp_path, script):
     """Copy an example that needs no images to ``tmp_path`` and run it there."""
     shutil.copy(os.path.join(EXAMPLES, script), tmp_path)
-    env = dict(os.environ, EPOCHS="1", TF_CPP_MIN_LOG_LEVEL="2", PYTHONPATH=ROOT)
+    env = dict(os.environ, EPOCHS="1", TF_CPP_MIN_LOG_LEVEL="2")
     env.pop(storage.RUN_DIR_ENV, None)
     completed = subprocess.run([sys.executable, script], cwd=tmp_path, env=env, timeout=300,
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

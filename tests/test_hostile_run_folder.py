@@ -21,7 +21,8 @@ from custom_bokeh import saliency_maps
 from custom_bokeh.dashboard import MAX_DRAWN_VALUES, ImageDashboard
 from custom_bokeh.training_progress import MAX_TABLE_COLUMNS, TrainingProgressDashboard
 from custom_keras import registry, storage
-from visualizer import apply_run_update, create_app
+from visualizer import create_app
+from visualizer.run_store import apply_run_update
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -13,9 +13,10 @@ from markupsafe import escape
 from PIL import Image
 
 from custom_keras import registry, storage
-from visualizer import apply_run_update, create_app
+from visualizer import create_app
 from visualizer import runs as runs_module
 from visualizer.models import Run, Script, db
+from visualizer.run_store import apply_run_update
 from visualizer.runs import tail_lines
 
 

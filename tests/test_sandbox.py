@@ -89,6 +89,23 @@ def test_the_script_sees_no_instance_folder_no_other_user_and_no_repository_data
     assert not os.path.exists(os.path.join(sandboxing.LIBRARY_DIR, "evil.py"))
 
 
+def test_the_script_imports_the_callback_library_through_the_installed_package(tmp_path,
+                                                                               runners):
+    # no PYTHONPATH: the editable install's finder in the virtual environment points at
+    # the repository's custom_keras, which the sandbox mounts read-only
+    run_dir, script = reporting_script(tmp_path, "imports", """
+        attempt("pythonpath", lambda: os.environ.get("PYTHONPATH"))
+        attempt("storage", lambda: __import__("custom_keras.storage").storage.__file__)
+    """)
+
+    update = run_to_end(runners(), run_dir, script)
+
+    assert update.state == "finished", open(storage.output_path(run_dir)).read()
+    found = report(run_dir)
+    assert found["pythonpath"] == "None"
+    assert found["storage"] == repr(os.path.join(sandboxing.LIBRARY_DIR, "storage.py"))
+
+
 def test_the_script_gets_only_the_allowed_environment_and_an_unprivileged_uid(tmp_path,
                                                                              runners, monkeypatch):
     monkeypatch.setenv("VISUALIZER_SECRET_KEY", "secret")

@@ -239,7 +239,8 @@ def seed_queued_run(env, code):
 
     Returns the run folder.
     """
-    from visualizer import create_app, run_dir, script_path
+    from visualizer import create_app
+    from visualizer.run_store import run_dir, script_path
     from visualizer.models import Run, Script, User, db
 
     class NoRunner:  # the test process must not run anything itself

@@ -7,27 +7,24 @@ from urllib.parse import urlsplit
 
 import sqlalchemy
 from alembic import command
-from flask import Flask, current_app, flash, g, redirect, render_template, request, session, url_for
-from flask_login import LoginManager, current_user
+from flask import Flask, g, render_template, request
+from flask_login import current_user
 from flask_migrate import Migrate
 from flask_wtf.csrf import CSRFError, CSRFProtect
 from markupsafe import Markup
 
 from custom_keras import registry
-from visualizer import config
-from visualizer.models import (ACTIVE_STATES, LoginSession, Run, User, db, utc_from_timestamp,
-                               utcnow)
+from visualizer import auth, config, runs, scripts
+from visualizer.models import ACTIVE_STATES, Run, db
+from visualizer.run_store import apply_run_update, run_dir, script_path
 
 # Pages an anonymous visitor may open; every other page sends them to the login page.
 PUBLIC_ENDPOINTS = {"auth.login", "auth.register", "static", "favicon"}
-# The key in the Flask session that names the user's LoginSession row.
-LOGIN_SESSION_KEY = "login_session"
 MIGRATIONS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "migrations")
 # The revision whose schema equals the tables create_all made before migrations existed.
 BASELINE_REVISION = "0001"
 HSTS_MAX_AGE_S = 365 * 24 * 3600
 
-login_manager = LoginManager()
 csrf = CSRFProtect()
 migrate = Migrate(directory=MIGRATIONS_DIR)
 
@@ -63,10 +60,9 @@ def create_app(test_config=None):
     db.init_app(app)
     migrate.init_app(app, db)
     csrf.init_app(app)
-    login_manager.init_app(app)
-    login_manager.login_view = "auth.login"
+    auth.login_manager.init_app(app)
+    auth.login_manager.login_view = "auth.login"
 
-    from visualizer import auth, runs, scripts
     app.register_blueprint(auth.bp)
     app.register_blueprint(scripts.bp)
     app.register_blueprint(runs.bp)
@@ -147,57 +143,12 @@ def _sandbox(app):
     return sandbox, None
 
 
-def apply_run_update(app, update):
-    """Write a runner's state change (a ``RunUpdate``) into the database.
-
-    Called from the runner's monitor thread, hence the app context of its own.
-    """
-    with app.app_context():
-        run = db.session.get(Run, update.run_id)
-        if run is None:
-            return
-        run.state = update.state
-        run.exit_code = update.exit_code
-        run.pid = update.pid
-        run.message = update.message
-        if update.started_at is not None:
-            run.started_at = utc_from_timestamp(update.started_at)
-        if update.ended_at is not None:
-            run.ended_at = utc_from_timestamp(update.ended_at)
-        db.session.commit()
-
-
-def run_dir(app, script):
-    """The run folder of a script: ``<STORAGE_DIR>/<user_id>/<stem>``."""
-    return os.path.join(app.config["STORAGE_DIR"], str(script.user_id), script.stem)
-
-
-def script_path(app, script):
-    return os.path.join(run_dir(app, script), script.filename)
-
-
 def format_local_time(value, with_date=True):
     """A naive UTC time from the database, shown in the server's local time."""
     if value is None:
         return ""
     local = value.replace(tzinfo=datetime.timezone.utc).astimezone()
     return local.strftime("%Y-%m-%d %H:%M" if with_date else "%H:%M:%S")
-
-
-@login_manager.user_loader
-def load_user(user_id):
-    """The session's user while its login session exists server-side (logout deletes it)
-    and is younger than PERMANENT_SESSION_LIFETIME."""
-    login_session = db.session.get(LoginSession, session.get(LOGIN_SESSION_KEY) or "")
-    if (login_session is None or str(login_session.user_id) != user_id
-            or login_session.created_at < login_sessions_expired_before()):
-        return None
-    return db.session.get(User, login_session.user_id)
-
-
-def login_sessions_expired_before():
-    """Login sessions created before this time no longer log anyone in."""
-    return utcnow() - current_app.permanent_session_lifetime
 
 
 def csp_nonce():
@@ -239,16 +190,6 @@ def content_security_policy(bokeh_url, nonce):
     ])
 
 
-@login_manager.unauthorized_handler
-def send_to_login():
-    # A relative next (path and query only) so it is accepted as same-site after login.
-    target = request.full_path if request.query_string else request.path
-    if request.method == "GET":
-        return redirect(url_for("auth.login", next=target))
-    flash("Please log in first.", "error")
-    return redirect(url_for("auth.login"))
-
-
 def _register_handlers(app):
     @app.after_request
     def security_headers(response):
@@ -266,7 +207,7 @@ def _register_handlers(app):
     def require_login():
         if request.endpoint in PUBLIC_ENDPOINTS or current_user.is_authenticated:
             return None
-        return login_manager.unauthorized()
+        return auth.login_manager.unauthorized()
 
     @app.context_processor
     def technique_tabs():
@@ -281,8 +222,7 @@ def _register_handlers(app):
     def run_banner():
         if not current_user.is_authenticated:
             return {}
-        from visualizer.scripts import unseen_ended_runs
-        return {"ended_runs": unseen_ended_runs(current_user)}
+        return {"ended_runs": scripts.unseen_ended_runs(current_user)}
 
     @app.errorhandler(404)
     def not_found(error):

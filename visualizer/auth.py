@@ -18,16 +18,19 @@ import re
 import secrets
 from urllib.parse import urlsplit
 
-from flask import Blueprint, flash, redirect, render_template, request, session, url_for
-from flask_login import current_user, login_user, logout_user
+from flask import (Blueprint, current_app, flash, redirect, render_template, request, session,
+                   url_for)
+from flask_login import LoginManager, current_user, login_user, logout_user
 from sqlalchemy import delete, func, update
 from sqlalchemy.exc import IntegrityError
 from werkzeug.security import check_password_hash, generate_password_hash
 
-from visualizer import LOGIN_SESSION_KEY, login_sessions_expired_before
 from visualizer.models import LoginSession, LoginThrottle, User, db, utcnow
 
 bp = Blueprint("auth", __name__, url_prefix="/auth")
+login_manager = LoginManager()
+# The key in the Flask session that names the user's LoginSession row.
+LOGIN_SESSION_KEY = "login_session"
 
 USERNAME_PATTERN = re.compile(r"[A-Za-z0-9_]{5,20}")
 MIN_PASSWORD_LENGTH = 8
@@ -253,4 +256,30 @@ def logout():
     logout_user()
     session.clear()  # nothing of this user's session (pending messages) is left to the next one
     flash("You are logged out.", "success")
+    return redirect(url_for("auth.login"))
+
+
+@login_manager.user_loader
+def load_user(user_id):
+    """The session's user while its login session exists server-side (logout deletes it)
+    and is younger than PERMANENT_SESSION_LIFETIME."""
+    login_session = db.session.get(LoginSession, session.get(LOGIN_SESSION_KEY) or "")
+    if (login_session is None or str(login_session.user_id) != user_id
+            or login_session.created_at < login_sessions_expired_before()):
+        return None
+    return db.session.get(User, login_session.user_id)
+
+
+def login_sessions_expired_before():
+    """Login sessions created before this time no longer log anyone in."""
+    return utcnow() - current_app.permanent_session_lifetime
+
+
+@login_manager.unauthorized_handler
+def send_to_login():
+    # A relative next (path and query only) so it is accepted as same-site after login.
+    target = request.full_path if request.query_string else request.path
+    if request.method == "GET":
+        return redirect(url_for("auth.login", next=target))
+    flash("Please log in first.", "error")
     return redirect(url_for("auth.login"))

@@ -27,6 +27,7 @@ VISUALIZER_USER_STORAGE_MB     10240 (storage of one user, runs included)  USER_
 import os
 import secrets
 
+from custom_keras import storage
 from visualizer.runner import DEFAULT_DISK_MB, DEFAULT_PROCESSES
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -58,8 +59,7 @@ def settings_from_env(environ=None):
         "PORT": _number(env, "VISUALIZER_PORT", 5000),
         "BOKEH_PORT": _number(env, "VISUALIZER_BOKEH_PORT", 5006),
         "BOKEH_URL": env.get("VISUALIZER_BOKEH_URL"),
-        "STORAGE_DIR": os.path.abspath(env.get("VISUALIZER_STORAGE",
-                                               os.path.join(REPO_ROOT, "user_storage"))),
+        "STORAGE_DIR": storage.storage_dir_from_env(env),
         "INSTANCE_DIR": os.path.abspath(env.get("VISUALIZER_INSTANCE",
                                                 os.path.join(REPO_ROOT, "instance"))),
         "SQLALCHEMY_DATABASE_URI": env.get("VISUALIZER_DATABASE_URL"),

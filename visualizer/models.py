@@ -4,18 +4,19 @@ A change here needs a migration in ``visualizer/migrations/versions`` (see
 ``visualizer/migrations/README``): the start path upgrades existing databases with it.
 """
 import datetime
-import os
 
 from flask_login import UserMixin
 from werkzeug.security import check_password_hash, generate_password_hash
 
 from flask_sqlalchemy import SQLAlchemy
 
+from custom_keras import storage
+
 db = SQLAlchemy()
 
-ACTIVE_STATES = ("queued", "running")
-FAILED = "failed"
-ENDED_STATES = ("finished", FAILED, "stopped")
+ACTIVE_STATES = storage.RUN_ACTIVE_STATES
+FAILED = storage.RUN_FAILED
+ENDED_STATES = storage.RUN_ENDED_STATES
 
 
 def utcnow():
@@ -101,12 +102,12 @@ class Script(db.Model):
 
     @property
     def stem(self):
-        return os.path.splitext(self.filename)[0]
+        return storage.script_stem(self.filename)
 
     @property
     def rel_dir(self):
         """The run folder relative to STORAGE_DIR, e.g. ``"3/mnist_digits"``."""
-        return "%d/%s" % (self.user_id, self.stem)
+        return storage.run_rel_dir(self.user_id, self.filename)
 
     @property
     def last_run(self):
@@ -120,7 +121,7 @@ class Script(db.Model):
 class Run(db.Model):
     id = db.Column(db.Integer, primary_key=True)
     script_id = db.Column(db.Integer, db.ForeignKey("script.id"), nullable=False, index=True)
-    state = db.Column(db.String(10), nullable=False, default="queued")
+    state = db.Column(db.String(10), nullable=False, default=storage.RUN_QUEUED)
     exit_code = db.Column(db.Integer)
     pid = db.Column(db.Integer)
     message = db.Column(db.Text)

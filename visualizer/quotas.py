@@ -19,7 +19,7 @@ class QuotaExceeded(ValueError):
 
 def user_dir(app, user_id):
     """The folder of all of a user's run folders: ``<STORAGE_DIR>/<user_id>``."""
-    return os.path.join(app.config["STORAGE_DIR"], str(user_id))
+    return storage.user_dir(app.config["STORAGE_DIR"], user_id)
 
 
 def storage_limit_bytes(app):

@@ -54,17 +54,14 @@ import time
 import traceback
 from collections import deque
 
-REPOSITORY_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if REPOSITORY_ROOT not in sys.path:  # when this file runs as the wrapper program
-    sys.path.insert(0, REPOSITORY_ROOT)
+import psutil
 
-import psutil  # noqa: E402
+from custom_keras import storage
+from visualizer import sandbox as sandboxing
 
-from custom_keras import storage  # noqa: E402  (needs the path set above)
-from visualizer import sandbox as sandboxing  # noqa: E402
-
-QUEUED, RUNNING, FINISHED, FAILED, STOPPED = "queued", "running", "finished", "failed", "stopped"
-ENDED_STATES = (FINISHED, FAILED, STOPPED)
+QUEUED, RUNNING = storage.RUN_QUEUED, storage.RUN_RUNNING
+FINISHED, FAILED, STOPPED = storage.RUN_FINISHED, storage.RUN_FAILED, storage.RUN_STOPPED
+ENDED_STATES = storage.RUN_ENDED_STATES
 GONE_MESSAGE = "the server restarted and the process is gone"
 WRAPPER_FILE = os.path.abspath(__file__)
 DEFAULT_DISK_MB = 2048

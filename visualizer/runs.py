@@ -15,8 +15,9 @@ from werkzeug.utils import secure_filename
 
 from custom_bokeh.auth import embed_script
 from custom_keras import registry, storage
-from visualizer import quotas, run_dir, script_path
+from visualizer import quotas
 from visualizer.models import Run, db
+from visualizer.run_store import run_dir, script_path
 from visualizer.scripts import mark_seen, owned_script, send_run_file, storage_error_text
 
 bp = Blueprint("runs", __name__, url_prefix="/scripts/<int:script_id>")
@@ -179,14 +180,14 @@ def run(script_id):
               "images are kept. The storage folder of the server needs attention (free space, "
               "permissions)." % storage_error_text(error), "error")
         return redirect(overview)
-    run = Run(script=script, state="queued")
+    run = Run(script=script, state=storage.RUN_QUEUED)
     db.session.add(run)
     db.session.commit()
     try:
         current_app.extensions["runner"].start(run.id, folder, script_path(current_app, script),
                                                disk_limit_mb=disk_limit_mb)
     except Exception as error:
-        run.state, run.message = "failed", "could not start: %s" % error
+        run.state, run.message = storage.RUN_FAILED, "could not start: %s" % error
         db.session.commit()
         flash("%s could not be started: %s" % (script.filename, error), "error")
         return redirect(overview)

@@ -91,7 +91,6 @@ def run_environment(run_dir, environ=None):
                                  "/bin"]),
         "HOME": "/tmp",
         "PYTHONUNBUFFERED": "1",
-        "PYTHONPATH": REPOSITORY_ROOT,
         storage.RUN_DIR_ENV: run_dir,
     })
     return env

@@ -13,8 +13,9 @@ from werkzeug.http import dump_options_header
 from werkzeug.utils import secure_filename
 
 from custom_keras import storage
-from visualizer import quotas, run_dir, script_path
+from visualizer import quotas
 from visualizer.models import ENDED_STATES, FAILED, Script, Tag, db, script_tags, utcnow
+from visualizer.run_store import run_dir, script_path
 
 bp = Blueprint("scripts", __name__)
 

@@ -1,0 +1,44 @@
+"""The run-folder contract (custom_keras.storage) that the web app, the Bokeh server and
+the callbacks share."""
+import os
+
+import pytest
+
+from custom_bokeh.__main__ import parse_args
+from custom_keras import storage
+from visualizer.config import settings_from_env
+
+REPOSITORY_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_the_storage_folder_is_visualizer_storage_else_user_storage_in_the_repository(tmp_path):
+    assert storage.storage_dir_from_env({}) == os.path.join(REPOSITORY_ROOT, "user_storage")
+    assert storage.storage_dir_from_env({"VISUALIZER_STORAGE": str(tmp_path)}) == str(tmp_path)
+
+
+def test_the_web_app_and_the_bokeh_server_use_the_same_storage_folder(monkeypatch, tmp_path):
+    monkeypatch.delenv("VISUALIZER_STORAGE", raising=False)
+    assert parse_args([]).storage_dir == settings_from_env({})["STORAGE_DIR"]
+    monkeypatch.setenv("VISUALIZER_STORAGE", str(tmp_path))
+    assert parse_args([]).storage_dir == settings_from_env()["STORAGE_DIR"] == str(tmp_path)
+
+
+def test_a_scripts_run_folder_is_named_after_it_in_its_users_folder(tmp_path):
+    rel_dir = storage.run_rel_dir(3, "mnist_digits.py")
+
+    assert rel_dir == "3/mnist_digits"
+    storage.check_run_rel_dir(3, rel_dir)
+    assert storage.run_dir_in(str(tmp_path), rel_dir) == os.path.join(
+        storage.user_dir(str(tmp_path), 3), "mnist_digits")
+
+
+@pytest.mark.parametrize("rel_dir", ["4/mnist_digits", "3", "3/a/b", "3/..", "3/.", "3/",
+                                     "3/a\\b", None])
+def test_a_run_folder_that_is_not_one_level_below_the_users_folder_is_refused(rel_dir):
+    with pytest.raises(ValueError, match="<user_id>/<script>"):
+        storage.check_run_rel_dir(3, rel_dir)
+
+
+def test_the_run_states_are_queued_running_and_three_ends():
+    assert storage.RUN_ACTIVE_STATES == ("queued", "running")
+    assert set(storage.RUN_ENDED_STATES) == {"finished", "failed", "stopped"}
