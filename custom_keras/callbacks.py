@@ -800,6 +800,19 @@ class DeepVisualization(_SnapshotCallback):
         return {name: result for name in self.image_names}, {}
 
 
+def _switches_off_on_error(hook):
+    """A ``HealthChecks`` hook whose errors switch the checks off instead of the training."""
+    def guarded(self, *args, **kwargs):
+        if self.switched_off:
+            return
+        try:
+            hook(self, *args, **kwargs)
+        except Exception as error:  # the checks must never stop the training
+            self._switch_off(error)
+    guarded.__name__ = hook.__name__
+    return guarded
+
+
 class HealthChecks(keras.callbacks.Callback):
     """Watches the training for signs that it is going wrong and writes alerts.
 
@@ -863,18 +876,6 @@ class HealthChecks(keras.callbacks.Callback):
     def _path(self, file_name):
         return storage.results_path(self.run_dir, file_name)
 
-    def _guarded(hook):
-        """Run a hook so that an error in it switches the checks off instead of the training."""
-        def guarded(self, *args, **kwargs):
-            if self.switched_off:
-                return
-            try:
-                hook(self, *args, **kwargs)
-            except Exception as error:  # the checks must never stop the training
-                self._switch_off(error)
-        guarded.__name__ = hook.__name__
-        return guarded
-
     def _switch_off(self, error):
         self.switched_off = True
         if self._probe is not None:
@@ -884,7 +885,7 @@ class HealthChecks(keras.callbacks.Callback):
             self.title, self._epoch + 1, self._batches_done, reason), file=sys.stderr, flush=True)
         self.record.update(self.key, state=storage.TECHNIQUE_SWITCHED_OFF, reason=reason)
 
-    @_guarded
+    @_switches_off_on_error
     def on_train_begin(self, logs=None):
         if not self._started:
             # A new run starts new alerts rather than continuing an old run's.
@@ -912,11 +913,12 @@ class HealthChecks(keras.callbacks.Callback):
             return
         self._probe.start(self.interval, self._step)
 
+    @_switches_off_on_error
     def on_train_end(self, logs=None):
         if self._probe is not None:
             self._probe.enabled.assign(False)
 
-    @_guarded
+    @_switches_off_on_error
     def on_epoch_begin(self, epoch, logs=None):
         self._epoch = epoch
         self._epoch_start_step = self._step
@@ -924,7 +926,7 @@ class HealthChecks(keras.callbacks.Callback):
         self._first_largest_norm = None
         self._gate.new_epoch()
 
-    @_guarded
+    @_switches_off_on_error
     def on_train_batch_end(self, batch, logs=None):
         logs = logs or {}
         steps = self.params.get("steps") if self.params else None
@@ -961,19 +963,20 @@ class HealthChecks(keras.callbacks.Callback):
                            ["step", "epoch", "batch"] + names, position + norms)
         if dead:
             storage.append_row(self._path(storage.DEAD_UNITS_TABLE),
-                               ["step", "epoch", "batch"] + list(dead), position + list(dead.values()))
-        exploding, largest = health.exploding_gradients(norms, self._first_largest_norm,
-                                                        self.thresholds)
-        if self._first_largest_norm is None and largest == largest:  # not NaN
+                               ["step", "epoch", "batch"] + list(dead),
+                               position + list(dead.values()))
+        first = self._first_largest_norm
+        exploding, largest = health.exploding_gradients(norms, first, self.thresholds)
+        if first is None and math.isfinite(largest):
             self._first_largest_norm = largest
         if self._gate.update((health.EXPLODING_GRADIENTS, None), exploding):
-            layer = names[norms.index(largest)]
+            cause = ("above %g" % self.thresholds.exploding_norm
+                     if largest > self.thresholds.exploding_norm else
+                     "%.3g times the epoch's first (%.3g)" % (largest / first, first))
             self._alert(health.EXPLODING_GRADIENTS, (
-                "The largest gradient norm is %.3g (layer %s), %.3g times the epoch's first "
-                "(%.3g); the threshold is %g: the weight updates are too large and the training "
-                "may diverge." % (largest, layer, largest / self._first_largest_norm,
-                                  self._first_largest_norm, self.thresholds.exploding_norm)),
-                largest)
+                "The largest gradient norm is %.3g (layer %s), %s: the weight updates are too "
+                "large and the training may diverge." % (
+                    largest, names[norms.index(largest)], cause)), largest)
         vanishing, ratio = health.vanishing_gradients(norms, self.thresholds)
         if self._gate.update((health.VANISHING_GRADIENTS, None), vanishing):
             self._alert(health.VANISHING_GRADIENTS, (
@@ -988,7 +991,7 @@ class HealthChecks(keras.callbacks.Callback):
                     "batch: dead ReLUs no longer learn." % (100 * fraction, layer)), fraction,
                     layer=layer)
 
-    @_guarded
+    @_switches_off_on_error
     def on_epoch_end(self, epoch, logs=None):
         logs = logs or {}
         self._check_finite(logs)
@@ -1013,6 +1016,7 @@ class HealthChecks(keras.callbacks.Callback):
                     100 * self.thresholds.plateau_fraction, smoothed[-1])), smoothed[-1])
 
     def _alert(self, kind, message, value, layer=None):
+        value = float(value)
         alert = {"kind": kind, "epoch": self._epoch, "batch": self._batches_done,
                  "step": self._step, "message": message, "advice": health.ADVICE[kind],
                  "value": value if math.isfinite(value) else str(value), "time": time.time()}

@@ -24,8 +24,8 @@ server read run folders through it too. Layout of one run folder::
             history/<technique>/<stage>.pickle     {"tags": {...}, "images": {image: result},
                                                     "info": {image: {...}}}
             alerts.jsonl               health-check alerts, one JSON object a line (below)
-            gradient_norms.tsv         header "step epoch batch <layer>..." + one row per measurement
-            dead_units.tsv             header "step epoch batch <relu layer>..": dead fraction
+            gradient_norms.tsv         "step epoch batch <layer>...": gradient norm per layer
+            dead_units.tsv             "step epoch batch <relu layer>...": fraction of dead units
 
 ``techniques.json`` is rewritten (atomically) at every register call, at train
 begin and whenever a technique changes state: ``{key: entry}`` with the

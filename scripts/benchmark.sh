@@ -9,6 +9,7 @@ bash scripts/setup.sh
 .venv/bin/pip install --quiet --disable-pip-version-check -r benchmarks/requirements.txt
 export TF_CPP_MIN_LOG_LEVEL=2
 .venv/bin/python -m benchmarks.techniques "$@"
+.venv/bin/python -m benchmarks.health "$@"
 .venv/bin/python -m benchmarks.dashboards
 .venv/bin/python -m benchmarks.logins
 .venv/bin/python -m benchmarks.hostile_run_folder

@@ -261,7 +261,8 @@ class HealthProbe:
         self.interval = tf.Variable(1, dtype=tf.int64, trainable=False)
         self.origin = tf.Variable(0, dtype=tf.int64, trainable=False)
         self.enabled = tf.Variable(False, trainable=False)
-        self.step = tf.Variable(-1, dtype=tf.int64, trainable=False)  # of the run, not the optimizer
+        # the run's step of the latest measurement (not the optimizer's)
+        self.step = tf.Variable(-1, dtype=tf.int64, trainable=False)
         self.norms = tf.Variable(tf.zeros(len(self.layers)), trainable=False)
         self.dead = tf.Variable(tf.zeros(max(len(relu_layers), 1)), trainable=False)
         original = model.train_step
