@@ -826,7 +826,7 @@ class HealthChecks(keras.callbacks.Callback):
 
     Alerts (kinds in ``custom_keras.techniques.health``, format in
     ``custom_keras.storage``) go to ``results/alerts.jsonl`` and one line on
-    stderr, each with its reason and what to try; one alert (kind and layer) is
+    stderr (``[visualizer alert] ...``), each with its reason and what to try; one alert (kind and layer) is
     written when it appears and again only after it has cleared, at most
     ``AlertGate.per_epoch`` times an epoch.
 
@@ -1022,7 +1022,7 @@ class HealthChecks(keras.callbacks.Callback):
                  "value": value if math.isfinite(value) else str(value), "time": time.time()}
         if layer is not None:
             alert["layer"] = layer
-        print("[visualizer] alert at epoch %d, batch %d: %s %s" % (
+        print("[visualizer alert] epoch %d, batch %d: %s %s" % (
             self._epoch + 1, self._batches_done, message, health.ADVICE[kind]),
             file=sys.stderr, flush=True)
         storage.write_alert(self.run_dir, alert)

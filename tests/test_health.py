@@ -339,3 +339,16 @@ def test_the_callbacks_keep_a_bounded_history_with_stage_0_and_the_latest(tmp_pa
     stages = [e["stage"] for e in storage.read_history_index(run_dir,
                                                              "layer_activations.pickle")[0]]
     assert len(stages) <= 4 and stages[0] == 0 and stages[-1] == 16
+
+
+def test_a_model_compiled_with_xla_and_several_steps_per_execution_is_measured(tmp_path):
+    x, y = separable_data(256)
+    model = mlp([16], bias_initializer=keras.initializers.Constant(-10.0))
+    model.compile(keras.optimizers.SGD(0.1), "binary_crossentropy", jit_compile=True,
+                  steps_per_execution=3)
+    model.fit(x, y, batch_size=32, epochs=2, verbose=0,
+              callbacks=[HealthChecks(str(tmp_path), interval=2)])
+    with open(storage.results_path(str(tmp_path), storage.GRADIENT_NORMS_TABLE)) as f:
+        rows = [line.split() for line in f][1:]
+    assert len(rows) >= 4 and all(row[3] == "0.0" for row in rows)  # a dead first layer
+    assert health.DEAD_UNITS in kinds(str(tmp_path))
