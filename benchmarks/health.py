@@ -62,8 +62,9 @@ def health_check_overhead(samples, rounds):
     for interval in intervals:
         least = min(timer.seconds for timer in timers[interval])
         epoch = min(checked[interval])
-        report("health checks every %d batches: time inside their hooks / epoch" % interval,
-               least, epoch, 0.03)
+        ratio = report("health checks every %d batches: time inside their hooks / epoch"
+                       % interval, least, epoch, 0.03)
+        print("  = %.2f %% of the epoch" % (100 * ratio), flush=True)
         report("  epoch with the health checks / epoch without", epoch, min(plain))
     alerts = storage.results_path(run_dir, storage.ALERTS_FILE)
     print("  alerts raised: %d" % (sum(1 for _ in open(alerts)) if os.path.exists(alerts) else 0))

@@ -5,7 +5,7 @@ Usage (the thesis' Appendix C API)::
     from custom_keras.callbacks import CustomCallbacks
     callbacks = CustomCallbacks(os.path.dirname(__file__), base_interval=10)
     callbacks.register_network_saver()
-    callbacks.register_training_progress()
+    callbacks.register_training_progress()     # and the health checks (alerts)
     callbacks.register_layer_activations()
     callbacks.register_saliency_maps()
     callbacks.register_deconvolutional_network(3, feat_map_amount=8)
@@ -826,9 +826,9 @@ class HealthChecks(keras.callbacks.Callback):
 
     Alerts (kinds in ``custom_keras.techniques.health``, format in
     ``custom_keras.storage``) go to ``results/alerts.jsonl`` and one line on
-    stderr (``[visualizer alert] ...``), each with its reason and what to try; one alert (kind and layer) is
-    written when it appears and again only after it has cleared, at most
-    ``AlertGate.per_epoch`` times an epoch.
+    stderr (``[visualizer alert] ...``), each with its reason and what to try;
+    one alert (kind and layer) is written when it appears and again only after it
+    has cleared, at most ``AlertGate.per_epoch`` times an epoch.
 
     The checks never stop the training: an error inside them switches them off
     with the reason in ``results/techniques.json``. A model with several outputs
@@ -952,6 +952,12 @@ class HealthChecks(keras.callbacks.Callback):
                         "longer usable." % values, float(logs[names[0]]))
 
     def _check_probe(self):
+        if self._probe.failure is not None:
+            if self._probe_problem is None:
+                self._probe_problem = "without gradient norms and dead units: %s" % _one_line(
+                    self._probe.failure)
+                self.record.update(self.key, reason=self._probe_problem)
+            return
         measured_at, norms, dead = self._probe.read()
         if measured_at < 0 or measured_at == self._last_measurement:
             return

@@ -155,6 +155,23 @@ def test_an_error_inside_the_checks_switches_them_off_and_training_goes_on(tmp_p
     assert "health checks switched off" in capsys.readouterr().err
 
 
+def test_a_training_step_the_probe_cannot_trace_trains_without_it_and_says_why(tmp_path,
+                                                                              monkeypatch):
+    def untraceable(self, data):
+        raise NotImplementedError("cannot trace this step")
+    monkeypatch.setattr(health.HealthProbe, "_measure_when_due", untraceable)
+    x, y = separable_data(64)
+    model = mlp([4])
+    run_dir = train(tmp_path, model, keras.optimizers.SGD(1e-7), x, y, epochs=3)
+    assert model.optimizer.iterations.numpy() == 6
+    with open(storage.results_path(run_dir, storage.TECHNIQUES_FILE)) as f:
+        entry = json.load(f)["health_checks"]
+    assert entry["state"] == storage.TECHNIQUE_ACTIVE
+    assert entry["reason"] == ("without gradient norms and dead units: "
+                               "NotImplementedError: cannot trace this step")
+    assert kinds(run_dir) == {health.LOSS_NOT_DECREASING}  # the other checks go on
+
+
 def test_a_model_with_two_outputs_gets_the_checks_without_gradients_and_says_why(tmp_path):
     inputs = keras.Input((4,))
     model = keras.Model(inputs, [keras.layers.Dense(1)(inputs), keras.layers.Dense(1)(inputs)])

@@ -237,7 +237,8 @@ class HealthProbe:
     """Per-layer gradient norms and dead-ReLU fractions, measured inside the training step.
 
     Wraps ``model.train_step`` (see the module docstring) and rebuilds the training
-    function; built once per model, a later ``fit`` reuses it. ``start`` turns it on for a
+    function; built once per model, a later ``fit`` reuses it. A step it cannot trace
+    trains without it, with the error in ``failure``. ``start`` turns it on for a
     fit and ``enabled`` off after, so a model trained later without the health checks pays
     one comparison a step.
 
@@ -265,19 +266,27 @@ class HealthProbe:
         self.step = tf.Variable(-1, dtype=tf.int64, trainable=False)
         self.norms = tf.Variable(tf.zeros(len(self.layers)), trainable=False)
         self.dead = tf.Variable(tf.zeros(max(len(relu_layers), 1)), trainable=False)
+        self.failure = None  # why the training step could not be traced with the probe
         original = model.train_step
 
         def train_step(data):
-            iteration = tf.cast(model.optimizer.iterations, tf.int64)
-            due = tf.logical_and(self.enabled,
-                                 tf.equal((iteration - self.origin) % self.interval, 0))
-            # measured before the step's update, on the weights its gradients are of
-            measured = tf.cond(due, lambda: self._measure(data, iteration), lambda: False)
+            try:
+                measured = self._measure_when_due(data)
+            except Exception as error:  # a model the probe cannot trace trains without it
+                self.failure = error
+                return original(data)
             with tf.control_dependencies([measured]):
                 return original(data)
 
         model.train_step = train_step
         model.make_train_function(force=True)
+
+    def _measure_when_due(self, data):
+        iteration = tf.cast(self.model.optimizer.iterations, tf.int64)
+        due = tf.logical_and(self.enabled,
+                             tf.equal((iteration - self.origin) % self.interval, 0))
+        # measured before the step's update, on the weights its gradients are of
+        return tf.cond(due, lambda: self._measure(data, iteration), lambda: False)
 
     def start(self, interval, step):
         """Measure every ``interval`` steps from now, where the run has done ``step`` steps."""
