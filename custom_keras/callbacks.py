@@ -907,7 +907,7 @@ class HealthChecks(keras.callbacks.Callback):
                                    "its first batch (no keras.Input)")
             return
         try:
-            self._probe = health.HealthProbe(self.model, self.sample_size)
+            self._probe = health.HealthProbe.of(self.model, self.sample_size)
         except Exception as error:  # the other checks go on without it
             self._probe_problem = "without gradient norms and dead units: %s" % _one_line(error)
             return

@@ -172,6 +172,18 @@ def test_a_training_step_the_probe_cannot_trace_trains_without_it_and_says_why(t
     assert kinds(run_dir) == {health.LOSS_NOT_DECREASING}  # the other checks go on
 
 
+def test_later_fits_with_new_health_checks_reuse_the_traced_training_step(tmp_path):
+    x, y = separable_data(64)
+    model = mlp([4])
+    train(tmp_path / "first", model, "adam", x, y, epochs=1)
+    traced = model.train_function
+    model.fit(x, y, batch_size=32, epochs=2, verbose=0,
+              callbacks=[HealthChecks(str(tmp_path / "second"), interval=2)])
+    assert model.train_function is traced
+    with open(storage.results_path(str(tmp_path / "second"), storage.GRADIENT_NORMS_TABLE)) as f:
+        assert [line.split()[0] for line in f][1:] == ["0", "2"]
+
+
 def test_a_model_with_two_outputs_gets_the_checks_without_gradients_and_says_why(tmp_path):
     inputs = keras.Input((4,))
     model = keras.Model(inputs, [keras.layers.Dense(1)(inputs), keras.layers.Dense(1)(inputs)])

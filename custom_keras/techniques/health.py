@@ -18,6 +18,7 @@ rather than a fixed sample. A separate ``tf.function`` on a stored batch would
 need the script to hand over labelled data, which the callbacks never see.
 """
 import math
+import weakref
 
 import keras
 import tensorflow as tf
@@ -237,8 +238,8 @@ class HealthProbe:
     """Per-layer gradient norms and dead-ReLU fractions, measured inside the training step.
 
     Wraps ``model.train_step`` (see the module docstring) and rebuilds the training
-    function; built once per model, a later ``fit`` reuses it. A step it cannot trace
-    trains without it, with the error in ``failure``. ``start`` turns it on for a
+    function; built once per model (``HealthProbe.of``), a later ``fit`` reuses it. A
+    step it cannot trace trains without it, with the error in ``failure``. ``start`` turns it on for a
     fit and ``enabled`` off after, so a model trained later without the health checks pays
     one comparison a step.
 
@@ -246,6 +247,17 @@ class HealthProbe:
         model: a built, compiled Keras model with one output.
         sample_size: the number of samples of the step's batch the measurement uses.
     """
+
+    _by_model = weakref.WeakKeyDictionary()
+
+    @classmethod
+    def of(cls, model, sample_size=32):
+        """The model's probe, built at the first call: a new probe would wrap the step again
+        and retrace it (seconds) at every ``fit``. ``sample_size`` is the first call's."""
+        probe = cls._by_model.get(model)
+        if probe is None:
+            probe = cls._by_model[model] = cls(model, sample_size)
+        return probe
 
     def __init__(self, model, sample_size=32):
         if len(model.outputs) != 1:
