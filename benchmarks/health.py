@@ -5,7 +5,8 @@
    the whole epoch with them against one without, which also holds what they do
    inside the training step (gradient norms and dead units every ``interval``
    steps). Measured at the example's interval (5 measurements an epoch) and at
-   an interval of 10 batches.
+   an interval of 10 batches. As the whole-epoch ratio drowns in the noise of a
+   shared machine, one measurement is also timed against one training step.
 2. Bounded history: bytes on disk of a technique's history after 5,000
    snapshots against after 300, with the default ``history_limit`` (target <=
    1.1). Each synthetic snapshot is 49 KB, the layer activations of the
@@ -29,6 +30,7 @@ from benchmarks.techniques import (BATCH_SIZE, EPOCH_IMAGES, SNAPSHOTS_PER_EPOCH
 from custom_keras import storage  # noqa: E402
 from custom_keras.callbacks import HealthChecks  # noqa: E402
 from custom_keras.reference import build_reference_model, load_digits_28  # noqa: E402
+from custom_keras.techniques import health  # noqa: E402
 
 SNAPSHOT_BYTES = 49 * 1024
 TECHNIQUE_FILE = "layer_activations.pickle"
@@ -71,6 +73,33 @@ def health_check_overhead(samples, rounds):
     shutil.rmtree(run_dir)
 
 
+def measurement_cost(rounds=3, batches=60):
+    """Item 1, inside the training step: epochs of ``batches`` steps of one model with its
+    probe measuring at every step and with the probe off, alternating; the best counts.
+    The difference is what one measurement costs against one training step; divided by the
+    interval it is the share of an epoch, which the whole-epoch ratio is too noisy to show."""
+    x, y = load_digits_28(size=batches * BATCH_SIZE, shift=2)
+    model = build_reference_model()
+    run_dir = tempfile.mkdtemp(prefix="bench-health-")
+    data = batches_of(x, y)
+    fit_one_epoch(model, data, [HealthChecks(run_dir, interval=1)])  # builds and traces
+    probe = health.HealthProbe.of(model)
+    every_step, off = [], []
+    for _ in range(rounds):
+        probe.start(1, 0)
+        every_step.append(fit_one_epoch(model, data, []))
+        probe.enabled.assign(False)
+        off.append(fit_one_epoch(model, data, []))
+    step = min(off) / batches
+    measurement = max(min(every_step) - min(off), 0.0) / batches
+    print("training step of %d images, best of %d epochs of %d steps:" % (BATCH_SIZE, rounds,
+                                                                         batches))
+    ratio = report("one measurement (32 samples) / one training step", measurement, step)
+    for interval in (int(np.ceil(EPOCH_IMAGES / BATCH_SIZE / SNAPSHOTS_PER_EPOCH)), 10):
+        print("  every %d batches: %.2f %% of an epoch" % (interval, 100 * ratio / interval))
+    shutil.rmtree(run_dir)
+
+
 def history_bytes():
     """Item 2: disk usage of one technique's history after 300 and after 5,000 snapshots."""
     run_dir = tempfile.mkdtemp(prefix="bench-history-")
@@ -104,6 +133,7 @@ def main():
     if args.rounds < 1:
         parser.error("--rounds must be at least 1")
     history_bytes()
+    measurement_cost()
     health_check_overhead(12000 if args.quick else EPOCH_IMAGES, args.rounds)
 
 

@@ -269,8 +269,9 @@ class HealthProbe:
         self.layer_names = [layer.name for layer in self.layers]
         relu_layers = [layer for layer in model.layers if is_relu(layer)]
         self.relu_names = [layer.name for layer in relu_layers]
-        self._relu_model = (keras.Model(model.inputs, [layer.output for layer in relu_layers])
-                            if relu_layers else None)
+        # one pass gives the ReLU outputs and the prediction the gradients are taken of
+        self._forward = keras.Model(model.inputs,
+                                    [layer.output for layer in relu_layers] + list(model.outputs))
         self.interval = tf.Variable(1, dtype=tf.int64, trainable=False)
         self.origin = tf.Variable(0, dtype=tf.int64, trainable=False)
         self.enabled = tf.Variable(False, trainable=False)
@@ -313,7 +314,10 @@ class HealthProbe:
         sample_weight = tf.nest.map_structure(take, sample_weight)
         variables = self.model.trainable_variables
         with tf.GradientTape() as tape:
-            y_pred = self.model(x, training=False)
+            outputs = self._forward(x, training=False)
+            # a model of one output (no ReLU layers) returns a tensor, not a list
+            outputs = list(outputs) if isinstance(outputs, (list, tuple)) else [outputs]
+            outputs, y_pred = outputs[:-1], outputs[-1]
             loss = self.model.compute_loss(x=x, y=y, y_pred=y_pred, sample_weight=sample_weight,
                                            training=False)
         gradients = dict(zip([id(v) for v in variables], tape.gradient(loss, variables)))
@@ -324,9 +328,7 @@ class HealthProbe:
             norms.append(tf.sqrt(tf.add_n(squares)) if squares else tf.constant(0.0))
         updates = [self.norms.assign(tf.stack(norms)),
                    self.step.assign(iteration - self.origin)]
-        if self._relu_model is not None:
-            outputs = self._relu_model(x, training=False)
-            outputs = outputs if isinstance(outputs, (list, tuple)) else [outputs]
+        if outputs:
             fractions = []
             for output in outputs:
                 units = tf.reshape(output, (-1, tf.shape(output)[-1]))
