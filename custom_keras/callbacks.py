@@ -818,9 +818,9 @@ class HealthChecks(keras.callbacks.Callback):
 
     Every batch: the loss and every metric for NaN or Inf, and the batch's loss
     for the smoothed-loss trend. Every ``interval`` batches: per-layer gradient
-    norms and the fraction of dead ReLU units, measured inside the training step
-    on ``sample_size`` samples of that step's batch (``HealthProbe``: no extra
-    pass over data of its own), written to ``results/gradient_norms.tsv`` and
+    norms on ``sample_size`` samples of that step's batch and the fraction of dead
+    ReLU units on the whole batch, measured inside the training step
+    (``HealthProbe``: no data of its own), written to ``results/gradient_norms.tsv`` and
     ``results/dead_units.tsv``. Every epoch: validation against training loss,
     and whether the loss still decreases.
 
@@ -838,7 +838,8 @@ class HealthChecks(keras.callbacks.Callback):
     Args:
         file_folder: should always be ``os.path.dirname(__file__)``.
         interval: measure gradient norms and dead units every ``interval`` batches.
-        sample_size: the number of samples of a training batch they are measured on.
+        sample_size: the number of samples of a training batch the gradients are
+            measured on (dead units: the whole batch).
         record: the run's ``TechniqueRecord``.
         **thresholds: the alert thresholds, keyword arguments of
             ``custom_keras.techniques.health.Thresholds`` (``exploding_norm=1e3``,

@@ -10,11 +10,13 @@ once per model, and every ``interval`` training steps (a ``tf.cond`` on the
 optimizer's step counter, so the other steps run one comparison more and
 nothing else) it takes the first ``sample_size`` samples of that step's own
 batch, computes the loss and its gradients on them with the model in inference
-mode (no dropout, no batch-norm statistics moved) and the outputs of the ReLU
-layers, and stores the per-layer norms and dead fractions in variables. The
-callback reads those variables every ``interval`` batches: one small transfer,
-no Python-side forward pass and no labels of its own, and real training data
-rather than a fixed sample. A separate ``tf.function`` on a stored batch would
+mode (no dropout, no batch-norm statistics moved), and the outputs of the ReLU
+layers on the whole batch (forward only: dead means silent for every sample of
+a training batch, and 32 samples would call many live units dead), and stores
+the per-layer norms and dead fractions in variables. The callback reads those
+variables every ``interval`` batches: one small transfer, no Python-side
+forward pass and no labels of its own, and real training data rather than a
+fixed sample. A separate ``tf.function`` on a stored batch would
 need the script to hand over labelled data, which the callbacks never see.
 """
 import math
@@ -245,7 +247,8 @@ class HealthProbe:
 
     Args:
         model: a built, compiled Keras model with one output.
-        sample_size: the number of samples of the step's batch the measurement uses.
+        sample_size: the number of samples of the step's batch the gradients are measured
+            on; dead units are measured on the whole batch.
     """
 
     _by_model = weakref.WeakKeyDictionary()
@@ -269,9 +272,8 @@ class HealthProbe:
         self.layer_names = [layer.name for layer in self.layers]
         relu_layers = [layer for layer in model.layers if is_relu(layer)]
         self.relu_names = [layer.name for layer in relu_layers]
-        # one pass gives the ReLU outputs and the prediction the gradients are taken of
-        self._forward = keras.Model(model.inputs,
-                                    [layer.output for layer in relu_layers] + list(model.outputs))
+        self._relu_model = (keras.Model(model.inputs, [layer.output for layer in relu_layers])
+                            if relu_layers else None)
         self.interval = tf.Variable(1, dtype=tf.int64, trainable=False)
         self.origin = tf.Variable(0, dtype=tf.int64, trainable=False)
         self.enabled = tf.Variable(False, trainable=False)
@@ -308,16 +310,13 @@ class HealthProbe:
         self.enabled.assign(True)
 
     def _measure(self, data, iteration):
-        x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+        batch, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
         take = lambda tensor: None if tensor is None else tensor[:self.sample_size]  # noqa: E731
-        x, y = tf.nest.map_structure(take, x), tf.nest.map_structure(take, y)
+        x, y = tf.nest.map_structure(take, batch), tf.nest.map_structure(take, y)
         sample_weight = tf.nest.map_structure(take, sample_weight)
         variables = self.model.trainable_variables
         with tf.GradientTape() as tape:
-            outputs = self._forward(x, training=False)
-            # a model of one output (no ReLU layers) returns a tensor, not a list
-            outputs = list(outputs) if isinstance(outputs, (list, tuple)) else [outputs]
-            outputs, y_pred = outputs[:-1], outputs[-1]
+            y_pred = self.model(x, training=False)
             loss = self.model.compute_loss(x=x, y=y, y_pred=y_pred, sample_weight=sample_weight,
                                            training=False)
         gradients = dict(zip([id(v) for v in variables], tape.gradient(loss, variables)))
@@ -328,7 +327,10 @@ class HealthProbe:
             norms.append(tf.sqrt(tf.add_n(squares)) if squares else tf.constant(0.0))
         updates = [self.norms.assign(tf.stack(norms)),
                    self.step.assign(iteration - self.origin)]
-        if outputs:
+        if self._relu_model is not None:
+            # on the whole batch: a unit silent for 32 samples may well fire for the rest
+            outputs = self._relu_model(batch, training=False)
+            outputs = outputs if isinstance(outputs, (list, tuple)) else [outputs]
             fractions = []
             for output in outputs:
                 units = tf.reshape(output, (-1, tf.shape(output)[-1]))
