@@ -5,7 +5,7 @@ Usage (the thesis' Appendix C API)::
     from custom_keras.callbacks import CustomCallbacks
     callbacks = CustomCallbacks(os.path.dirname(__file__), base_interval=10)
     callbacks.register_network_saver()
-    callbacks.register_training_progress()
+    callbacks.register_training_progress()     # and the health checks (alerts)
     callbacks.register_layer_activations()
     callbacks.register_saliency_maps()
     callbacks.register_deconvolutional_network(3, feat_map_amount=8)
@@ -38,6 +38,7 @@ then (a Sequential without keras.Input); stage 0 is taken at that moment.
 """
 import atexit
 import glob
+import math
 import os
 import shutil
 import sys
@@ -59,6 +60,7 @@ from custom_keras.techniques.activations import (EXCLUDE_LAYERS, ActivationModel
 from custom_keras.techniques.common import softmax, to_uint8
 from custom_keras.techniques.deconvolution import (DeconvolutionModel,
                                                    check_deconvolution_selection)
+from custom_keras.techniques import health
 from custom_keras.techniques.deep_visualization import (DeepVisualizationModel, check_regularizers,
                                                         check_unit_list)
 from custom_keras.techniques.saliency import SaliencyModel
@@ -72,6 +74,14 @@ def _check_interval(interval, argument="interval"):
     if not isinstance(interval, (int, np.integer)) or isinstance(interval, bool) or interval < 1:
         raise ValueError("%s must be a whole number of batches >= 1, got %r" % (argument, interval))
     return int(interval)
+
+
+def _check_history_limit(history_limit):
+    if not isinstance(history_limit, (int, np.integer)) or isinstance(history_limit, bool) \
+            or history_limit < 2:
+        raise ValueError("history_limit must be a whole number of snapshots >= 2 (stage 0 and "
+                         "the latest are always kept), got %r" % (history_limit,))
+    return int(history_limit)
 
 
 def _check_function(function, argument):
@@ -383,6 +393,8 @@ class _SnapshotCallback(keras.callbacks.Callback):
             fed to the model; replaces the images folder.
         record: the run's ``TechniqueRecord``; by default the one of the run folder.
         params: the register call's arguments, for the record.
+        history_limit: the most snapshots kept in the history (see
+            ``custom_keras.storage``): all recent ones, older ones thinned evenly.
     """
 
     key = None
@@ -390,8 +402,10 @@ class _SnapshotCallback(keras.callbacks.Callback):
     title = None
 
     def __init__(self, file_folder, interval, custom_preprocess=None, custom_postprocess=None,
-                 uses_images=True, visualization_inputs=None, record=None, params=None):
+                 uses_images=True, visualization_inputs=None, record=None, params=None,
+                 history_limit=storage.HISTORY_LIMIT):
         super().__init__()
+        self.history_limit = _check_history_limit(history_limit)
         self.run_dir = storage.resolve_run_dir(file_folder)
         self.interval = _check_interval(interval)
         self.custom_preprocess = _check_function(custom_preprocess, "custom_preprocess")
@@ -411,6 +425,7 @@ class _SnapshotCallback(keras.callbacks.Callback):
         self._epoch = 0
         self._epoch_start_step = 0
         self._built_for = None
+        self._kept_stages = []
 
     def on_train_begin(self, logs=None):
         if not self._started:
@@ -472,6 +487,7 @@ class _SnapshotCallback(keras.callbacks.Callback):
     def _clear_previous_run(self):
         """A new run starts a new history rather than mixing with an old run's."""
         shutil.rmtree(storage.history_dir(self.run_dir, self.results_file), ignore_errors=True)
+        self._kept_stages = []
         _remove_files([storage.results_path(self.run_dir, self.results_file)] + glob.glob(
             storage.per_image_path(self.run_dir, "*", self.results_file)))
 
@@ -512,6 +528,9 @@ class _SnapshotCallback(keras.callbacks.Callback):
             newest = self.image_names[-1] if self.image_names else NO_IMAGE
             storage.write_snapshot(self.run_dir, self.results_file, results_by_image, newest,
                                    tags, info_by_image)
+            self._kept_stages = storage.thin_history(
+                self.run_dir, self.results_file, self._kept_stages + [self._stage],
+                self.history_limit)
         except OSError as error:  # a full disk may clear up: the next snapshot tries again
             print("[visualizer] %s not written at stage %d: %s" % (self.title, self._stage,
                                                                    _one_line(error)),
@@ -542,6 +561,7 @@ class LayerActivations(_SnapshotCallback):
         interval: compute the activations every ``interval`` batches.
         visualization_inputs: optional array (N,) + the model's input shape.
         record: the run's ``TechniqueRecord``.
+        history_limit: the most snapshots kept in the history.
     """
 
     key = "layer_activations"
@@ -549,11 +569,12 @@ class LayerActivations(_SnapshotCallback):
     title = "layer activations"
 
     def __init__(self, file_folder, exclude_layers=EXCLUDE_LAYERS, custom_preprocess=None,
-                 interval=10, visualization_inputs=None, record=None):
+                 interval=10, visualization_inputs=None, record=None,
+                 history_limit=storage.HISTORY_LIMIT):
         self.exclude_layers = check_exclude_layers(exclude_layers)
         super().__init__(file_folder, interval, custom_preprocess,
                          visualization_inputs=visualization_inputs, record=record,
-                         params=dict(exclude_layers=exclude_layers))
+                         params=dict(exclude_layers=exclude_layers), history_limit=history_limit)
 
     def build(self):
         self._activations = ActivationModel(self.model, self.exclude_layers)
@@ -582,6 +603,7 @@ class SaliencyMaps(_SnapshotCallback):
         visualization_inputs: optional array (N,) + the model's input shape.
         feature_names: optional names of the features of a tabular input.
         record: the run's ``TechniqueRecord``.
+        history_limit: the most snapshots kept in the history.
     """
 
     key = "saliency_maps"
@@ -589,10 +611,12 @@ class SaliencyMaps(_SnapshotCallback):
     title = "saliency maps"
 
     def __init__(self, file_folder, custom_preprocess=None, custom_postprocess=None, interval=10,
-                 visualization_inputs=None, feature_names=None, record=None):
+                 visualization_inputs=None, feature_names=None, record=None,
+                 history_limit=storage.HISTORY_LIMIT):
         self.feature_names = _check_feature_names(feature_names)
         super().__init__(file_folder, interval, custom_preprocess, custom_postprocess,
-                         visualization_inputs=visualization_inputs, record=record)
+                         visualization_inputs=visualization_inputs, record=record,
+                         history_limit=history_limit)
 
     def build(self):
         if self.feature_names is not None and (
@@ -656,6 +680,7 @@ class DeconvolutionalNetwork(_SnapshotCallback):
         interval: compute the reconstructions every ``interval`` batches.
         visualization_inputs: optional array (N,) + the model's input shape.
         record: the run's ``TechniqueRecord``.
+        history_limit: the most snapshots kept in the history.
     """
 
     key = "deconvolutional_network"
@@ -664,14 +689,16 @@ class DeconvolutionalNetwork(_SnapshotCallback):
 
     def __init__(self, file_folder, feat_map_layer_no, feat_map_amount=None, feat_map_nos=None,
                  custom_preprocess=None, custom_postprocess=None, custom_keras_model_info=None,
-                 interval=10, visualization_inputs=None, record=None):
+                 interval=10, visualization_inputs=None, record=None,
+                 history_limit=storage.HISTORY_LIMIT):
         # What can be checked without the model is checked now; the rest at build.
         check_deconvolution_selection(feat_map_layer_no, feat_map_amount, feat_map_nos)
         super().__init__(file_folder, interval, custom_preprocess, custom_postprocess,
                          visualization_inputs=visualization_inputs, record=record,
                          params=dict(feat_map_layer_no=feat_map_layer_no,
                                      feat_map_amount=feat_map_amount, feat_map_nos=feat_map_nos,
-                                     custom_keras_model_info=custom_keras_model_info is not None))
+                                     custom_keras_model_info=custom_keras_model_info is not None),
+                         history_limit=history_limit)
         self.feat_map_layer_no = feat_map_layer_no
         self.feat_map_amount = feat_map_amount
         self.feat_map_nos = feat_map_nos
@@ -722,6 +749,7 @@ class DeepVisualization(_SnapshotCallback):
         interval: compute the images every ``interval`` batches.
         visualization_inputs: optional array; only its names are used.
         record: the run's ``TechniqueRecord``.
+        history_limit: the most snapshots kept in the history.
     """
 
     key = "deep_visualization"
@@ -731,7 +759,8 @@ class DeepVisualization(_SnapshotCallback):
     def __init__(self, file_folder, units_to_visualize, learning_rate, no_of_iterations,
                  l2_decay=0, blur_interval=0, blur_std=0, value_percentile=0, norm_percentile=0,
                  contribution_percentile=0, abs_contribution_percentile=0,
-                 custom_postprocess=None, interval=10, visualization_inputs=None, record=None):
+                 custom_postprocess=None, interval=10, visualization_inputs=None, record=None,
+                 history_limit=storage.HISTORY_LIMIT):
         self.regularizers = dict(
             learning_rate=learning_rate, no_of_iterations=no_of_iterations, l2_decay=l2_decay,
             blur_interval=blur_interval, blur_std=blur_std, value_percentile=value_percentile,
@@ -742,7 +771,8 @@ class DeepVisualization(_SnapshotCallback):
         super().__init__(file_folder, interval, custom_postprocess=custom_postprocess,
                          uses_images=False, visualization_inputs=visualization_inputs,
                          record=record,
-                         params=dict(self.regularizers, units_to_visualize=units_to_visualize))
+                         params=dict(self.regularizers, units_to_visualize=units_to_visualize),
+                         history_limit=history_limit)
         self.units_to_visualize = units_to_visualize
 
     def prepare_inputs(self):
@@ -768,6 +798,241 @@ class DeepVisualization(_SnapshotCallback):
         return {name: result for name in self.image_names}, {}
 
 
+def _switches_off_on_error(hook):
+    """A ``HealthChecks`` hook whose errors switch the checks off instead of the training."""
+    def guarded(self, *args, **kwargs):
+        if self.switched_off:
+            return
+        try:
+            hook(self, *args, **kwargs)
+        except Exception as error:  # the checks must never stop the training
+            self._switch_off(error)
+    guarded.__name__ = hook.__name__
+    return guarded
+
+
+class HealthChecks(keras.callbacks.Callback):
+    """Watches the training for signs that it is going wrong and writes alerts.
+
+    Every batch: the loss and every metric for NaN or Inf, and the batch's loss
+    for the smoothed-loss trend. Every ``interval`` batches: per-layer gradient
+    norms on ``sample_size`` samples of that step's batch and the fraction of dead
+    ReLU units on the whole batch, measured inside the training step
+    (``HealthProbe``: no data of its own), written to ``results/gradient_norms.tsv`` and
+    ``results/dead_units.tsv``. Every epoch: validation against training loss,
+    and whether the loss still decreases.
+
+    Alerts (kinds in ``custom_keras.techniques.health``, format in
+    ``custom_keras.storage``) go to ``results/alerts.jsonl`` and one line on
+    stderr (``[visualizer alert] ...``), each with its reason and what to try;
+    one alert (kind and layer) is written when it appears and again only after it
+    has cleared, at most ``AlertGate.per_epoch`` times an epoch.
+
+    The checks never stop the training: an error inside them switches them off
+    with the reason in ``results/techniques.json``. A model with several outputs
+    (or one Keras cannot trace) gets the checks that need no gradients only; the
+    record's ``reason`` says so.
+
+    Args:
+        file_folder: should always be ``os.path.dirname(__file__)``.
+        interval: measure gradient norms and dead units every ``interval`` batches.
+        sample_size: the number of samples of a training batch the gradients are
+            measured on (dead units: the whole batch).
+        record: the run's ``TechniqueRecord``.
+        **thresholds: the alert thresholds, keyword arguments of
+            ``custom_keras.techniques.health.Thresholds`` (``exploding_norm=1e3``,
+            ``exploding_growth=10``, ``vanishing_ratio=1e-3``, ``vanishing_norm=1e-4``,
+            ``dead_fraction=0.5``, ``overfitting_epochs=2``, ``plateau_fraction=0.3``,
+            ``plateau_min_epochs=2``, ``plateau_min_delta=0.01``).
+    """
+
+    key = "health_checks"
+    title = "health checks"
+
+    def __init__(self, file_folder, interval=10, sample_size=32, record=None, **thresholds):
+        super().__init__()
+        self.run_dir = storage.resolve_run_dir(file_folder)
+        self.interval = _check_interval(interval)
+        self.sample_size = _check_interval(sample_size, "sample_size")
+        self.thresholds = health.Thresholds(**thresholds)
+        self.record = record or TechniqueRecord.shared(self.run_dir)
+        self.record.register(self.key, self.title, storage.ALERTS_FILE,
+                             dict(self.thresholds.as_dict(), interval=self.interval,
+                                  sample_size=self.sample_size), self.interval)
+        self.switched_off = False
+        self._started = False
+        self._probe = None
+        self._probe_problem = None
+        self._gate = health.AlertGate()
+        self._step = 0
+        self._epoch = 0
+        self._batches_done = 0
+        self._epoch_start_step = 0
+        self._batch_losses = []
+        self._epoch_losses, self._val_losses = [], []
+        self._last_measurement = -1
+
+    def _path(self, file_name):
+        return storage.results_path(self.run_dir, file_name)
+
+    def _switch_off(self, error):
+        self.switched_off = True
+        if self._probe is not None:
+            self._probe.enabled.assign(False)
+        reason = _one_line(error)
+        print("[visualizer] %s switched off at epoch %d, batch %d: %s" % (
+            self.title, self._epoch + 1, self._batches_done, reason), file=sys.stderr, flush=True)
+        self.record.update(self.key, state=storage.TECHNIQUE_SWITCHED_OFF, reason=reason)
+
+    @_switches_off_on_error
+    def on_train_begin(self, logs=None):
+        if not self._started:
+            # A new run starts new alerts rather than continuing an old run's.
+            _remove_files(self._path(name) for name in (
+                storage.ALERTS_FILE, storage.GRADIENT_NORMS_TABLE, storage.DEAD_UNITS_TABLE))
+            self._started = True
+        self._start_probe()
+        self.record.update(self.key, state=storage.TECHNIQUE_ACTIVE, first_snapshot_step=self._step,
+                           reason=self._probe_problem)
+
+    def _start_probe(self):
+        """Build the probe once per model (a model built by its first batch gets none)."""
+        if self._probe is not None and self._probe.model is self.model:
+            self._probe.start(self.interval, self._step)
+            return
+        self._probe, self._probe_problem = None, None
+        if not _model_is_built(self.model):
+            self._probe_problem = ("without gradient norms and dead units: the model is built by "
+                                   "its first batch (no keras.Input)")
+            return
+        try:
+            self._probe = health.HealthProbe.of(self.model, self.sample_size)
+        except Exception as error:  # the other checks go on without it
+            self._probe_problem = "without gradient norms and dead units: %s" % _one_line(error)
+            return
+        self._probe.start(self.interval, self._step)
+
+    @_switches_off_on_error
+    def on_train_end(self, logs=None):
+        if self._probe is not None:
+            self._probe.enabled.assign(False)
+
+    @_switches_off_on_error
+    def on_epoch_begin(self, epoch, logs=None):
+        self._epoch = epoch
+        self._epoch_start_step = self._step
+        self._previous_loss_average = None
+        self._first_largest_norm = None
+        self._gate.new_epoch()
+
+    @_switches_off_on_error
+    def on_train_batch_end(self, batch, logs=None):
+        logs = logs or {}
+        steps = self.params.get("steps") if self.params else None
+        self._batches_done = min(batch + 1, steps or batch + 1)
+        previous, self._step = self._step, self._epoch_start_step + self._batches_done
+        self._check_finite(logs)
+        if "loss" in logs:
+            average = float(logs["loss"])
+            self._batch_losses.append(health.batch_loss(
+                average, self._previous_loss_average, self._batches_done)
+                if self._previous_loss_average is not None else average)
+            self._previous_loss_average = average
+        # the probe measured in the batch that began at step 0, interval, 2 * interval, ...
+        if self._probe is not None and \
+                (self._step - 1) // self.interval > (previous - 1) // self.interval:
+            self._check_probe()
+
+    def _check_finite(self, logs):
+        names = health.nonfinite_metrics(logs)
+        if self._gate.update((health.NAN_LOSS, None), bool(names)):
+            values = ", ".join("%s = %s" % (name, float(logs[name])) for name in names)
+            self._alert(health.NAN_LOSS, "%s: the training has diverged and the weights are no "
+                        "longer usable." % values, float(logs[names[0]]))
+
+    def _check_probe(self):
+        if self._probe.failure is not None:
+            if self._probe_problem is None:
+                self._probe_problem = "without gradient norms and dead units: %s" % _one_line(
+                    self._probe.failure)
+                self.record.update(self.key, reason=self._probe_problem)
+            return
+        measured_at, norms, dead = self._probe.read()
+        if measured_at < 0 or measured_at == self._last_measurement:
+            return
+        self._last_measurement = measured_at
+        # measured before the update of the batch that began at step measured_at
+        position = [measured_at, self._epoch, max(measured_at - self._epoch_start_step, 0)]
+        names = self._probe.layer_names
+        storage.append_row(self._path(storage.GRADIENT_NORMS_TABLE),
+                           ["step", "epoch", "batch"] + names, position + norms)
+        if dead:
+            storage.append_row(self._path(storage.DEAD_UNITS_TABLE),
+                               ["step", "epoch", "batch"] + list(dead),
+                               position + list(dead.values()))
+        first = self._first_largest_norm
+        exploding, largest = health.exploding_gradients(norms, first, self.thresholds)
+        if first is None and math.isfinite(largest):
+            self._first_largest_norm = largest
+        if self._gate.update((health.EXPLODING_GRADIENTS, None), exploding):
+            cause = ("above %g" % self.thresholds.exploding_norm
+                     if largest > self.thresholds.exploding_norm else
+                     "%.3g times the epoch's first (%.3g)" % (largest / first, first))
+            self._alert(health.EXPLODING_GRADIENTS, (
+                "The largest gradient norm is %.3g (layer %s), %s: the weight updates are too "
+                "large and the training may diverge." % (
+                    largest, names[norms.index(largest)], cause)), largest)
+        vanishing, ratio = health.vanishing_gradients(norms, self.thresholds)
+        if self._gate.update((health.VANISHING_GRADIENTS, None), vanishing):
+            self._alert(health.VANISHING_GRADIENTS, (
+                "The gradient norm of the first layer (%s) is %.3g, %.3g times that of the last "
+                "layer (%s): the first layers barely learn." % (
+                    names[0], norms[0], ratio, names[-1])), ratio)
+        dead_now = health.dead_layers(dead, self.thresholds)
+        for layer, fraction in dead.items():
+            if self._gate.update((health.DEAD_UNITS, layer), layer in dead_now):
+                self._alert(health.DEAD_UNITS, (
+                    "%.0f%% of the units of layer %s output zero for every sample of a training "
+                    "batch: dead ReLUs no longer learn." % (100 * fraction, layer)), fraction,
+                    layer=layer)
+
+    @_switches_off_on_error
+    def on_epoch_end(self, epoch, logs=None):
+        logs = logs or {}
+        self._check_finite(logs)
+        if "loss" in logs and "val_loss" in logs:
+            self._epoch_losses.append(float(logs["loss"]))
+            self._val_losses.append(float(logs["val_loss"]))
+            rising = health.overfitting(self._epoch_losses, self._val_losses, self.thresholds)
+            if self._gate.update((health.OVERFITTING, None), rising):
+                count = self.thresholds.overfitting_epochs + 1
+                self._alert(health.OVERFITTING, (
+                    "The validation loss rose for %d epochs in a row (%s) while the training "
+                    "loss fell (%s): the network learns the training data by heart." % (
+                        count - 1, " -> ".join("%.4g" % v for v in self._val_losses[-count:]),
+                        " -> ".join("%.4g" % v for v in self._epoch_losses[-count:]))),
+                    self._val_losses[-1])
+        smoothed = health.smooth(self._batch_losses)
+        flat = health.loss_not_decreasing(smoothed, epoch + 1, self.thresholds)
+        if self._gate.update((health.LOSS_NOT_DECREASING, None), flat):
+            self._alert(health.LOSS_NOT_DECREASING, (
+                "The smoothed training loss has not improved over the last %.0f%% of the batches "
+                "(now %.4g): the network is not learning." % (
+                    100 * self.thresholds.plateau_fraction, smoothed[-1])), smoothed[-1])
+
+    def _alert(self, kind, message, value, layer=None):
+        value = float(value)
+        alert = {"kind": kind, "epoch": self._epoch, "batch": self._batches_done,
+                 "step": self._step, "message": message, "advice": health.ADVICE[kind],
+                 "value": value if math.isfinite(value) else str(value), "time": time.time()}
+        if layer is not None:
+            alert["layer"] = layer
+        print("[visualizer alert] epoch %d, batch %d: %s %s" % (
+            self._epoch + 1, self._batches_done, message, health.ADVICE[kind]),
+            file=sys.stderr, flush=True)
+        storage.write_alert(self.run_dir, alert)
+
+
 class CustomCallbacks:
     """Registers the callbacks with shared arguments; ``get_list()`` goes to ``model.fit``.
 
@@ -790,16 +1055,21 @@ class CustomCallbacks:
             images folder. Needed for sequence (T, C) and tabular (F,) models.
         feature_names: optional names of the features of a tabular input, kept
             with the saliency results.
+        history_limit: the most snapshots each technique keeps in its history:
+            every recent one, older ones thinned to an even spacing over the run,
+            stage 0 and the latest always (see ``custom_keras.storage``).
     """
 
     def __init__(self, file_folder, custom_preprocess=None, custom_postprocess=None,
-                 base_interval=10, visualization_inputs=None, feature_names=None):
+                 base_interval=10, visualization_inputs=None, feature_names=None,
+                 history_limit=storage.HISTORY_LIMIT):
         self.file_folder = storage.resolve_run_dir(file_folder)
         self.custom_preprocess = _check_function(custom_preprocess, "custom_preprocess")
         self.custom_postprocess = _check_function(custom_postprocess, "custom_postprocess")
         self.base_interval = _check_interval(base_interval, "base_interval")
         self.visualization_inputs = check_inputs_array(visualization_inputs)
         self.feature_names = _check_feature_names(feature_names)
+        self.history_limit = _check_history_limit(history_limit)
         self.record = TechniqueRecord(self.file_folder)
         self.callback_list = []
 
@@ -813,18 +1083,35 @@ class CustomCallbacks:
     def register_network_saver(self):
         self.callback_list.append(NetworkSaver(self.file_folder, record=self.record))
 
-    def register_training_progress(self):
+    def register_training_progress(self, health_checks=True):
+        """Loss and metrics per batch; with ``health_checks`` also ``register_health_checks()``."""
         self.callback_list.append(TrainingProgress(self.file_folder, record=self.record))
+        if health_checks:
+            self.register_health_checks()
+
+    def register_health_checks(self, interval=None, **thresholds):
+        """Alerts when training goes wrong (``HealthChecks``); a second call replaces the first.
+
+        Args:
+            interval: measure gradient norms and dead units every ``interval``
+                batches; ``base_interval`` when None.
+            **thresholds: alert thresholds, as ``HealthChecks`` takes them.
+        """
+        checks = HealthChecks(self.file_folder, self._interval(interval), record=self.record,
+                              **thresholds)
+        self.callback_list = [c for c in self.callback_list if not isinstance(c, HealthChecks)]
+        self.callback_list.append(checks)
 
     def register_layer_activations(self, exclude_layers=EXCLUDE_LAYERS, interval=None):
         self.callback_list.append(LayerActivations(
             self.file_folder, exclude_layers, self.custom_preprocess, self._interval(interval),
-            self.visualization_inputs, self.record))
+            self.visualization_inputs, self.record, self.history_limit))
 
     def register_saliency_maps(self, interval=None):
         self.callback_list.append(SaliencyMaps(
             self.file_folder, self.custom_preprocess, self.custom_postprocess,
-            self._interval(interval), self.visualization_inputs, self.feature_names, self.record))
+            self._interval(interval), self.visualization_inputs, self.feature_names, self.record,
+            self.history_limit))
 
     def register_deconvolutional_network(self, feat_map_layer_no, feat_map_amount=None,
                                          feat_map_nos=None, custom_keras_model_info=None,
@@ -832,7 +1119,8 @@ class CustomCallbacks:
         self.callback_list.append(DeconvolutionalNetwork(
             self.file_folder, feat_map_layer_no, feat_map_amount, feat_map_nos,
             self.custom_preprocess, self.custom_postprocess, custom_keras_model_info,
-            self._interval(interval), self.visualization_inputs, self.record))
+            self._interval(interval), self.visualization_inputs, self.record,
+            self.history_limit))
 
     def register_deep_visualization(self, units_to_visualize, learning_rate, no_of_iterations,
                                     l2_decay=0, blur_interval=0, blur_std=0, value_percentile=0,
@@ -842,4 +1130,4 @@ class CustomCallbacks:
             self.file_folder, units_to_visualize, learning_rate, no_of_iterations, l2_decay,
             blur_interval, blur_std, value_percentile, norm_percentile, contribution_percentile,
             abs_contribution_percentile, self.custom_postprocess, self._interval(interval),
-            self.visualization_inputs, self.record))
+            self.visualization_inputs, self.record, self.history_limit))

@@ -21,9 +21,13 @@ folder is ``VISUALIZER_STORAGE`` or ``<repo>/user_storage``). Layout of one run 
             techniques.json            what the script registered and what became of it (below)
             <technique>.pickle         latest snapshot for the newest image (Appendix D)
             per_image/<image>/<technique>.pickle   latest snapshot for every image
-            history/<technique>/index.jsonl        one JSON line of tags per snapshot
-            history/<technique>/<step>.pickle      {"tags": {...}, "images": {image: result},
+            history/<technique>/index.jsonl        one JSON line of tags per snapshot, and a
+                                                   {"removed": file} line per thinned one
+            history/<technique>/<stage>.pickle     {"tags": {...}, "images": {image: result},
                                                     "info": {image: {...}}}
+            alerts.jsonl               health-check alerts, one JSON object a line (below)
+            gradient_norms.tsv         "step epoch batch <layer>...": gradient norm per layer
+            dead_units.tsv             "step epoch batch <relu layer>...": fraction of dead units
 
 ``techniques.json`` is rewritten (atomically) at every register call, at train
 begin and whenever a technique changes state: ``{key: entry}`` with the
@@ -58,6 +62,27 @@ Results of non-image inputs (``input_kind`` "sequence" (T, C) or "tabular" (F,))
         feat_map_no), ...]`` (sequences only; tabular models have no feature maps).
     deep_visualization: ``[(float32 (T, C) or (F,) synthetic input, layer_name,
         unit_index, loss_value), ...]``.
+
+Bounded history: each technique keeps at most ``history_limit`` snapshots
+(``HISTORY_LIMIT`` by default): every recent one, and of the older ones stage 0
+and an even spacing over the run (``stages_to_keep``). The index stays
+append-only, so readers that read it by byte offset keep working: a thinned
+snapshot gets a ``{"removed": "<file>"}`` line (appended before its file is
+deleted) instead of a rewrite. ``read_history_index`` returns the entries still
+kept among the lines it read; ``read_history_changes`` also returns the files
+removed since ``offset``, for readers that keep earlier entries. A reader may
+still meet an entry whose file was just thinned: ``read_snapshot`` then raises
+FileNotFoundError, to be handled like any missing file (skip it or re-read the
+index). The index grows by about 0.2 KB per snapshot ever taken, the snapshots
+it points to stay bounded.
+
+``alerts.jsonl`` (written by the health checks, append-only): one JSON object a
+line with ``kind`` (one of ``custom_keras.techniques.health.ALERT_KINDS``),
+``epoch`` (0-based), ``batch`` (batches done in that epoch), ``step`` (batches
+done in all), ``message`` (the reason, plain words), ``advice`` (what to try),
+``value`` (the number that raised it), ``time``, and ``layer`` for alerts about
+one layer (dead_units). An alert is written when it appears and again only after
+it has cleared, at most a few times an epoch.
 
 The servers read a run folder as hostile input (the user's script writes it): through
 ``open_run_file`` and the readers built on it, which follow no link at any component,
@@ -285,7 +310,7 @@ def write_snapshot(run_dir, file_name, results_by_image, newest_image, tags, inf
     info_by_image = info_by_image or {}
     tags = dict(tags, time=time.time())
     folder = history_dir(run_dir, file_name)
-    snapshot_file = "%09d.pickle" % int(tags["stage"])
+    snapshot_file = snapshot_file_name(tags["stage"])
     atomic_write_pickle(os.path.join(folder, snapshot_file),
                         {"tags": tags, "images": results_by_image, "info": info_by_image})
     for image_name, result in results_by_image.items():
@@ -318,6 +343,65 @@ def write_visualization_inputs(run_dir, inputs_by_name):
 def write_techniques(run_dir, entries):
     """Replace ``results/techniques.json`` with {key: entry} (format in the module docstring)."""
     atomic_write_json(results_path(run_dir, TECHNIQUES_FILE), entries)
+
+
+ALERTS_FILE = "alerts.jsonl"
+GRADIENT_NORMS_TABLE = "gradient_norms.tsv"
+DEAD_UNITS_TABLE = "dead_units.tsv"
+# Snapshots kept per technique unless CustomCallbacks is given another history_limit.
+HISTORY_LIMIT = 300
+
+
+def write_alert(run_dir, alert):
+    """Append one alert (a JSON-safe dict, format in the module docstring) to ``alerts.jsonl``."""
+    append_line(results_path(run_dir, ALERTS_FILE), json.dumps(alert))
+
+
+def stages_to_keep(stages, limit):
+    """The snapshot stages a bounded history keeps, from the ``stages`` it holds (ascending).
+
+    The newest ``limit - limit // 2`` stages are all kept; of the older ones, those
+    that are multiples of the smallest power of two with at most ``limit // 2``
+    multiples up to the newest older stage: stage 0, then an even spacing over
+    the run. The spacing only ever doubles, so a stage thinned out is never
+    wanted back, and thinning is the same whoever computes it.
+    """
+    if limit < 2:
+        raise ValueError("history_limit must be at least 2 (stage 0 and the latest), got %r"
+                         % (limit,))
+    stages = list(stages)
+    recent_count = limit - limit // 2
+    older, recent = stages[:-recent_count], stages[-recent_count:]
+    # from the stage numbers, not from what is left: thinning twice changes nothing
+    spacing = 1
+    while older and older[-1] // spacing + 1 > limit // 2:
+        spacing *= 2
+    return [stage for stage in older if stage % spacing == 0] + recent
+
+
+def snapshot_file_name(stage):
+    return "%09d.pickle" % int(stage)
+
+
+def thin_history(run_dir, file_name, stages, limit):
+    """Thin a technique's history to ``limit`` snapshots; returns the stages kept.
+
+    For each snapshot thinned out a removal line ``{"removed": "<file>"}`` is
+    appended to the index first and the file is deleted after, so a kill between
+    the two leaves a stray file, never an index entry without its file.
+    """
+    kept = stages_to_keep(stages, limit)
+    removed = sorted(set(stages) - set(kept))
+    if removed:
+        folder = history_dir(run_dir, file_name)
+        append_lines(os.path.join(folder, HISTORY_INDEX),
+                     [json.dumps({"removed": snapshot_file_name(stage)}) for stage in removed])
+        for stage in removed:
+            try:
+                os.remove(os.path.join(folder, snapshot_file_name(stage)))
+            except FileNotFoundError:
+                pass
+    return kept
 
 
 # --- reading -----------------------------------------------------------------
@@ -622,17 +706,34 @@ def read_table(run_dir, path, offset=0):
 
 
 def read_history_index(run_dir, file_name, offset=0):
-    """Tags of the snapshots written since byte ``offset``: (list of dicts, new offset)."""
+    """Tags of the snapshots written since byte ``offset`` and still kept: (list of dicts,
+    new offset). Read from 0, these are the snapshots of the bounded history."""
+    entries, _, new_offset = read_history_changes(run_dir, file_name, offset)
+    return entries, new_offset
+
+
+def read_history_changes(run_dir, file_name, offset=0):
+    """What the history index says since byte ``offset``: (entries added and still kept,
+    set of files removed, new offset). A reader that keeps the entries of earlier calls
+    drops those whose ``file`` is in the removed set."""
     lines, new_offset = read_complete_lines(
         run_dir, os.path.join(history_dir(run_dir, file_name), HISTORY_INDEX), offset)
     try:
-        return [json.loads(line) for line in lines if line], new_offset
+        records = [json.loads(line) for line in lines if line]
     except RecursionError:  # a line of thousands of nested brackets
         raise ValueError("%s has a line nested too deeply" % HISTORY_INDEX) from None
+    removed = {record["removed"] for record in records
+               if isinstance(record, dict) and isinstance(record.get("removed"), str)}
+    entries = [record for record in records if not (
+        isinstance(record, dict) and ("removed" in record or record.get("file") in removed))]
+    return entries, removed, new_offset
 
 
 def read_snapshot(run_dir, file_name, entry):
-    """The snapshot an index entry points to: {"tags", "images", "info"}."""
+    """The snapshot an index entry points to: {"tags", "images", "info"}.
+
+    Raises FileNotFoundError when the snapshot was thinned out of the bounded
+    history after the index was read (see the module docstring)."""
     return safe_load(run_dir, snapshot_path(run_dir, file_name, entry))
 
 

@@ -253,7 +253,16 @@ def test_every_technique_gives_checked_results_or_a_clear_reason(tmp_path, name)
     assert len(fit.history["loss"]) == 2
     with open(storage.results_path(run_dir, storage.TECHNIQUES_FILE)) as f:
         record = json.load(f)
-    assert set(record) == set(VISUALIZING) | {"network_saver", "training_progress"}
+    assert set(record) == set(VISUALIZING) | {"network_saver", "training_progress",
+                                              "health_checks"}
+    # the health checks run on every model; without gradients where they cannot have them
+    health_checks = record["health_checks"]
+    assert health_checks["state"] == "active", health_checks
+    if name not in ("sequential_without_input", "multi_output"):
+        assert health_checks["reason"] is None, health_checks
+        assert os.path.getsize(storage.results_path(run_dir, storage.GRADIENT_NORMS_TABLE))
+    else:
+        assert health_checks["reason"].startswith("without gradient norms"), health_checks
     for key in VISUALIZING:
         entry = record[key]
         if key in reasons:
