@@ -439,33 +439,48 @@ class ImageDashboard:
             self.entries, self._index_offset, self._shown_key = [], 0, None
             self.follow_latest = True
         try:
-            new_entries = self._read_new_entries()
+            new_entries, removed = self._read_new_entries()
             self._index_problem = ""
         except (OSError, ValueError) as error:  # a link, a pipe, a huge line, not JSON
-            new_entries, self._index_problem = [], (
+            new_entries, removed, self._index_problem = [], set(), (
                 "Could not read the history of snapshots: %s" % error)
-        if new_entries:
-            self.entries.extend(new_entries)
-            count = len(self.entries)
-            self.slider.update(end=max(count - 1, 1), visible=count > 1)
-            self.play.visible = count > 1
-            if self.follow_latest:
-                self.slider.value = count - 1  # fires _on_slider only when the value changes
+        if new_entries or removed:
+            self._apply_history_changes(new_entries, removed)
         self.show()
         if self._ended and self._poll_callback is not None:
             self._doc.remove_periodic_callback(self._poll_callback)
             self._poll_callback = None
 
     def _read_new_entries(self):
-        """History entries written since the last call, up to ``MAX_HISTORY_ENTRIES`` in all."""
+        """(history entries written since the last call, files thinned out of the history).
+
+        At most ``MAX_HISTORY_ENTRIES`` entries are held in all.
+        """
         room = MAX_HISTORY_ENTRIES - len(self.entries)
         if room <= 0:
             raise TooMuchToDraw("the slider holds the first %d snapshots; later ones are not "
                                 "shown" % MAX_HISTORY_ENTRIES)
-        entries, self._index_offset = storage.read_history_index(
+        entries, removed, self._index_offset = storage.read_history_changes(
             self.run_dir, self.technique.results_file, self._index_offset)
         return [entry for entry in entries
-                if isinstance(entry, dict) and isinstance(entry.get("file"), str)][:room]
+                if isinstance(entry, dict) and isinstance(entry.get("file"), str)][:room], removed
+
+    def _apply_history_changes(self, new_entries, removed):
+        """Drops thinned snapshots and adds new ones; the slider stays on the snapshot it
+        showed when that one is still kept, else follows the newest or stays in range."""
+        shown = (self.entries[min(int(self.slider.value), len(self.entries) - 1)]
+                 if self.entries else None)
+        self.entries = [entry for entry in self.entries if entry["file"] not in removed]
+        self.entries.extend(new_entries)
+        count = len(self.entries)
+        self.slider.update(end=max(count - 1, 1), visible=count > 1)
+        self.play.visible = count > 1
+        if self.follow_latest:
+            value = count - 1
+        else:
+            kept = [i for i, entry in enumerate(self.entries) if entry is shown]
+            value = kept[0] if kept else min(int(self.slider.value), max(count - 1, 0))
+        self.slider.value = value  # fires _on_slider only when the value changes
 
     def show(self):
         """Renders the chosen snapshot and image, unless exactly that is already shown."""

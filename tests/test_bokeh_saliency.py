@@ -295,3 +295,20 @@ def test_make_document_shows_the_run_of_the_token(run_dir):
                               application)
     saliency_maps.make_document(forged)
     assert [root.text[:16] for root in forged.roots] == ["Access refused: "]
+
+
+def test_snapshots_thinned_out_of_the_bounded_history_leave_the_slider(run_dir):
+    for stage in range(6):
+        write_stage(run_dir, stage)
+    render = RecordingRender()
+    dashboard = ImageDashboard(run_dir, TECHNIQUE, render)
+    dashboard.slider.value = 4  # the user looks at stage 4, not following the newest
+    storage.thin_history(run_dir, TECHNIQUE.results_file, list(range(6)), limit=4)
+    kept = storage.stages_to_keep(list(range(6)), 4)
+    dashboard.update()
+
+    assert [entry["stage"] for entry in dashboard.entries] == kept
+    assert dashboard.slider.end == len(kept) - 1
+    assert dashboard.entries[int(dashboard.slider.value)]["stage"] == 4  # still on stage 4
+    assert render.calls[-1] == (4, "digit_7.png")
+    assert not dashboard.message.visible  # no "Could not read" of a deleted snapshot
