@@ -36,6 +36,8 @@ INSTALLATION_KEY = "visualizer_installation"
 RUN_ID_KEY = "visualizer_run_id"
 RUN_DIR_KEY = "visualizer_run_dir"
 SHUTDOWN_WAIT_S = 30
+# How long a run Ray refuses (not ready yet, unreachable) stays queued, tried again at each poll.
+SUBMIT_RETRY_S = 60
 
 
 @dataclasses.dataclass
@@ -45,6 +47,9 @@ class _Job:
     submission_id: str
     disk_limit_mb: float | None
     state: str = QUEUED
+    script_path: str | None = None
+    submitted: bool = True  # False until Ray accepted the job
+    submit_until: float = 0.0  # when to give up submitting
     started_at: float | None = None
     ended_at: float | None = None
     exit_code: int | None = None
@@ -86,6 +91,7 @@ class RayRunner(runners.MonitoredRunner):
             from ray.job_submission import JobSubmissionClient
             client = JobSubmissionClient(address)
         self.client = client
+        self.storage_dir = os.path.abspath(storage_dir)
         self.installation = sandboxing.instance_name(storage_dir)
         self.num_cpus = num_cpus
         self.num_gpus = num_gpus
@@ -110,15 +116,12 @@ class RayRunner(runners.MonitoredRunner):
                 raise ValueError("run %r is already queued or running" % (run_id,))
             limit = self.disk_limit_mb if disk_limit_mb is None else disk_limit_mb
             job = _Job(run_id, run_dir, "%s-run-%d-%s" % (self.installation, int(run_id),
-                                                          uuid.uuid4().hex[:8]), limit)
+                                                          uuid.uuid4().hex[:8]), limit,
+                       submitted=False)
+            job.script_path, job.submit_until = script_path, time.time() + SUBMIT_RETRY_S
             self._jobs[run_id] = job
             self._set_state(job, QUEUED)
-            try:
-                self._submit(job, script_path)
-            except Exception as error:  # Ray unreachable, refused, or the folder unusable
-                del self._jobs[run_id]
-                job.ended_at = time.time()
-                self._set_state(job, FAILED, "could not submit the run to Ray: %s" % error)
+            self._try_submit(job)
 
     def stop(self, run_id):
         """Stops a run's job; 'stopped' is reported by ``poll`` once Ray ended it."""
@@ -126,13 +129,15 @@ class RayRunner(runners.MonitoredRunner):
             job = self._jobs.get(run_id)
             if job is None or job.stop_state:
                 return
-            self._stop_job(job, STOPPED, "stopped before it started" if job.state == QUEUED
-                           else "stopped by the user")
+            self._stop_job(job, STOPPED, None)  # the reason depends on whether it started
 
     def poll(self):
         with self._lock:
             now = time.time()
             for job in list(self._jobs.values()):
+                if not job.submitted:
+                    self._try_submit(job)
+                    continue
                 try:
                     info = self.client.get_job_info(job.submission_id)
                 except Exception as error:  # noqa: BLE001 -- Ray's client raises RuntimeError for all
@@ -206,11 +211,26 @@ class RayRunner(runners.MonitoredRunner):
 
     # --- jobs -------------------------------------------------------------------
 
+    def _try_submit(self, job):
+        """Submits ``job``; Ray refusing or unreachable is tried again at the next poll until
+        SUBMIT_RETRY_S have passed, then the run fails with Ray's answer."""
+        if job.stop_state:
+            self._settle(job, None)
+            return
+        try:
+            self._submit(job, job.script_path)
+            job.submitted = True
+        except Exception as error:  # noqa: BLE001 -- Ray's client raises RuntimeError for all
+            if time.time() > job.submit_until:
+                self._jobs.pop(job.run_id, None)
+                job.ended_at = time.time()
+                self._set_state(job, FAILED, "could not submit the run to Ray: %s" % error)
+
     def _submit(self, job, script_path):
         uid = self.sandbox.run_uid(job.run_id) if self.sandbox else None
         runners.prepare_run_folder(job.run_dir, script_path, uid)
         limits = runners.run_rlimits(job.disk_limit_mb, self.max_processes, uid, False)
-        node_cgroups = {"installation": self.installation, "run_id": int(job.run_id),
+        node_cgroups = {"storage_dir": self.storage_dir, "run_id": int(job.run_id),
                         "memory_limit_mb": self.memory_limit_mb,
                         "max_processes": self.max_processes}
         command = runners.wrapper_command(job.run_dir, script_path, self.sandbox, uid,
@@ -227,6 +247,8 @@ class RayRunner(runners.MonitoredRunner):
 
     def _stop_job(self, job, end_state, reason):
         job.stop_state, job.stop_reason = end_state, reason
+        if not job.submitted:
+            return  # settled at the next poll
         try:
             self.client.stop_job(job.submission_id)
         except Exception as error:  # noqa: BLE001
@@ -243,7 +265,9 @@ class RayRunner(runners.MonitoredRunner):
         job.ended_at = status.get("time") if recorded else time.time()
         job.exit_code = status.get("exit_code") if recorded else None
         if job.stop_state:
-            state, message = job.stop_state, job.stop_reason
+            state, message = job.stop_state, job.stop_reason or (
+                "stopped by the user" if runners._has_started(job.run_dir)
+                else "stopped before it started")
         elif recorded:
             state, message = status["state"], status.get("message")
         elif info is None:
