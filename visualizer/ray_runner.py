@@ -30,7 +30,7 @@ import uuid
 from visualizer import runner as runners
 from visualizer import sandbox as sandboxing
 from visualizer.runner import (ENDED_STATES, FAILED, GONE_MESSAGE, QUEUED, RUNNING, STOPPED,
-                               RunRefused, RunUpdate)
+                               RunnerUnavailable, RunRefused, RunUpdate)
 
 INSTALLATION_KEY = "visualizer_installation"
 RUN_ID_KEY = "visualizer_run_id"
@@ -80,6 +80,9 @@ class RayRunner(runners.MonitoredRunner):
         max_processes: the most processes and threads a run may have at once.
         refusal: a message; when given, ``start`` refuses every run with it.
         client: a ``JobSubmissionClient``; None makes one for ``address``.
+
+    Raises:
+        RunnerUnavailable: Ray cannot be reached at ``address`` or refused the token.
     """
 
     def __init__(self, address, storage_dir, num_cpus=1, num_gpus=None, memory_limit_mb=None,
@@ -89,7 +92,14 @@ class RayRunner(runners.MonitoredRunner):
         super().__init__(on_update)
         if client is None:
             from ray.job_submission import JobSubmissionClient
-            client = JobSubmissionClient(address)
+            try:
+                client = JobSubmissionClient(address)
+            except Exception as error:  # noqa: BLE001 -- unreachable, or refused (401)
+                raise RunnerUnavailable(
+                    "Ray's job API at %s (VISUALIZER_RAY_ADDRESS) cannot be used: %s. Start the "
+                    "Ray cluster first; with token authentication the server needs "
+                    "RAY_AUTH_MODE=token and RAY_AUTH_TOKEN or RAY_AUTH_TOKEN_PATH"
+                    % (address, str(error).splitlines()[0] if str(error) else error)) from None
         self.client = client
         self.storage_dir = os.path.abspath(storage_dir)
         self.installation = sandboxing.instance_name(storage_dir)
@@ -173,7 +183,9 @@ class RayRunner(runners.MonitoredRunner):
                         job.state = RUNNING
                         job.started_at = (runners._read_status(run_dir) or {}).get("time",
                                                                                    time.time())
-                    elif status != "PENDING":
+                    elif status == "PENDING":
+                        job.state = QUEUED
+                    else:
                         self._settle(job, info)
                 elif state == QUEUED and not runners._has_started(run_dir):
                     self.start(run_id, run_dir, script_file)  # it never reached Ray
@@ -196,11 +208,12 @@ class RayRunner(runners.MonitoredRunner):
         """
         self._stop_monitor()
         with self._lock:
+            updates = self.poll()  # which jobs Ray started meanwhile
             if stop_runs:
-                for job in self._jobs.values():
+                for job in list(self._jobs.values()):
                     if job.state == RUNNING and job.stop_state is None:
                         self._stop_job(job, STOPPED, "stopped because the server shut down")
-            updates = self.poll()
+                updates += self.poll()
             deadline = time.time() + SHUTDOWN_WAIT_S
             while stop_runs and any(job.stop_state for job in self._jobs.values()) \
                     and time.time() < deadline:

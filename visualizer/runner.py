@@ -141,6 +141,10 @@ class RunRefused(Exception):
     """This runner runs no scripts (the sandbox cannot be had); the message says why."""
 
 
+class RunnerUnavailable(Exception):
+    """The runner's cluster cannot be reached or refused the server; the message says what to do."""
+
+
 class MonitoredRunner(Runner):
     """A runner with a monitor thread that polls it and passes each update on.
 
@@ -611,7 +615,7 @@ def wrapper_command(run_dir, script_path, sandbox, uid, disk_limit_mb, limits, c
         disk_limit_mb: the run folder's disk limit (it also bounds the private ``/tmp``).
         limits: {RLIMIT name: value} (see ``run_rlimits``).
         cgroups: ``cgroup.procs`` files the script joins (made by the runner).
-        node_cgroups: {"installation", "run_id", "memory_limit_mb", "max_processes"}: the
+        node_cgroups: {"storage_dir", "run_id", "memory_limit_mb", "max_processes"}: the
             wrapper makes the run's cgroups itself, on the machine it runs on (a cluster
             node), and names the limit the script ran into; None when the runner does.
     """
@@ -962,7 +966,7 @@ def _wrap(run_dir, spec):
     cgroups, procs = None, list(spec["cgroups"])
     node = spec.get("node_cgroups")
     if node:
-        cgroups = sandboxing.Cgroups.detect(node["installation"])
+        cgroups = sandboxing.Cgroups.detect(node["storage_dir"])
         try:
             procs += cgroups.create(node["run_id"], _bytes(node["memory_limit_mb"]),
                                     node["max_processes"])
