@@ -1,6 +1,10 @@
 """RayRunner beyond the runner contract: its settings, Ray's answers it turns into messages
 (with a fake job client), and the local head's token and address (marked ``ray``)."""
 import json
+import os
+import re
+import subprocess
+import sys
 import urllib.error
 import urllib.request
 from types import SimpleNamespace
@@ -117,7 +121,13 @@ def test_the_job_api_of_the_local_head_listens_on_127_0_0_1_only(ray_head):
     assert addresses == {"127.0.0.1"}
 
 
-def test_a_server_that_cannot_reach_ray_says_what_to_do():
-    with pytest.raises(RunnerUnavailable, match=r"http://127.0.0.1:1 \(VISUALIZER_RAY_ADDRESS\)"
-                                                r" cannot be used: .*RAY_AUTH_TOKEN"):
-        RayRunner("http://127.0.0.1:1", "/tmp/storage")
+def test_a_server_that_cannot_reach_ray_says_what_to_do(tmp_path):
+    # In a process of its own: Ray's client keeps the first authentication set-up it sees.
+    attempt = ("from visualizer.ray_runner import RayRunner\n"
+               "RayRunner('http://127.0.0.1:1', %r)\n" % str(tmp_path))
+    result = subprocess.run([sys.executable, "-c", attempt], capture_output=True, text=True,
+                            env={k: v for k, v in os.environ.items() if not k.startswith("RAY_")},
+                            timeout=120)
+    assert result.returncode != 0
+    assert re.search(r"RunnerUnavailable: Ray's job API at http://127.0.0.1:1 "
+                     r"\(VISUALIZER_RAY_ADDRESS\) cannot be used: .*RAY_AUTH_TOKEN", result.stderr)
