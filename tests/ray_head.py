@@ -67,7 +67,8 @@ class RayHead:
             raise
         if result.returncode != 0:
             self.stop()
-            raise RuntimeError("ray start failed:\n" + result.stdout[-3000:] + result.stderr[-3000:])
+            raise RuntimeError("ray start failed:\n%s%s" % (result.stdout[-3000:],
+                                                             result.stderr[-3000:]))
         try:
             self._wait_until_jobs_run(env)
         except BaseException:

@@ -194,15 +194,20 @@ def test_a_restarted_server_takes_over_a_running_run_and_sees_it_end(make_runner
 def test_runs_beyond_the_concurrency_limit_wait_queued_until_a_slot_is_free(make_runner):
     runs = Runs(make_runner(), make_runner.storage_dir)  # 2 at once: 2 slots, or 2 CPUs of Ray
     run_dirs = {run_id: runs.start(run_id, WAIT_FOR_GO) for run_id in (1, 2, 3)}
+    never_run = runs.start(4, 'open("ran", "w")')
     wait_until(lambda: runs.poll() or [runs.state(i) for i in (1, 2)] == ["running"] * 2,
                "the first two runs to run")
     for _ in range(10):
         runs.poll()
-        assert runs.state(3) == "queued"
+        assert (runs.state(3), runs.state(4)) == ("queued", "queued")
+    runs.runner.stop(4)
+    stopped = runs.wait_for(4, "finished", "failed", "stopped")
+    assert (stopped.state, stopped.message) == ("stopped", "stopped before it started")
     for run_dir in run_dirs.values():
         open(os.path.join(run_dir, "go"), "w").close()
     for run_id in run_dirs:
         assert runs.wait_for(run_id, "finished", "failed", "stopped").state == "finished"
+    assert not os.path.exists(os.path.join(never_run, "ran"))
 
 
 def test_ten_runs_at_once_all_finish_with_their_own_output(make_runner):

@@ -18,7 +18,7 @@ VISUALIZER_RUN_DISK_MB         2048 (disk use of one run folder)           RUN_D
 VISUALIZER_RUN_PROCESSES       1024 (processes and threads of one run)     RUN_PROCESSES
 VISUALIZER_RUN_NETWORK         0 (1: runs may use the network)             RUN_NETWORK
 VISUALIZER_SANDBOX             on (off: runs NOT sandboxed, unsafe)        SANDBOX
-VISUALIZER_RUNNER              local (ray: runs are jobs on a Ray cluster)  RUNNER_KIND
+VISUALIZER_RUNNER              local (ray: every run is a Ray job)         RUNNER_KIND
 VISUALIZER_RAY_ADDRESS         http://127.0.0.1:8265 (Ray's job API)       RAY_ADDRESS
 VISUALIZER_RUN_CPUS            1 (CPUs one run asks Ray for)               RUN_CPUS
 VISUALIZER_RUN_GPUS            none (GPUs one run asks Ray for)            RUN_GPUS

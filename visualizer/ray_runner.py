@@ -139,6 +139,18 @@ class RayRunner(runners.MonitoredRunner):
             job = self._jobs.get(run_id)
             if job is None or job.stop_state:
                 return
+            if job.submitted and job.state == QUEUED and self._status(job) == "PENDING":
+                # Stopped at once, as a local queued run is. Ray may still start the job
+                # (its stop waits for the job's supervisor): the wrapper reads 'stopped' in
+                # status.json and runs nothing.
+                del self._jobs[run_id]
+                job.ended_at = time.time()
+                self._set_state(job, STOPPED, "stopped before it started")
+                try:
+                    self.client.stop_job(job.submission_id)
+                except Exception:  # noqa: BLE001 -- the wrapper runs nothing anyway
+                    pass
+                return
             self._stop_job(job, STOPPED, None)  # the reason depends on whether it started
 
     def poll(self):
@@ -150,7 +162,7 @@ class RayRunner(runners.MonitoredRunner):
                     continue
                 try:
                     info = self.client.get_job_info(job.submission_id)
-                except Exception as error:  # noqa: BLE001 -- Ray's client raises RuntimeError for all
+                except Exception as error:  # noqa: BLE001 -- Ray's client raises RuntimeError
                     if _is_missing(error):
                         self._settle(job, None)
                     continue  # Ray unreachable now: ask again at the next poll
@@ -257,6 +269,13 @@ class RayRunner(runners.MonitoredRunner):
             entrypoint_num_cpus=self.num_cpus,
             entrypoint_num_gpus=self.num_gpus,
             entrypoint_memory=runners._bytes(self.memory_limit_mb))
+
+    def _status(self, job):
+        """Ray's status of ``job`` ('PENDING', 'RUNNING', ...), or None when Ray did not answer."""
+        try:
+            return str(self.client.get_job_info(job.submission_id).status.value)
+        except Exception:  # noqa: BLE001
+            return None
 
     def _stop_job(self, job, end_state, reason):
         job.stop_state, job.stop_reason = end_state, reason

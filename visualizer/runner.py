@@ -944,15 +944,18 @@ def _wrap(run_dir, spec):
             environment, "cgroups": cgroup.procs files to join, "node_cgroups": cgroups
             to make here or None (see ``wrapper_command``), "limits": {RLIMIT name: value}}.
 
-    The wrapper's own output and the command's go to output.txt. The wrapper is the
-    child subreaper of everything the command starts, so leftovers that escaped
-    their process group are still its descendants and are killed when the command
-    ends; its child dies with it. SIGTERM is ignored so that the wrapper outlives a
-    stop long enough to record the outcome.
+    A run that status.json already calls 'stopped' (stopped while a cluster still queued
+    it) is not started. The wrapper's own output and the command's go to output.txt. The
+    wrapper is the child subreaper of everything the command starts, so leftovers that
+    escaped their process group are still its descendants and are killed when the
+    command ends; its child dies with it. SIGTERM is ignored so that the wrapper
+    outlives a stop long enough to record the outcome.
     """
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     ctypes.CDLL(None).prctl(PR_SET_CHILD_SUBREAPER, 1)
     os.chdir(run_dir)
+    if (_read_status(run_dir) or {}).get("state") == STOPPED:
+        sys.exit(0)  # stopped while a cluster still had it queued: run nothing
     _write_status(run_dir, RUNNING)
     try:
         output = _open_output(run_dir)
