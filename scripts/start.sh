@@ -4,4 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
+if [ "${VISUALIZER_RUNNER:-local}" = "ray" ]; then
+    .venv/bin/pip install --quiet --disable-pip-version-check -r requirements-ray.txt
+fi
 exec .venv/bin/python -m visualizer "$@"

@@ -144,3 +144,13 @@ class DiskFullWhileWriting:
         self._file.write(data[:3])
         self._file.flush()
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+@pytest.fixture(scope="session")
+def ray_head():
+    """A local Ray head with token authentication, for the tests marked ``ray``; stopped at the
+    end of the session, nothing of it left running."""
+    from ray_head import RayHead
+    head = RayHead().start()
+    yield head
+    head.stop()

@@ -101,16 +101,23 @@ def _start_runner(app):
     """Build (or take the injected) runner, start its monitor, and reconcile the database."""
     runner = app.config.get("RUNNER")
     if runner is None:
-        from visualizer.runner import LocalRunner
-        from visualizer.sandbox import Cgroups
         sandbox, refusal = _sandbox(app)
-        runner = LocalRunner(max_concurrent=app.config["MAX_CONCURRENT_RUNS"],
-                             memory_limit_mb=app.config["RUN_MEMORY_MB"],
-                             wall_time_s=app.config["RUN_WALL_TIME_S"],
-                             on_update=lambda update: apply_run_update(app, update),
-                             sandbox=sandbox, cgroups=Cgroups.detect(app.config["STORAGE_DIR"]),
-                             disk_limit_mb=app.config["RUN_DISK_MB"],
-                             max_processes=app.config["RUN_PROCESSES"], refusal=refusal)
+        common = dict(memory_limit_mb=app.config["RUN_MEMORY_MB"],
+                      wall_time_s=app.config["RUN_WALL_TIME_S"],
+                      on_update=lambda update: apply_run_update(app, update),
+                      sandbox=sandbox, disk_limit_mb=app.config["RUN_DISK_MB"],
+                      max_processes=app.config["RUN_PROCESSES"], refusal=refusal)
+        if app.config["RUNNER_KIND"] == "ray":
+            # Imported only here: Ray is installed only where it is used (requirements-ray.txt).
+            from visualizer.ray_runner import RayRunner
+            runner = RayRunner(app.config["RAY_ADDRESS"], app.config["STORAGE_DIR"],
+                               num_cpus=app.config["RUN_CPUS"], num_gpus=app.config["RUN_GPUS"],
+                               **common)
+        else:
+            from visualizer.runner import LocalRunner
+            from visualizer.sandbox import Cgroups
+            runner = LocalRunner(max_concurrent=app.config["MAX_CONCURRENT_RUNS"],
+                                 cgroups=Cgroups.detect(app.config["STORAGE_DIR"]), **common)
         runner.start_monitor()
     app.extensions["runner"] = runner
     with app.app_context():

@@ -19,6 +19,7 @@ from urllib.parse import urlsplit
 import waitress
 
 from visualizer import config, create_app
+from visualizer.runner import RunnerUnavailable
 
 WAITRESS_THREADS = 8
 # Room for a multipart form's fields and boundaries around the largest upload: a body
@@ -58,7 +59,7 @@ def main():
                                     app.config["BOKEH_URL"]), flush=True)
         server.run()  # returns on Ctrl-C or SIGTERM
         server.close()
-    except StartError as error:
+    except (StartError, RunnerUnavailable) as error:
         print("python -m visualizer: %s" % error, file=sys.stderr, flush=True)
         sys.exit(1)
     except KeyboardInterrupt:

@@ -18,6 +18,10 @@ VISUALIZER_RUN_DISK_MB         2048 (disk use of one run folder)           RUN_D
 VISUALIZER_RUN_PROCESSES       1024 (processes and threads of one run)     RUN_PROCESSES
 VISUALIZER_RUN_NETWORK         0 (1: runs may use the network)             RUN_NETWORK
 VISUALIZER_SANDBOX             on (off: runs NOT sandboxed, unsafe)        SANDBOX
+VISUALIZER_RUNNER              local (ray: every run is a Ray job)         RUNNER_KIND
+VISUALIZER_RAY_ADDRESS         http://127.0.0.1:8265 (Ray's job API)       RAY_ADDRESS
+VISUALIZER_RUN_CPUS            1 (CPUs one run asks Ray for)               RUN_CPUS
+VISUALIZER_RUN_GPUS            none (GPUs one run asks Ray for)            RUN_GPUS
 VISUALIZER_MAX_UPLOAD_MB       20                                          MAX_CONTENT_LENGTH (bytes)
 VISUALIZER_HTTPS               0 (1: browsers reach the app over HTTPS)    HTTPS
 VISUALIZER_USER_MAX_SCRIPTS    100 (files one user may keep)               USER_MAX_SCRIPTS
@@ -33,6 +37,7 @@ from visualizer.runner import DEFAULT_DISK_MB, DEFAULT_PROCESSES
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SECRET_KEY_FILE = "secret_key"
 DATABASE_FILE = "visualizer.sqlite"
+DEFAULT_RAY_ADDRESS = "http://127.0.0.1:8265"
 
 
 def settings_from_env(environ=None):
@@ -71,6 +76,11 @@ def settings_from_env(environ=None):
         "RUN_PROCESSES": _number(env, "VISUALIZER_RUN_PROCESSES", DEFAULT_PROCESSES),
         "RUN_NETWORK": _choice(env, "VISUALIZER_RUN_NETWORK", {"0": False, "1": True}, "0"),
         "SANDBOX": _choice(env, "VISUALIZER_SANDBOX", {"on": "on", "off": "off"}, "on"),
+        "RUNNER_KIND": _choice(env, "VISUALIZER_RUNNER", {"local": "local", "ray": "ray"},
+                               "local"),
+        "RAY_ADDRESS": env.get("VISUALIZER_RAY_ADDRESS", "").strip() or DEFAULT_RAY_ADDRESS,
+        "RUN_CPUS": _number(env, "VISUALIZER_RUN_CPUS", 1),
+        "RUN_GPUS": _number(env, "VISUALIZER_RUN_GPUS", None),
         "MAX_CONTENT_LENGTH": int(upload_mb * 1024 * 1024),
         "HTTPS": _choice(env, "VISUALIZER_HTTPS", {"0": False, "1": True}, "0"),
         "USER_MAX_SCRIPTS": _number(env, "VISUALIZER_USER_MAX_SCRIPTS", 100),

@@ -139,6 +139,56 @@ class RunRefused(Exception):
     """This runner runs no scripts (the sandbox cannot be had); the message says why."""
 
 
+class RunnerUnavailable(Exception):
+    """The runner's cluster cannot be reached or refused the server; the message says what to do."""
+
+
+class MonitoredRunner(Runner):
+    """A runner with a monitor thread that polls it and passes each update on.
+
+    Args:
+        on_update: called with each ``RunUpdate`` by the monitor thread
+            (``start_monitor``) and by ``shutdown``.
+    """
+
+    def __init__(self, on_update=None):
+        self.on_update = on_update
+        self._monitor = None
+        self._monitor_stop = threading.Event()
+
+    def start_monitor(self, interval=0.5):
+        """Starts a daemon thread that calls ``poll()`` every ``interval`` seconds
+        and passes each update to ``on_update``."""
+        if self._monitor is not None and self._monitor.is_alive():
+            return
+        self._monitor_stop.clear()
+        self._monitor = threading.Thread(target=self._monitor_loop, args=(interval,),
+                                         name="run-monitor", daemon=True)
+        self._monitor.start()
+
+    def _stop_monitor(self):
+        self._monitor_stop.set()
+        if self._monitor is not None:
+            self._monitor.join()
+            self._monitor = None
+
+    def _monitor_loop(self, interval):
+        while not self._monitor_stop.wait(interval):
+            try:
+                self._deliver(self.poll())
+            except Exception:  # the runs must stay watched whatever one poll met
+                traceback.print_exc()
+
+    def _deliver(self, updates):
+        if self.on_update is None:
+            return
+        for update in updates:
+            try:
+                self.on_update(update)
+            except Exception:  # one failing update must not stop the watching
+                traceback.print_exc()
+
+
 @dataclasses.dataclass
 class _Run:
     run_id: int
@@ -164,7 +214,7 @@ class _Run:
                          self.started_at, self.ended_at, message)
 
 
-class LocalRunner(Runner):
+class LocalRunner(MonitoredRunner):
     """Runs scripts as sandboxed subprocesses on this machine; thread-safe.
 
     Args:
@@ -200,7 +250,7 @@ class LocalRunner(Runner):
         self.memory_limit_mb = memory_limit_mb
         self.wall_time_s = wall_time_s
         self.grace_period_s = grace_period_s
-        self.on_update = on_update
+        super().__init__(on_update)
         self.sandbox = sandbox
         self.cgroups = cgroups
         self.disk_limit_mb = disk_limit_mb
@@ -210,22 +260,13 @@ class LocalRunner(Runner):
         self._queue = deque()  # queued _Run objects, oldest first
         self._running = {}  # run_id -> _Run
         self._updates = []  # state changes not yet returned by poll()
-        self._monitor = None
-        self._monitor_stop = threading.Event()
 
     # --- the Runner interface -------------------------------------------------
 
     def start(self, run_id, run_dir, script_file, disk_limit_mb=None):
         if self.refusal:
             raise RunRefused(self.refusal)
-        if disk_limit_mb is not None and disk_limit_mb <= 0:
-            raise ValueError("disk_limit_mb must be positive or None, got %r" % (disk_limit_mb,))
-        run_dir = os.path.abspath(run_dir)
-        if not os.path.isdir(run_dir):
-            raise ValueError("run_dir %r is not a folder" % run_dir)
-        script_path = os.path.join(run_dir, script_file)
-        if not os.path.isfile(script_path):
-            raise ValueError("script_file %r does not exist in %r" % (script_file, run_dir))
+        run_dir, script_path = checked_run(run_dir, script_file, disk_limit_mb)
         with self._lock:
             if self._find(run_id):
                 raise ValueError("run %r is already queued or running" % (run_id,))
@@ -292,17 +333,7 @@ class LocalRunner(Runner):
             self._start_queued()
         return updates
 
-    # --- monitor thread and shutdown ------------------------------------------
-
-    def start_monitor(self, interval=0.5):
-        """Starts a daemon thread that calls ``poll()`` every ``interval`` seconds
-        and passes each update to ``on_update``."""
-        if self._monitor is not None and self._monitor.is_alive():
-            return
-        self._monitor_stop.clear()
-        self._monitor = threading.Thread(target=self._monitor_loop, args=(interval,),
-                                         name="run-monitor", daemon=True)
-        self._monitor.start()
+    # --- shutdown ------------------------------------------------------------
 
     def shutdown(self, stop_runs=True):
         """Stops the monitor thread and, with ``stop_runs``, every running run.
@@ -317,10 +348,7 @@ class LocalRunner(Runner):
         Returns:
             The final updates, also passed to ``on_update``.
         """
-        self._monitor_stop.set()
-        if self._monitor is not None:
-            self._monitor.join()
-            self._monitor = None
+        self._stop_monitor()
         with self._lock:
             if not stop_runs:
                 updates, self._updates = self._updates, []
@@ -343,22 +371,6 @@ class LocalRunner(Runner):
             time.sleep(0.05)
             updates += self.poll()
         return updates
-
-    def _monitor_loop(self, interval):
-        while not self._monitor_stop.wait(interval):
-            try:
-                self._deliver(self.poll())
-            except Exception:  # the runs must stay watched whatever one poll met
-                traceback.print_exc()
-
-    def _deliver(self, updates):
-        if self.on_update is None:
-            return
-        for update in updates:
-            try:
-                self.on_update(update)
-            except Exception:  # one failing update must not stop the watching
-                traceback.print_exc()
 
     # --- state changes --------------------------------------------------------
 
@@ -390,51 +402,25 @@ class LocalRunner(Runner):
 
     def _launch(self, run):
         uid = self.sandbox.run_uid(run.run_id) if self.sandbox else None
-        program = [sys.executable, "-u", run.script_path]
-        spec = {
-            "command": (self.sandbox.command(run.run_dir, program, uid, min(
-                run.disk_limit_mb or sandboxing.TMP_SIZE_MB, sandboxing.TMP_SIZE_MB))
-                        if self.sandbox else program),
-            "sandboxed": self.sandbox is not None,
-            "cgroups": (self.cgroups.create(run.run_id, _bytes(self.memory_limit_mb),
-                                            self.max_processes) if self.cgroups else []),
-            "limits": self._rlimits(run, uid),
-        }
+        cgroups = (self.cgroups.create(run.run_id, _bytes(self.memory_limit_mb), self.max_processes)
+                   if self.cgroups else [])
+        limits = run_rlimits(run.disk_limit_mb, self.max_processes, uid,
+                             bool(self.cgroups and self.cgroups.has(sandboxing.PIDS)))
+        command = wrapper_command(run.run_dir, run.script_path, self.sandbox, uid,
+                                  run.disk_limit_mb, limits, cgroups=cgroups)
         # 'running' goes into status.json before the process exists, so it can
         # never overwrite the outcome that a very short script's wrapper records.
         run.state, run.started_at = RUNNING, time.time()
         storage.write_run_status(run.run_dir, RUNNING)
-        if uid is not None:  # the folder itself only: what is inside may be a link
-            os.chown(run.run_dir, uid, uid, follow_symlinks=False)
-            _make_inputs_readable(run.run_dir, run.script_path)
-        output = _open_output(run.run_dir)
-        try:
-            # -P: the wrapper's folder (visualizer/) must not shadow standard modules.
-            run.process = subprocess.Popen(
-                [sys.executable, "-P", WRAPPER_FILE, run.run_dir, json.dumps(spec)],
-                cwd=run.run_dir, env=sandboxing.run_environment(run.run_dir),
-                stdin=subprocess.DEVNULL, stdout=output, stderr=subprocess.STDOUT,
-                start_new_session=True)
-        finally:
-            os.close(output)
+        prepare_run_folder(run.run_dir, run.script_path, uid)
+        run.process = subprocess.Popen(
+            command, cwd=run.run_dir, env=sandboxing.run_environment(run.run_dir),
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            start_new_session=True)
         run.pid = run.process.pid
         run.wrapper = psutil.Process(run.pid)
         self._running[run.run_id] = run
         self._updates.append(run.update())
-
-    def _rlimits(self, run, uid):
-        """{RLIMIT name: value} for the run's processes."""
-        limits = {"RLIMIT_NOFILE": MAX_OPEN_FILES, "RLIMIT_CORE": 0}
-        if run.disk_limit_mb:
-            limits["RLIMIT_FSIZE"] = _bytes(run.disk_limit_mb)
-        if self.max_processes and not (self.cgroups and self.cgroups.has(sandboxing.PIDS)):
-            # RLIMIT_NPROC counts all processes of the real uid: a run's own uid
-            # has none but the run's; the server's uid has the server's too.
-            if uid is not None:
-                limits["RLIMIT_NPROC"] = int(self.max_processes)
-            elif os.geteuid() != 0:
-                limits["RLIMIT_NPROC"] = _threads_of_uid(os.getuid()) + int(self.max_processes)
-        return limits
 
     def _adopt(self, run, wrapper):
         run.pid, run.wrapper = wrapper.pid, wrapper
@@ -530,13 +516,8 @@ class LocalRunner(Runner):
 
     def _limit_message(self, run):
         """Which cgroup limit the run ran into, in words, or None."""
-        if self.cgroups is None:
-            return None
-        if self.memory_limit_mb and self.cgroups.memory_limit_hit(run.run_id):
-            return _memory_message(self.memory_limit_mb)
-        if self.max_processes and self.cgroups.process_limit_hit(run.run_id):
-            return _process_message(self.max_processes)
-        return None
+        return cgroup_limit_message(self.cgroups, run.run_id, self.memory_limit_mb,
+                                    self.max_processes)
 
     def _measure_disks(self):
         """{run_id: bytes} of the run folders due for a disk check, measured without the lock."""
@@ -598,6 +579,99 @@ class LocalRunner(Runner):
         psutil.wait_procs(leftovers, timeout=2)
         if self.cgroups is not None:
             self.cgroups.kill(run.run_id)
+
+
+def checked_run(run_dir, script_file, disk_limit_mb):
+    """(absolute run folder, script path) of a run to start.
+
+    Raises:
+        ValueError: the folder or the script is missing, or the disk limit is not positive.
+    """
+    if disk_limit_mb is not None and disk_limit_mb <= 0:
+        raise ValueError("disk_limit_mb must be positive or None, got %r" % (disk_limit_mb,))
+    run_dir = os.path.abspath(run_dir)
+    if not os.path.isdir(run_dir):
+        raise ValueError("run_dir %r is not a folder" % run_dir)
+    script_path = os.path.join(run_dir, script_file)
+    if not os.path.isfile(script_path):
+        raise ValueError("script_file %r does not exist in %r" % (script_file, run_dir))
+    return run_dir, script_path
+
+
+def wrapper_command(run_dir, script_path, sandbox, uid, disk_limit_mb, limits, cgroups=(),
+                    node_cgroups=None):
+    """The command line of the wrapper that runs a script (see ``_wrap``), for every runner.
+
+    The wrapper writes status.json and output.txt into ``run_dir`` and gives the
+    script the run environment only (``visualizer.sandbox.run_environment``), whatever
+    environment the wrapper itself got.
+
+    Args:
+        run_dir: absolute path of the run folder.
+        script_path: the script in it.
+        sandbox: the ``visualizer.sandbox.Sandbox`` to run it in, or None.
+        uid: the run's uid when the sandbox switches to one, else None.
+        disk_limit_mb: the run folder's disk limit (it also bounds the private ``/tmp``).
+        limits: {RLIMIT name: value} (see ``run_rlimits``).
+        cgroups: ``cgroup.procs`` files the script joins (made by the runner).
+        node_cgroups: {"storage_dir", "run_id", "memory_limit_mb", "max_processes"}: the
+            wrapper makes the run's cgroups itself, on the machine it runs on (a cluster
+            node), and names the limit the script ran into; None when the runner does.
+    """
+    program = [sys.executable, "-u", script_path]
+    tmp_size_mb = min(disk_limit_mb or sandboxing.TMP_SIZE_MB, sandboxing.TMP_SIZE_MB)
+    spec = {
+        "command": sandbox.command(run_dir, program, uid, tmp_size_mb) if sandbox else program,
+        "sandboxed": sandbox is not None,
+        "environment": sandboxing.run_environment(run_dir),
+        "cgroups": list(cgroups),
+        "node_cgroups": node_cgroups,
+        "limits": limits,
+    }
+    # -P: the wrapper's folder (visualizer/) must not shadow standard modules.
+    return [sys.executable, "-P", WRAPPER_FILE, run_dir, json.dumps(spec)]
+
+
+def run_rlimits(disk_limit_mb, max_processes, uid, pids_cgroup):
+    """{RLIMIT name: value} for a run's processes.
+
+    Args:
+        disk_limit_mb: the run folder's disk limit (no file may be larger), or None.
+        max_processes: the most processes and threads of the run, or None.
+        uid: the run's own uid, or None when it runs as the server's.
+        pids_cgroup: whether a pids cgroup counts the run's processes already.
+    """
+    limits = {"RLIMIT_NOFILE": MAX_OPEN_FILES, "RLIMIT_CORE": 0}
+    if disk_limit_mb:
+        limits["RLIMIT_FSIZE"] = _bytes(disk_limit_mb)
+    if max_processes and not pids_cgroup:
+        # RLIMIT_NPROC counts all processes of the real uid: a run's own uid
+        # has none but the run's; the server's uid has the server's too.
+        if uid is not None:
+            limits["RLIMIT_NPROC"] = int(max_processes)
+        elif os.geteuid() != 0:
+            limits["RLIMIT_NPROC"] = _threads_of_uid(os.getuid()) + int(max_processes)
+    return limits
+
+
+def prepare_run_folder(run_dir, script_path, uid):
+    """Gives the run folder to the run's uid (the folder itself only: what is inside may
+    be a link) and lets it read its inputs; nothing when the run has no uid of its own."""
+    if uid is not None:
+        os.chown(run_dir, uid, uid, follow_symlinks=False)
+        _make_inputs_readable(run_dir, script_path)
+
+
+def cgroup_limit_message(cgroups, run_id, memory_limit_mb, max_processes):
+    """Which limit of its cgroups (``visualizer.sandbox.Cgroups`` or None) run ``run_id``
+    ran into, in words, or None."""
+    if cgroups is None:
+        return None
+    if memory_limit_mb and cgroups.memory_limit_hit(run_id):
+        return _memory_message(memory_limit_mb)
+    if max_processes and cgroups.process_limit_hit(run_id):
+        return _process_message(max_processes)
+    return None
 
 
 def _write_status(run_dir, state, exit_code=None, message=None):
@@ -865,16 +939,42 @@ def _wrap(run_dir, spec):
 
     Args:
         run_dir: the run folder.
-        spec: {"command": argv, "sandboxed": bool, "cgroups": cgroup.procs files to
-            join, "limits": {RLIMIT name: value}}.
+        spec: {"command": argv, "sandboxed": bool, "environment": the command's
+            environment, "cgroups": cgroup.procs files to join, "node_cgroups": cgroups
+            to make here or None (see ``wrapper_command``), "limits": {RLIMIT name: value}}.
 
-    The wrapper is the child subreaper of everything the command starts, so
-    leftovers that escaped their process group are still its descendants and are
-    killed when the command ends; its child dies with it. SIGTERM is ignored so
-    that the wrapper outlives a stop long enough to record the outcome.
+    A run that status.json already calls 'stopped' (stopped while a cluster still queued
+    it) is not started. The wrapper's own output and the command's go to output.txt. The
+    wrapper is the child subreaper of everything the command starts, so leftovers that
+    escaped their process group are still its descendants and are killed when the
+    command ends; its child dies with it. SIGTERM is ignored so that the wrapper
+    outlives a stop long enough to record the outcome.
     """
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     ctypes.CDLL(None).prctl(PR_SET_CHILD_SUBREAPER, 1)
+    os.chdir(run_dir)
+    if (_read_status(run_dir) or {}).get("state") == STOPPED:
+        sys.exit(0)  # stopped while a cluster still had it queued: run nothing
+    _write_status(run_dir, RUNNING)
+    try:
+        output = _open_output(run_dir)
+    except OSError as error:
+        _write_status(run_dir, FAILED, None, "could not open the output file: %s" % error)
+        sys.exit(1)
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+        os.dup2(output, stream.fileno())
+    os.close(output)
+    cgroups, procs = None, list(spec["cgroups"])
+    node = spec.get("node_cgroups")
+    if node:
+        cgroups = sandboxing.Cgroups.detect(node["storage_dir"])
+        try:
+            procs += cgroups.create(node["run_id"], _bytes(node["memory_limit_mb"]),
+                                    node["max_processes"])
+        except OSError as error:
+            print("visualizer runner: no cgroups on this machine (%s)" % error, flush=True)
+            cgroups = None
 
     wrapper_pid = os.getpid()
 
@@ -884,12 +984,13 @@ def _wrap(run_dir, spec):
         if os.getppid() != wrapper_pid:
             os._exit(1)
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
-        sandboxing.join_cgroups(spec["cgroups"])
+        sandboxing.join_cgroups(procs)
         for name, value in spec["limits"].items():
             resource.setrlimit(getattr(resource, name), (value, value))
 
     try:
-        child = subprocess.Popen(spec["command"], preexec_fn=enter_limits)
+        child = subprocess.Popen(spec["command"], env=spec["environment"],
+                                 stdin=subprocess.DEVNULL, preexec_fn=enter_limits)
     except OSError as error:
         print("visualizer runner: could not start the script: %s" % error, flush=True)
         _write_status(run_dir, FAILED, None, "could not start the script: %s" % error)
@@ -905,6 +1006,12 @@ def _wrap(run_dir, spec):
             pass
     psutil.wait_procs(leftovers, timeout=2)
     state, message = outcome(exit_code)
+    if cgroups is not None:
+        limit_message = cgroup_limit_message(cgroups, node["run_id"], node["memory_limit_mb"],
+                                             node["max_processes"])
+        if limit_message:
+            state, message = FAILED, limit_message
+        cgroups.remove(node["run_id"])
     _write_status(run_dir, state, exit_code, message)
     if exit_code < 0:  # end by the same signal, so the runner sees it too
         if -exit_code != signal.SIGKILL:

@@ -32,7 +32,10 @@ INHERITED_SETTINGS = ("VISUALIZER_SECRET_KEY", "VISUALIZER_DATABASE_URL", "VISUA
                       "VISUALIZER_RUN_MEMORY_MB", "VISUALIZER_RUN_WALL_TIME_S", "VISUALIZER_HTTPS",
                       "VISUALIZER_USER_MAX_SCRIPTS", "VISUALIZER_USER_STORAGE_MB",
                       "VISUALIZER_RUN_DISK_MB", "VISUALIZER_RUN_PROCESSES",
-                      "VISUALIZER_RUN_NETWORK", "VISUALIZER_SANDBOX")
+                      "VISUALIZER_RUN_NETWORK", "VISUALIZER_SANDBOX", "VISUALIZER_RUNNER",
+                      "VISUALIZER_RAY_ADDRESS", "VISUALIZER_RUN_CPUS", "VISUALIZER_RUN_GPUS",
+                      # Ray's client prefers these to the address it is given.
+                      "RAY_ADDRESS", "RAY_API_SERVER_ADDRESS")
 CSRF_PATTERN = re.compile(r'name="csrf_token" value="([^"]+)"')
 
 

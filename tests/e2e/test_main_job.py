@@ -4,7 +4,8 @@ Create a user, log in, upload ``scripts/examples/mnist_digits.py``, run it with 
 sample image, watch the training-progress curve grow and every technique tab
 show its images, read the epoch lines in the Output tab, then download the saved
 network and load it with Keras. A screenshot of every step goes to
-``test-artifacts/e2e/``.
+``test-artifacts/e2e/``. The same again with ``VISUALIZER_RUNNER=ray``: the run is a
+job on a local Ray head, and the user sees no difference.
 """
 import re
 
@@ -13,7 +14,7 @@ import pytest
 from PIL import Image
 
 from custom_keras import registry
-from e2e.harness import REPO_ROOT, bokeh_state, screenshot, wait_for
+from e2e.harness import REPO_ROOT, Servers, bokeh_state, screenshot, wait_for
 
 EXAMPLE = REPO_ROOT / "scripts" / "examples" / "mnist_digits.py"
 SAMPLE_IMAGE = REPO_ROOT / "scripts" / "examples" / "images" / "digit_3.png"
@@ -40,6 +41,24 @@ def open_tab(page, title):
 
 @pytest.mark.slow
 def test_new_user_trains_the_mnist_example_and_watches_it(browser, servers, tmp_path):
+    _main_job(browser, servers, tmp_path)
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+def test_the_main_job_is_the_same_when_runs_are_jobs_on_ray(browser, ray_head,
+                                                             tmp_path_factory, tmp_path):
+    ray_servers = Servers(tmp_path_factory.mktemp("ray-servers"), VISUALIZER_RUNNER="ray",
+                          VISUALIZER_RAY_ADDRESS=ray_head.address, VISUALIZER_MAX_UPLOAD_MB="2",
+                          **ray_head.client_env)
+    ray_servers.start()
+    try:
+        _main_job(browser, ray_servers, tmp_path)
+    finally:
+        ray_servers.cleanup()
+
+
+def _main_job(browser, servers, tmp_path):
     context = browser.new_context(viewport={"width": 1280, "height": 900}, accept_downloads=True)
     context.set_default_timeout(PAGE_TIMEOUT_MS)
     page = context.new_page()
