@@ -25,6 +25,7 @@ TECHNIQUE = registry.get("gradients")
 HEALTH_CHECKS = dataclasses.replace(TECHNIQUE, key="health_checks", title="health checks")
 POSITION_COLUMNS = ("step", "epoch", "batch")
 MAX_LAYER_COLUMNS = 256   # layers of one table drawn, each a line with a legend entry
+LEGEND_LABEL_WIDTH = 110
 SHOWN_EPOCH = "epoch_from_1"   # epochs counted from 1 in the hover, as Keras prints them
 COMES_WITH = ("Gradient norms and dead units come with callbacks.register_training_progress() "
               "(unless health_checks=False) or callbacks.register_health_checks().")
@@ -137,6 +138,7 @@ class GradientsDashboard:
         fig = figure(title=title, height=320, sizing_mode="stretch_width", tools=TOOLS,
                      active_scroll="wheel_zoom", x_range=self.x_range, y_axis_type=y_axis_type,
                      x_axis_label="training step (batches, all epochs)", y_axis_label=y_label)
+        fig.min_border_left = 80  # both plots alike, whatever their tick labels: x axes align
         fig.toolbar.logo = None
         return fig
 
@@ -149,7 +151,9 @@ class GradientsDashboard:
             fig.add_tools(HoverTool(renderers=[line], tooltips=[
                 ("layer", layer), ("epoch", "@%s{0}" % SHOWN_EPOCH), ("batch", "@batch{0}"),
                 ("value", "@{%s}%s" % (layer, number_format))]))
-        legend = Legend(items=items, click_policy="hide", label_text_font_size="11px")
+        # the same label width in both plots keeps their x axes aligned (short layer names)
+        legend = Legend(items=items, click_policy="hide", label_text_font_size="11px",
+                        label_width=LEGEND_LABEL_WIDTH)
         fig.add_layout(legend, "right")
 
 
