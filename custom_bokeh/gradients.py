@@ -9,6 +9,7 @@ are *streamed* to the browser.
 """
 import dataclasses
 import math
+import os
 
 from bokeh.layouts import column
 from bokeh.models import ColumnDataSource, DataRange1d, Div, HoverTool, Legend, LegendItem
@@ -90,7 +91,7 @@ class GradientsDashboard:
                 self._read(reader, source, plot, draw, drawn)
             except (OSError, ValueError) as error:  # a link, a named pipe, a huge line or header
                 problems.append("Could not read %s: %s" % (
-                    reader.tsv_path.rsplit("/", 1)[-1], error))
+                    os.path.basename(reader.tsv_path), error))
             problems.append(reader.problem())
         problems = [p for p in problems if p]
         if problems:

@@ -107,3 +107,13 @@ def test_a_run_without_tables_or_alerts_shows_no_summary(app, client, user):
     upload_script(client, "fresh.py")
     page = client.get("/scripts/1").get_data(as_text=True)
     assert "Best validation" not in page and 'id="alerts"' not in page
+
+
+def test_a_named_pipe_as_alerts_file_is_refused_without_waiting(app, client, user):
+    upload_script(client, "noisy.py")
+    folder = script_folder(app, 1)
+    os.makedirs(storage.results_dir(folder))
+    os.mkfifo(storage.results_path(folder, storage.ALERTS_FILE))
+    page = client.get("/scripts/1").get_data(as_text=True)
+    assert "The alerts could not be read: alerts.jsonl is not a regular file." in page
+    assert "badge-alerts" not in client.get("/").get_data(as_text=True)

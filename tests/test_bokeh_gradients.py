@@ -1,6 +1,7 @@
 """The Gradients dashboard and the alert banner above every dashboard."""
 import json
 import math
+import os
 
 from bokeh.document import Document
 from bokeh.document.events import ColumnsStreamedEvent
@@ -158,3 +159,16 @@ def test_an_alerts_file_of_one_huge_line_is_reported(tmp_path):
     storage.append_line(path, "x" * (storage.MAX_ALERTS_BYTES * 2))
     banner = GradientsDashboard(run_dir).alerts.div
     assert banner.visible and banner.text.startswith("The alerts could not be read:")
+
+
+def test_named_pipes_and_links_as_tables_are_reported_without_waiting(tmp_path):
+    run_dir = str(tmp_path)
+    os.makedirs(storage.results_dir(run_dir))
+    os.mkfifo(storage.results_path(run_dir, storage.ALERTS_FILE))
+    os.mkfifo(storage.results_path(run_dir, storage.DEAD_UNITS_TABLE))
+    os.symlink("/dev/zero", storage.results_path(run_dir, storage.GRADIENT_NORMS_TABLE))
+    dashboard = GradientsDashboard(run_dir)
+    assert dashboard.alerts.div.text.startswith("The alerts could not be read:")
+    lines = dashboard.message.text.split("\n")
+    assert lines[0].startswith("Could not read gradient_norms.tsv:")
+    assert lines[1].startswith("Could not read dead_units.tsv:")
