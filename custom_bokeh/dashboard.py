@@ -111,6 +111,56 @@ def show_message(div, text, error=False):
     div.visible = bool(text)
 
 
+MAX_BANNER_ALERTS = 3   # latest alerts named in the banner; Overview lists them all
+_ALERT_STYLES = dict(_ERROR_STYLES, **{"border-left": "4px solid #c0392b"})
+
+
+def alert_line(alert):
+    """E.g. "Epoch 2, batch 30 · exploding gradients: <message> Try: <advice>"."""
+    epoch = alert.get("epoch")
+    where = "Epoch %s, batch %s" % (epoch + 1 if isinstance(epoch, int) else epoch,
+                                    alert.get("batch"))
+    text = "%s \u00b7 %s: %s" % (where, alert["kind"].replace("_", " "), alert["message"])
+    return text + (" Try: %s" % alert["advice"] if alert["advice"] else "")
+
+
+class AlertBanner:
+    """A banner above a dashboard with the run's latest health-check alerts, as text.
+
+    Args:
+        run_dir: the run folder.
+
+    ``div`` is the banner, hidden while there are no alerts; ``update()`` reads
+    ``alerts.jsonl`` again only when its size or modification time changed.
+    """
+
+    def __init__(self, run_dir):
+        self.run_dir = run_dir
+        self.div = Div(text="", render_as_text=True, visible=False, styles=_ALERT_STYLES,
+                       name="alert_banner")
+        self._key = None
+        self.update()
+
+    def update(self):
+        path = storage.results_path(self.run_dir, storage.ALERTS_FILE)
+        key = (storage.file_mtime(path), storage.file_size(path))
+        if key == self._key:
+            return
+        self._key = key
+        alerts, problem = storage.read_alerts(self.run_dir)
+        lines = []
+        if alerts:
+            lines.append("%d alert%s from the health checks%s:" % (
+                len(alerts), "" if len(alerts) == 1 else "s",
+                "" if len(alerts) <= MAX_BANNER_ALERTS else
+                " (the latest %d here, all on the Overview tab)" % MAX_BANNER_ALERTS))
+            lines += [alert_line(alert) for alert in reversed(alerts[-MAX_BANNER_ALERTS:])]
+        if problem:
+            lines.append(problem)
+        self.div.text = "\n".join(lines)
+        self.div.visible = bool(lines)
+
+
 class TooMuchToDraw(ValueError):
     """A snapshot holds more than the dashboards draw (``MAX_DRAWN_*``)."""
 
@@ -418,7 +468,8 @@ class ImageDashboard:
         self.image_select = Select(title="Image", options=[], width=220, visible=False)
         # an empty column draws nothing but makes Bokeh warn (EMPTY_LAYOUT): hold a placeholder
         self.content = column(Div(visible=False))
-        self.layout = column(self.message, self.label,
+        self.alerts = AlertBanner(run_dir)
+        self.layout = column(self.alerts.div, self.message, self.label,
                              row(self.slider, self.play, self.image_select), self.content)
         self.slider.on_change("value", self._on_slider)
         self.image_select.on_change("value", self._on_image)
@@ -435,6 +486,7 @@ class ImageDashboard:
     def update(self):
         """Reads new history entries, shows the newest when following, stops after the run ended."""
         self._ended = run_has_ended(self.run_dir)  # read before the index: no entry is missed
+        self.alerts.update()
         if self._index_was_replaced():
             self.entries, self._index_offset, self._shown_key = [], 0, None
             self.follow_latest = True

@@ -18,8 +18,8 @@ from bokeh.layouts import column
 from bokeh.models import ColumnDataSource, DataRange1d, Div, HoverTool, Select
 from bokeh.plotting import figure
 
-from custom_bokeh.dashboard import (POLL_MS, NoDataMessage, message_div, open_run, run_has_ended,
-                                    show_message)
+from custom_bokeh.dashboard import (POLL_MS, AlertBanner, NoDataMessage, message_div, open_run,
+                                    run_has_ended, show_message)
 from custom_keras import registry, storage
 
 TECHNIQUE = registry.get("training_progress")
@@ -37,25 +37,28 @@ class TableReader:
     Args:
         run_dir: the run folder.
         tsv_name: the tab-separated table with a header line (``storage.append_row``).
-        txt_name: the Appendix D file: space-separated, no header.
+        txt_name: the Appendix D file: space-separated, no header; None for a table without one.
         txt_columns: the column names of the Appendix D file.
+        max_columns: a header of more columns is refused.
 
     Reads from a byte offset like ``storage.read_table``, but a malformed line
     is skipped and counted (``bad_lines``, ``last_bad_line``) instead of stopping
     every later read. Once ``MAX_TABLE_ROWS`` rows were read, later rows are not
-    (``capped``); a table of more than ``MAX_TABLE_COLUMNS`` columns is refused.
+    (``capped``); a table of more than ``max_columns`` columns is refused.
 
     Raises (``read``):
         OSError: the table is a link, not a regular file, or has a line over
             ``storage.MAX_LINES_BYTES`` (``storage.UnsafeFileError``).
-        ValueError: the header has more than ``MAX_TABLE_COLUMNS`` columns.
+        ValueError: the header has more than ``max_columns`` columns.
     """
 
-    def __init__(self, run_dir, tsv_name, txt_name, txt_columns):
+    def __init__(self, run_dir, tsv_name, txt_name=None, txt_columns=(),
+                 max_columns=MAX_TABLE_COLUMNS):
         self.run_dir = run_dir
         self.tsv_path = storage.results_path(run_dir, tsv_name)
-        self.txt_path = storage.results_path(run_dir, txt_name)
+        self.txt_path = storage.results_path(run_dir, txt_name) if txt_name else self.tsv_path
         self.txt_columns = list(txt_columns)
+        self.max_columns = max_columns
         self.path, self.offset, self.columns = None, 0, None
         self.bad_lines, self.last_bad_line = 0, None
         self.rows_read = 0
@@ -86,10 +89,10 @@ class TableReader:
         tsv = path == self.tsv_path
         if at_top and lines:
             columns = lines.pop(0).split("\t") if tsv else self.txt_columns
-            if len(columns) > MAX_TABLE_COLUMNS:
+            if len(columns) > self.max_columns:
                 self.offset = 0  # read the header again next time; it is refused again
                 raise ValueError("%s has %d columns; the dashboard draws at most %d" % (
-                    os.path.basename(path), len(columns), MAX_TABLE_COLUMNS))
+                    os.path.basename(path), len(columns), self.max_columns))
             self.columns = columns
         lines = lines[:MAX_TABLE_ROWS - self.rows_read]
         rows = []
@@ -150,7 +153,9 @@ class TrainingProgressDashboard:
         # an empty column makes Bokeh warn (EMPTY_LAYOUT): each holds a placeholder until drawn
         self.other_figure = column(Div(visible=False), sizing_mode="stretch_width")
         self.content = column(Div(visible=False), sizing_mode="stretch_width")
-        self.layout = column(self.message, self.content, sizing_mode="stretch_width")
+        self.alerts = AlertBanner(run_dir)
+        self.layout = column(self.alerts.div, self.message, self.content,
+                             sizing_mode="stretch_width")
         self._doc = self._poll_callback = None
         self._ended = False
         self.update()
@@ -165,6 +170,7 @@ class TrainingProgressDashboard:
     def update(self):
         """Streams the rows written since the last call; stops polling after the run ended."""
         self._ended = run_has_ended(self.run_dir)  # read before the tables: no row is missed
+        self.alerts.update()
         problems = []
         try:
             self._read_batches()

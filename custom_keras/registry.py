@@ -41,6 +41,17 @@ TECHNIQUES = (
             "while training accuracy still rises is the mark of overfitting."),
     ),
     Technique(
+        key="gradients",
+        title="Gradients",
+        results_file=storage.GRADIENT_NORMS_TABLE,
+        register_call="callbacks.register_health_checks()",
+        description=(
+            "The gradient norm of every layer over training (log scale), and the fraction of "
+            "dead units of every ReLU layer, measured by the health checks. Norms that shrink "
+            "layer by layer towards the input mean vanishing gradients; norms that grow by "
+            "orders of magnitude mean exploding ones; a layer whose units go dead stops learning."),
+    ),
+    Technique(
         key="layer_activations",
         title="Layer activations",
         results_file="layer_activations.pickle",
@@ -84,6 +95,10 @@ TECHNIQUES = (
             "network thinks the class looks like; the number is the unit's final activation."),
     ),
 )
+
+# The techniques with a history of pickled snapshots (image dashboards with a slider); the
+# others draw tables of numbers.
+SNAPSHOT_TECHNIQUES = tuple(t for t in TECHNIQUES if t.results_file.endswith(".pickle"))
 
 _BY_KEY = {t.key: t for t in TECHNIQUES}
 

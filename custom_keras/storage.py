@@ -705,6 +705,66 @@ def read_table(run_dir, path, offset=0):
     return columns, rows, new_offset
 
 
+MAX_ALERTS_BYTES = 256 * KIB   # of results/alerts.jsonl read for the pages and dashboards
+ALERT_FIELDS = ("kind", "epoch", "batch", "step", "message", "advice", "value", "time", "layer")
+
+
+def read_alerts(run_dir, max_bytes=MAX_ALERTS_BYTES):
+    """The run's alerts, oldest first, and a sentence about what could not be read, or "".
+
+    At most ``max_bytes`` of ``alerts.jsonl`` are read; a malformed line (not a JSON
+    object with a text ``kind``) is skipped and counted. Each alert keeps only
+    ``ALERT_FIELDS``; "kind", "message" and "advice" are always texts.
+    """
+    path = results_path(run_dir, ALERTS_FILE)
+    try:
+        lines, end = read_complete_lines(run_dir, path, 0, max_bytes)
+    except OSError as error:  # a link, a named pipe, one huge line
+        return [], "The alerts could not be read: %s." % error
+    alerts, bad_lines = [], 0
+    for line in lines:
+        try:
+            record = json.loads(line)
+        except (ValueError, RecursionError):
+            record = None
+        if not (isinstance(record, dict) and isinstance(record.get("kind"), str)):
+            bad_lines += 1
+            continue
+        alert = {name: record.get(name) for name in ALERT_FIELDS}
+        for name in ("kind", "message", "advice"):
+            alert[name] = "" if alert[name] is None else str(alert[name])
+        alerts.append(alert)
+    problems = []
+    if bad_lines:
+        problems.append("%d malformed line(s) of %s were skipped." % (bad_lines, ALERTS_FILE))
+    if file_size(path) > end:
+        problems.append("Only the first %s of %s were read." % (format_bytes(end), ALERTS_FILE))
+    return alerts, " ".join(problems)
+
+
+def read_last_row(run_dir, path):
+    """{column: float} of the last complete row of a table (``append_row``), or None.
+
+    Reads the header and at most ``MAX_LINES_BYTES`` at the end, however long the table.
+
+    Raises:
+        OSError: the table is a link or not a regular file, or has a huge line.
+    """
+    lines, _ = read_complete_lines(run_dir, path, 0)
+    if not lines:
+        return None
+    columns = lines[0].split("\t")
+    tail, _ = read_complete_lines(run_dir, path, max(0, file_size(path) - MAX_LINES_BYTES))
+    for line in reversed(tail[1:] if len(tail) > 1 else lines[1:]):
+        try:
+            values = [float(v) for v in line.split("\t")]
+        except ValueError:
+            continue
+        if len(values) == len(columns):
+            return dict(zip(columns, values))
+    return None
+
+
 def read_history_index(run_dir, file_name, offset=0):
     """Tags of the snapshots written since byte ``offset`` and still kept: (list of dicts,
     new offset). Read from 0, these are the snapshots of the bounded history."""

@@ -10,6 +10,7 @@ from bokeh.models import FactorRange, Image, Line, Plot, VBar
 from custom_bokeh import (charts, deconvolutional_network, deep_visualization, layer_activations,
                           saliency_maps)
 from custom_bokeh.dashboard import ImageDashboard
+from custom_bokeh.gradients import GradientsDashboard
 from custom_bokeh.training_progress import TrainingProgressDashboard
 from custom_keras import registry, storage
 
@@ -161,6 +162,8 @@ def test_deep_visualization_shows_no_input_choice_that_changes_nothing(tmp_path)
 def test_a_dashboard_without_results_makes_bokeh_warn_of_no_empty_layout(tmp_path, key):
     if key == "training_progress":
         shown = TrainingProgressDashboard(str(tmp_path))
+    elif key == "gradients":
+        shown = GradientsDashboard(str(tmp_path))
     else:
         module = importlib.import_module("custom_bokeh." + key)
         shown = ImageDashboard(str(tmp_path), registry.get(key), module.render)

@@ -137,8 +137,10 @@ def index():
     all_scripts = Script.query.filter_by(user_id=current_user.id).all()
     scripts = [s for s in all_scripts if _matches(s, query.lower())]
     scripts.sort(key=SORT_KEYS[sort], reverse=descending)
+    alert_counts = {s.id: len(storage.read_alerts(run_dir(current_app, s))[0]) for s in scripts}
     return render_template("scripts/index.html", scripts=scripts, has_scripts=bool(all_scripts),
-                           query=query, sort=sort, descending=descending)
+                           query=query, sort=sort, descending=descending,
+                           alert_counts=alert_counts)
 
 
 def _matches(script, query):
@@ -236,9 +238,40 @@ def overview(script_id):
     run = script.last_run
     # a failed run: the exception and where its traceback starts in the output
     failure = storage.read_failure(folder) if run and run.state == FAILED else None
+    alerts, alerts_problem = storage.read_alerts(folder)
     return render_template("scripts/overview.html", script=script, code=code,
                            has_network=storage.is_run_file(folder, _network_path(script)),
-                           images=storage.list_images(folder), failure=failure)
+                           images=storage.list_images(folder), failure=failure,
+                           summary=run_summary(folder), alerts=alerts,
+                           alerts_problem=alerts_problem)
+
+
+def run_summary(folder):
+    """What the Overview says about the run's results, from its tables in ``folder``.
+
+    Returns:
+        {"final": {metric: value} of the last training row (positions and running
+        averages left out) or None, "best_epoch": (epoch, val_loss) of the lowest
+        validation loss or None, "problem": why a table could not be read, or ""}.
+    """
+    summary = {"final": None, "best_epoch": None, "problem": ""}
+    try:
+        last = storage.read_last_row(
+            folder, storage.results_path(folder, storage.TRAINING_PROGRESS_TABLE))
+        if last:
+            summary["final"] = {name: value for name, value in last.items() if name not in (
+                "progress", "epoch", "batch") and not name.endswith("_avg")}
+        columns, rows, _ = storage.read_table(
+            folder, storage.results_path(folder, storage.TRAINING_PROGRESS_VAL_TABLE))
+        if columns and "epoch" in columns and "val_loss" in columns:
+            epoch, loss = columns.index("epoch"), columns.index("val_loss")
+            finite = [row for row in rows if len(row) == len(columns) and row[loss] == row[loss]]
+            if finite:
+                best = min(finite, key=lambda row: row[loss])
+                summary["best_epoch"] = (int(best[epoch]), best[loss])
+    except (OSError, ValueError) as error:  # a link, a pipe, a huge or malformed line
+        summary["problem"] = "The training tables could not be read: %s." % error
+    return summary
 
 
 @bp.route("/scripts/<int:script_id>/tags", methods=("POST",))

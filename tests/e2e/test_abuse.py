@@ -357,7 +357,7 @@ def test_crafted_results_pickles_are_refused_and_never_run(owner, servers, brows
     marker = tmp_path / "pickle_code_ran"
     script_id = owner.upload_script("crafted.py", "print('crafted')\n")
     folder = owner.run_dir(script_id, "crafted")
-    for number, technique in enumerate(registry.TECHNIQUES[1:]):
+    for number, technique in enumerate(registry.SNAPSHOT_TECHNIQUES):
         exploit = (Exploit if number % 2 else ExecExploit)(marker)
         storage.atomic_write_pickle(storage.results_path(folder, technique.results_file), exploit)
         history = storage.history_dir(str(folder), technique.results_file)
@@ -373,7 +373,7 @@ def test_crafted_results_pickles_are_refused_and_never_run(owner, servers, brows
     context = browser.new_context(storage_state=owner.request.storage_state())
     page = context.new_page()
     try:
-        for technique in registry.TECHNIQUES[1:]:
+        for technique in registry.SNAPSHOT_TECHNIQUES:
             page.goto("%s/scripts/%d/techniques/%s" % (servers.url, script_id, technique.key))
             texts = wait_for(lambda: [t for t in bokeh_state(page)["texts"]
                                       if t.startswith("Refused to read a results file")],

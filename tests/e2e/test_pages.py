@@ -16,7 +16,7 @@ from e2e.harness import REPO_ROOT, WebUser, bokeh_state, screenshot, wait_for
 EXAMPLES = REPO_ROOT / "scripts" / "examples"
 RUN_TIMEOUT_S = 300
 PAGE_TIMEOUT_S = 60
-SNAPSHOT_TECHNIQUES = registry.TECHNIQUES[1:]
+SNAPSHOT_TECHNIQUES = registry.SNAPSHOT_TECHNIQUES
 
 FAILING_SCRIPT = '''"""Registers two techniques, then fails before training."""
 from custom_keras import storage

@@ -1,8 +1,9 @@
 """Attack: named pipes and /dev/zero where the servers read results and output.
 
 Named pipes (a read blocks until someone writes) as training_progress.tsv, a history
-index, a history snapshot and output.txt; links to /dev/zero (endless zeros) as a
-history index, a history snapshot, the input images and the validation table.
+index, a history snapshot, output.txt, alerts.jsonl and dead_units.tsv; links to
+/dev/zero (endless zeros) as a history index, a history snapshot, the input images,
+the validation table and gradient_norms.tsv.
 Prints "PLANTED <name>" or "DENIED".
 """
 import json
@@ -54,4 +55,7 @@ plant(zeros, storage.results_path(RUN_DIR, storage.INPUT_IMAGES_FILE))
 plant(zeros, index_path("deconvolutional_network"))
 plant(index, index_path("deep_visualization"))
 plant(os.mkfifo, snapshot_path("deep_visualization"))
+plant(os.mkfifo, storage.results_path(RUN_DIR, storage.ALERTS_FILE))
+plant(zeros, storage.results_path(RUN_DIR, storage.GRADIENT_NORMS_TABLE))
+plant(os.mkfifo, storage.results_path(RUN_DIR, storage.DEAD_UNITS_TABLE))
 print("ATTACK-END", flush=True)
