@@ -10,7 +10,7 @@ import pytest
 from custom_keras import storage
 from custom_keras.callbacks import CustomCallbacks, HealthChecks
 from custom_keras.techniques import health
-from tests.test_examples import run_example
+from test_examples import run_example  # (tf-keras-vis installs a package named "tests")
 
 DEFAULTS = health.Thresholds()
 
