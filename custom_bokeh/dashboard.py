@@ -420,7 +420,44 @@ def _settings(model):
     return {name: value for name, value in values.items() if name not in skip}
 
 
-class ImageDashboard:
+class LiveDashboard:
+    """What every live dashboard of a run shares: the alert banner, and ``update`` called
+    every ``POLL_MS`` until the run has ended.
+
+    Args:
+        run_dir: the run folder.
+
+    A subclass builds ``self.layout`` (with ``self.alerts.div`` in it) and implements
+    ``read_new()``, which reads and shows what the run wrote since the last call.
+    """
+
+    def __init__(self, run_dir):
+        self.run_dir = run_dir
+        self.alerts = AlertBanner(run_dir)
+        self._ended = False
+        self._doc = self._poll_callback = None
+
+    def attach(self, doc):
+        """Adds the page to ``doc`` and starts polling unless the run has already ended."""
+        self._doc = doc
+        doc.add_root(self.layout)
+        if not self._ended:
+            self._poll_callback = doc.add_periodic_callback(self.update, POLL_MS)
+
+    def update(self):
+        """Reads what the run wrote since the last call; stops polling once the run has ended."""
+        self._ended = run_has_ended(self.run_dir)  # read before the files: nothing is missed
+        self.alerts.update()
+        self.read_new()
+        if self._ended and self._poll_callback is not None:
+            self._doc.remove_periodic_callback(self._poll_callback)
+            self._poll_callback = None
+
+    def read_new(self):
+        raise NotImplementedError
+
+
+class ImageDashboard(LiveDashboard):
     """The live view of one snapshot technique in one run folder.
 
     Args:
@@ -438,7 +475,7 @@ class ImageDashboard:
     """
 
     def __init__(self, run_dir, technique, render, one_result_for_every_input=False):
-        self.run_dir = run_dir
+        super().__init__(run_dir)
         self.technique = technique
         self.render = render
         self.one_result_for_every_input = one_result_for_every_input
@@ -449,11 +486,10 @@ class ImageDashboard:
         self._shown_key = self._shown_signature = None
         self._snapshot_cache = (None, None, None)
         self._choosing_image = False
-        self._ended = False
         self._input_images, self._input_images_mtime = ({}, None), None
         self._inputs, self._inputs_mtime = ({}, None), None
         self._index_problem = ""
-        self._doc = self._poll_callback = self._play_callback = None
+        self._play_callback = None
 
         self.message = message_div()
         # The label is the slider's caption: it names the shown snapshot (stage, epoch, batch,
@@ -468,7 +504,6 @@ class ImageDashboard:
         self.image_select = Select(title="Image", options=[], width=220, visible=False)
         # an empty column draws nothing but makes Bokeh warn (EMPTY_LAYOUT): hold a placeholder
         self.content = column(Div(visible=False))
-        self.alerts = AlertBanner(run_dir)
         self.layout = column(self.alerts.div, self.message, self.label,
                              row(self.slider, self.play, self.image_select), self.content)
         self.slider.on_change("value", self._on_slider)
@@ -476,17 +511,8 @@ class ImageDashboard:
         self.play.on_change("active", self._on_play)
         self.update()
 
-    def attach(self, doc):
-        """Adds the page to ``doc`` and starts polling unless the run has already ended."""
-        self._doc = doc
-        doc.add_root(self.layout)
-        if not self._ended:
-            self._poll_callback = doc.add_periodic_callback(self.update, POLL_MS)
-
-    def update(self):
-        """Reads new history entries, shows the newest when following, stops after the run ended."""
-        self._ended = run_has_ended(self.run_dir)  # read before the index: no entry is missed
-        self.alerts.update()
+    def read_new(self):
+        """Reads new history entries and shows the newest when following."""
         if self._index_was_replaced():
             self.entries, self._index_offset, self._shown_key = [], 0, None
             self.follow_latest = True
@@ -499,9 +525,6 @@ class ImageDashboard:
         if new_entries or removed:
             self._apply_history_changes(new_entries, removed)
         self.show()
-        if self._ended and self._poll_callback is not None:
-            self._doc.remove_periodic_callback(self._poll_callback)
-            self._poll_callback = None
 
     def _read_new_entries(self):
         """(history entries written since the last call, files thinned out of the history).

@@ -16,8 +16,7 @@ from bokeh.models import ColumnDataSource, DataRange1d, Div, HoverTool, Legend, 
 from bokeh.palettes import Category10_10, Category20_20
 from bokeh.plotting import figure
 
-from custom_bokeh.dashboard import (POLL_MS, AlertBanner, NoDataMessage, message_div, open_run,
-                                    run_has_ended, show_message)
+from custom_bokeh.dashboard import LiveDashboard, NoDataMessage, message_div, open_run, show_message
 from custom_bokeh.training_progress import TOOLS, TableReader
 from custom_keras import registry, storage
 
@@ -42,7 +41,7 @@ def layer_colors(count):
     return [palette[i % len(palette)] for i in range(count)]
 
 
-class GradientsDashboard:
+class GradientsDashboard(LiveDashboard):
     """Live plots of one run's gradient norms and dead-unit fractions per layer.
 
     Args:
@@ -52,7 +51,7 @@ class GradientsDashboard:
     """
 
     def __init__(self, run_dir):
-        self.run_dir = run_dir
+        super().__init__(run_dir)
         self._no_data = NoDataMessage(HEALTH_CHECKS, run_dir)
         self.norms = TableReader(run_dir, storage.GRADIENT_NORMS_TABLE,
                                  max_columns=MAX_LAYER_COLUMNS + len(POSITION_COLUMNS))
@@ -61,28 +60,16 @@ class GradientsDashboard:
         self.norm_source = ColumnDataSource(data={}, name="gradient_norm_rows")
         self.dead_source = ColumnDataSource(data={}, name="dead_unit_rows")
         self.x_range = DataRange1d()  # shared: pan and zoom move both plots along the steps
-        self.alerts = AlertBanner(run_dir)
         self.message = message_div()
         # an empty column makes Bokeh warn (EMPTY_LAYOUT): each holds a placeholder until drawn
         self.norm_plot = column(Div(visible=False), sizing_mode="stretch_width")
         self.dead_plot = column(Div(visible=False), sizing_mode="stretch_width")
         self.layout = column(self.alerts.div, self.message, self.norm_plot, self.dead_plot,
                              sizing_mode="stretch_width")
-        self._doc = self._poll_callback = None
-        self._ended = False
         self.update()
 
-    def attach(self, doc):
-        """Adds the page to ``doc`` and starts polling unless the run has already ended."""
-        self._doc = doc
-        doc.add_root(self.layout)
-        if not self._ended:
-            self._poll_callback = doc.add_periodic_callback(self.update, POLL_MS)
-
-    def update(self):
-        """Streams the rows written since the last call; stops polling after the run ended."""
-        self._ended = run_has_ended(self.run_dir)  # read before the tables: no row is missed
-        self.alerts.update()
+    def read_new(self):
+        """Streams the rows written since the last call."""
         problems = []
         for reader, source, plot, draw, drawn in (
                 (self.norms, self.norm_source, self.norm_plot, self._norm_figure, positive_or_nan),
@@ -98,9 +85,6 @@ class GradientsDashboard:
             show_message(self.message, "\n".join(problems), error=True)
         else:
             show_message(self.message, "" if self.norm_source.data else self._no_data_text())
-        if self._ended and self._poll_callback is not None:
-            self._doc.remove_periodic_callback(self._poll_callback)
-            self._poll_callback = None
 
     def _no_data_text(self):
         entry = (storage.read_techniques(self.run_dir) or {}).get(HEALTH_CHECKS.key) or {}

@@ -18,8 +18,7 @@ from bokeh.layouts import column
 from bokeh.models import ColumnDataSource, DataRange1d, Div, HoverTool, Select
 from bokeh.plotting import figure
 
-from custom_bokeh.dashboard import (POLL_MS, AlertBanner, NoDataMessage, message_div, open_run,
-                                    run_has_ended, show_message)
+from custom_bokeh.dashboard import LiveDashboard, NoDataMessage, message_div, open_run, show_message
 from custom_keras import registry, storage
 
 TECHNIQUE = registry.get("training_progress")
@@ -126,7 +125,7 @@ def _parse_row(values, count):
     return row if len(row) == count else None
 
 
-class TrainingProgressDashboard:
+class TrainingProgressDashboard(LiveDashboard):
     """Live plots of one run's training progress.
 
     Args:
@@ -136,7 +135,7 @@ class TrainingProgressDashboard:
     """
 
     def __init__(self, run_dir):
-        self.run_dir = run_dir
+        super().__init__(run_dir)
         self._no_data = NoDataMessage(TECHNIQUE, run_dir)
         self.batches = TableReader(run_dir, storage.TRAINING_PROGRESS_TABLE,
                                    storage.TRAINING_PROGRESS_FILE, ("progress", "accuracy", "loss"))
@@ -153,24 +152,12 @@ class TrainingProgressDashboard:
         # an empty column makes Bokeh warn (EMPTY_LAYOUT): each holds a placeholder until drawn
         self.other_figure = column(Div(visible=False), sizing_mode="stretch_width")
         self.content = column(Div(visible=False), sizing_mode="stretch_width")
-        self.alerts = AlertBanner(run_dir)
         self.layout = column(self.alerts.div, self.message, self.content,
                              sizing_mode="stretch_width")
-        self._doc = self._poll_callback = None
-        self._ended = False
         self.update()
 
-    def attach(self, doc):
-        """Adds the page to ``doc`` and starts polling unless the run has already ended."""
-        self._doc = doc
-        doc.add_root(self.layout)
-        if not self._ended:
-            self._poll_callback = doc.add_periodic_callback(self.update, POLL_MS)
-
-    def update(self):
-        """Streams the rows written since the last call; stops polling after the run ended."""
-        self._ended = run_has_ended(self.run_dir)  # read before the tables: no row is missed
-        self.alerts.update()
+    def read_new(self):
+        """Streams the rows written since the last call."""
         problems = []
         try:
             self._read_batches()
@@ -183,9 +170,6 @@ class TrainingProgressDashboard:
             show_message(self.message, "\n".join(p for p in problems if p), error=True)
         else:
             show_message(self.message, "" if self.metrics else self._no_data.text())
-        if self._ended and self._poll_callback is not None:
-            self._doc.remove_periodic_callback(self._poll_callback)
-            self._poll_callback = None
 
     def _read_batches(self):
         columns, new_rows, _ = self.batches.read()
