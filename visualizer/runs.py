@@ -345,6 +345,16 @@ def terminal_line(line):
     return CONTROL_CHARACTERS.sub("", line)
 
 
+def _open_output(folder):
+    """(the run's output file opened as hostile input, or None; the lines to show instead)."""
+    try:
+        return storage.open_run_file(folder, storage.OUTPUT_FILE, float("inf")), []
+    except FileNotFoundError:
+        return None, []
+    except storage.UnsafeFileError as error:
+        return None, ["[The output cannot be shown: %s.]" % error]
+
+
 def lines_from(folder, first_line, count=OUTPUT_WINDOW_LINES):
     """``count`` lines of a run's output from line ``first_line`` (counted from 1), cleaned.
 
@@ -352,12 +362,9 @@ def lines_from(folder, first_line, count=OUTPUT_WINDOW_LINES):
     ``storage.MAX_LINE_COUNT_BYTES`` of it (no lines beyond), and at most
     ``storage.MAX_TAIL_BYTES`` of the lines themselves are kept.
     """
-    try:
-        output_file = storage.open_run_file(folder, storage.OUTPUT_FILE, float("inf"))
-    except FileNotFoundError:
-        return []
-    except storage.UnsafeFileError as error:
-        return ["[The output cannot be shown: %s.]" % error]
+    output_file, lines_instead = _open_output(folder)
+    if output_file is None:
+        return lines_instead
     with output_file:
         reader = io.BufferedReader(output_file)
         skipped = 0
@@ -393,12 +400,9 @@ def tail_lines(folder, count=OUTPUT_LINES):
         list of str; one line saying why when the output file is a link, a named
         pipe or another file that is not a regular file.
     """
-    try:
-        output_file = storage.open_run_file(folder, storage.OUTPUT_FILE, float("inf"))
-    except FileNotFoundError:
-        return []
-    except storage.UnsafeFileError as error:
-        return ["[The output cannot be shown: %s.]" % error]
+    output_file, lines_instead = _open_output(folder)
+    if output_file is None:
+        return lines_instead
     with output_file:
         end = output_file.size
         start, data = end, b""
