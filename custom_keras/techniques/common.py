@@ -51,15 +51,24 @@ def _linear_activation(layer):
     function called (or traced) inside this context yields pre-softmax values
     while sharing the layer's variables with the training model.
     """
-    if layer is None:
+    with swapped_activations([] if layer is None else [layer], keras.activations.linear):
         yield
-        return
-    original = layer.activation
-    layer.activation = keras.activations.linear
+
+
+@contextlib.contextmanager
+def swapped_activations(layers, activation):
+    """Temporarily give ``layers`` another activation; Keras layers read it when called.
+
+    The originals are put back also when the code inside fails.
+    """
+    originals = [layer.activation for layer in layers]
+    for layer in layers:
+        layer.activation = activation
     try:
         yield
     finally:
-        layer.activation = original
+        for layer, original in zip(layers, originals):
+            layer.activation = original
 
 
 class LayerScore:

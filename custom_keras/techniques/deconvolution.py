@@ -46,7 +46,8 @@ import contextlib
 import keras
 import numpy as np
 
-from custom_keras.techniques.common import check_images, get_layer, single_input
+from custom_keras.techniques.common import (check_images, get_layer, single_input,
+                                            swapped_activations)
 
 SUPPORTED_LAYERS = ("convolutions (Conv, DepthwiseConv, SeparableConv, ConvTranspose), pooling "
                     "(max, average, global), BatchNormalization, ZeroPadding, Cropping, UpSampling, "
@@ -168,16 +169,12 @@ def _deconvnet_relu(x):
 @contextlib.contextmanager
 def _deconvnet_relus(activation_layers, relu_layers):
     """Temporarily give these layers the deconvnet ReLU; Keras reads them when a layer is called."""
-    originals = [layer.activation for layer in activation_layers]
-    for layer in activation_layers:
-        layer.activation = _deconvnet_relu
     for layer in relu_layers:
         layer.call = _deconvnet_relu
     try:
-        yield
+        with swapped_activations(activation_layers, _deconvnet_relu):
+            yield
     finally:
-        for layer, original in zip(activation_layers, originals):
-            layer.activation = original
         for layer in relu_layers:
             del layer.call
 

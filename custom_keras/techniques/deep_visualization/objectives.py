@@ -13,7 +13,6 @@ units with activation 0.0). As Lucid does, the first steps can use a
 redirected ReLU gradient that also lets gradient through an off ReLU where it
 would switch it on; the forward pass, and so every reported value, is unchanged.
 """
-import contextlib
 
 import keras
 import numpy as np
@@ -44,19 +43,6 @@ def redirected_relu(x):
 
 def _is_relu(activation):
     return activation is keras.activations.relu or getattr(activation, "__name__", "") == "relu"
-
-
-@contextlib.contextmanager
-def _swapped_activations(layers, activation):
-    """Temporarily give ``layers`` another activation; Keras layers read it when called."""
-    originals = [layer.activation for layer in layers]
-    for layer in layers:
-        layer.activation = activation
-    try:
-        yield
-    finally:
-        for layer, original in zip(layers, originals):
-            layer.activation = original
 
 
 def _is_int(value):
@@ -191,7 +177,7 @@ class UnitObjective:
 
     def _value_and_redirected_graph(self, images):
         # The swap is traced into the graph; the model is restored right after.
-        with _swapped_activations(self._relu_layers, redirected_relu):
+        with common.swapped_activations(self._relu_layers, redirected_relu):
             return self._value_and_gradients_graph(images)
 
     def _value_and_gradients_graph(self, images):
@@ -205,7 +191,7 @@ class UnitObjective:
         return values, tape.gradient(total, images)
 
     def _values(self, images):
-        with _swapped_activations(self._softmax_layers, keras.activations.linear):
+        with common.swapped_activations(self._softmax_layers, keras.activations.linear):
             outputs = self.model(images, training=False)
         if not isinstance(outputs, (list, tuple)):
             outputs = [outputs]
