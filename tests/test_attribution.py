@@ -102,33 +102,29 @@ def test_every_method_gives_one_float32_map_per_image_at_the_input_size(name, bu
     assert np.all(np.isfinite(maps)) and np.any(maps != 0)
 
 
-def test_grad_cam_of_the_last_conv_layer_is_the_channel_weighted_sum_computed_by_hand():
-    model = small_cnn()
-    batch = images()
+def last_conv_features_and_gradients(model, batch):
+    """The last conv layer's maps and the gradients of the predicted class's logit (by hand)."""
     feature_model = keras.Model(model.inputs[0], model.get_layer("last_conv").output)
     dense = model.layers[-1]
     features = tf.constant(feature_model(batch))
     with tf.GradientTape() as tape:
         tape.watch(features)
-        logits = tf.matmul(tf.reshape(features, (3, -1)), dense.kernel) + dense.bias
+        logits = tf.matmul(tf.reshape(features, (len(batch), -1)), dense.kernel) + dense.bias
         chosen = tf.reduce_sum(tf.reduce_max(logits, axis=1))
-    weights = tape.gradient(chosen, features).numpy().mean(axis=(1, 2))
-    expected = np.maximum(np.einsum("nhwk,nk->nhw", features.numpy(), weights), 0)
+    return features.numpy(), tape.gradient(chosen, features).numpy()
+
+
+def test_grad_cam_of_the_last_conv_layer_is_the_channel_weighted_sum_computed_by_hand():
+    model, batch = small_cnn(), images()
+    features, gradients = last_conv_features_and_gradients(model, batch)
+    weights = gradients.mean(axis=(1, 2))
+    expected = np.maximum(np.einsum("nhwk,nk->nhw", features, weights), 0)
     np.testing.assert_allclose(attribution.grad_cam(model, batch), expected, rtol=1e-4, atol=1e-6)
 
 
 def test_grad_cam_plus_plus_follows_the_papers_formula():
-    model = small_cnn()
-    batch = images()
-    feature_model = keras.Model(model.inputs[0], model.get_layer("last_conv").output)
-    dense = model.layers[-1]
-    features = tf.constant(feature_model(batch))
-    with tf.GradientTape() as tape:
-        tape.watch(features)
-        logits = tf.matmul(tf.reshape(features, (3, -1)), dense.kernel) + dense.bias
-        chosen = tf.reduce_sum(tf.reduce_max(logits, axis=1))
-    g = tape.gradient(chosen, features).numpy().astype(np.float64)
-    a = features.numpy().astype(np.float64)
+    model, batch = small_cnn(), images()
+    a, g = (array.astype(np.float64) for array in last_conv_features_and_gradients(model, batch))
     denominator = 2 * g ** 2 + a.sum(axis=(1, 2), keepdims=True) * g ** 3
     alphas = g ** 2 / np.where(denominator == 0, 1, denominator)
     weights = (alphas * np.maximum(g, 0)).sum(axis=(1, 2))
