@@ -7,14 +7,13 @@ the environment variable ``VISUALIZER_SECRET_KEY``, never from the command line
 (other users could read it from the process list).
 """
 import argparse
-import importlib
 import os
 import signal
 import sys
 
 from bokeh.server.server import Server
 
-from custom_bokeh.dashboard import RunApplication
+from custom_bokeh.dashboard import RunApplication, document_function
 from custom_keras import registry, storage
 
 SECRET_KEY_ENV = "VISUALIZER_SECRET_KEY"
@@ -37,9 +36,8 @@ def parse_args(argv=None):
 
 def make_applications(storage_dir, secret_key):
     """{"/<key>": application} for every technique in the registry."""
-    return {"/" + technique.key: RunApplication(
-                importlib.import_module("custom_bokeh." + technique.key).make_document,
-                storage_dir, secret_key, technique.key)
+    return {"/" + technique.key: RunApplication(document_function(technique), storage_dir,
+                                                secret_key, technique.key)
             for technique in registry.TECHNIQUES}
 
 

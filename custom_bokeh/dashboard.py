@@ -339,21 +339,37 @@ def snapshot_label(entry, position, count):
         position + 1, count, epoch + 1 if isinstance(epoch, int) else epoch, entry.get("batch"))
 
 
-def image_dashboard(doc, technique, render, one_result_for_every_input=False):
+def image_dashboard(doc, technique, render=None, one_result_for_every_input=None):
     """Fills ``doc`` with the live dashboard of a snapshot technique.
 
     Args:
         doc: the session's document.
         technique: the technique's ``registry.Technique``.
         render: ``render(result, info, input_image, image_name)`` returning the
-            Bokeh layout of one snapshot for one image.
+            Bokeh layout of one snapshot for one image; None: the declared one.
         one_result_for_every_input: True when the result does not depend on the
-            visualization input (deep visualization): no input choice is shown.
+            visualization input (deep visualization): no input choice is shown;
+            None: as declared.
     """
     doc.title = technique.title
     run_dir = open_run(doc)
     if run_dir is not None:
-        ImageDashboard(run_dir, technique, render, one_result_for_every_input).attach(doc)
+        ImageDashboard(run_dir, technique, render or registry.load(technique.render),
+                       technique.one_result_for_every_input if one_result_for_every_input is None
+                       else one_result_for_every_input).attach(doc)
+
+
+def document_function(technique):
+    """The technique's ``make_document(doc)``: its declared one, else its ``render`` in
+    ``image_dashboard``. Imports the declared module now."""
+    if technique.make_document is not None:
+        return registry.load(technique.make_document)
+    render = registry.load(technique.render)
+
+    def make_document(doc):
+        image_dashboard(doc, technique, render)
+    make_document.__name__ = "make_document_" + technique.key
+    return make_document
 
 
 def layout_signature(layout):

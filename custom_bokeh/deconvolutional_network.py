@@ -11,7 +11,6 @@ grid as one PNG: the download holds every reconstruction with its title.
 from bokeh.layouts import column
 
 from custom_bokeh import charts, images
-from custom_bokeh.dashboard import image_dashboard
 from custom_keras import registry
 
 TECHNIQUE = registry.get("deconvolutional_network")
@@ -49,9 +48,3 @@ def render(result, info, input_image, image_name):
     width = max(images.title_room(title) for _, title in shown)
     return images.image_grid([images.image_figure(image, title, min_frame_width=width)
                               for image, title in shown], filename=TECHNIQUE.key)
-
-
-
-def make_document(doc):
-    """The deconvolutional network app of the Bokeh server."""
-    image_dashboard(doc, TECHNIQUE, render)

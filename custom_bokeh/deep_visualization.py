@@ -9,7 +9,6 @@ inputs grow from noise, so the dashboard has no input choice.
 from bokeh.layouts import column
 
 from custom_bokeh import charts, images
-from custom_bokeh.dashboard import image_dashboard
 from custom_keras import registry
 
 TECHNIQUE = registry.get("deep_visualization")
@@ -60,8 +59,3 @@ def format_activation(value):
     """One decimal for ordinary values (12.3, 11761.5), three significant digits for tiny ones."""
     value = float(value)
     return "%.1f" % value if value == 0 or abs(value) >= 0.1 else "%.3g" % value
-
-
-def make_document(doc):
-    """The deep visualization app of the Bokeh server."""
-    image_dashboard(doc, TECHNIQUE, render, one_result_for_every_input=True)

@@ -13,10 +13,8 @@ from bokeh.layouts import column
 from bokeh.models import ColumnDataSource, HoverTool
 
 from custom_bokeh import charts, images
-from custom_bokeh.dashboard import MAX_DRAWN_MAPS, TooMuchToDraw, image_dashboard
-from custom_keras import registry
+from custom_bokeh.dashboard import MAX_DRAWN_MAPS, TooMuchToDraw
 
-TECHNIQUE = registry.get("layer_activations")
 UNITS_PER_ROW = 32  # a dense layer of 128 units becomes 4 rows of 32 pixels
 UNIT_SCALE = 16  # screen pixels per unit of a dense layer
 MAX_UNIT_SCALE = 40
@@ -128,8 +126,3 @@ def _add_hover(plot, sheet_height, count, columns, height, width, border, label,
     plot.add_tools(HoverTool(renderers=[rects],
                              tooltips="%s @index, %s @value" % (label, value_label),
                              point_policy="follow_mouse"))
-
-
-def make_document(doc):
-    """The layer activations app of the Bokeh server."""
-    image_dashboard(doc, TECHNIQUE, render)

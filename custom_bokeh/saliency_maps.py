@@ -9,11 +9,7 @@ from bokeh.layouts import column, row
 from bokeh.models import Div
 
 from custom_bokeh import charts
-from custom_bokeh.dashboard import image_dashboard
 from custom_bokeh.images import image_figure
-from custom_keras import registry
-
-TECHNIQUE = registry.get("saliency_maps")
 
 
 def render(result, info, input_image, image_name):
@@ -72,8 +68,3 @@ def prediction_text(info):
     if info.get("confidence") is not None:
         text += " with confidence %.1f %%" % (100.0 * float(info["confidence"]))
     return text
-
-
-def make_document(doc):
-    """The saliency maps app of the Bokeh server."""
-    image_dashboard(doc, TECHNIQUE, render)

@@ -38,6 +38,7 @@ then (a Sequential without keras.Input); stage 0 is taken at that moment.
 """
 import atexit
 import glob
+import inspect
 import math
 import os
 import shutil
@@ -57,7 +58,8 @@ from custom_keras.storage import (TRAINING_PROGRESS_FILE, TRAINING_PROGRESS_TABL
                                   TRAINING_PROGRESS_VAL_FILE, TRAINING_PROGRESS_VAL_TABLE)
 from custom_keras.techniques.activations import (EXCLUDE_LAYERS, ActivationModel,
                                                  check_exclude_layers)
-from custom_keras.techniques.common import softmax, to_uint8
+from custom_keras.techniques.attribution import graph as attribution_graph
+from custom_keras.techniques.common import scale_by_max, softmax, to_uint8
 from custom_keras.techniques.deconvolution import (DeconvolutionModel,
                                                    check_deconvolution_selection)
 from custom_keras.techniques import health
@@ -650,11 +652,7 @@ def prediction_info(scores):
 
 
 def _check_feature_names(feature_names):
-    if feature_names is None:
-        return None
-    if isinstance(feature_names, str) or not all(isinstance(n, str) for n in feature_names):
-        raise TypeError("feature_names must be a list of strings, got %r" % (feature_names,))
-    return list(feature_names)
+    return _check_names(feature_names, "feature_names")
 
 
 class DeconvolutionalNetwork(_SnapshotCallback):
@@ -796,6 +794,220 @@ class DeepVisualization(_SnapshotCallback):
         result = [(self.postprocess(image), layer_name, index, value)
                   for image, layer_name, index, value in self._deep_visualization()]
         return {name: result for name in self.image_names}, {}
+
+
+class AttributionMaps(_SnapshotCallback):
+    """Saves the maps of one attribution method declared in ``custom_keras.registry``.
+
+    One class serves every declared method: it calls the declaration's pure
+    function (``technique.function``) with the register call's arguments on the
+    visualization inputs at every snapshot, and scales the maps for display.
+    The graphs are compiled once per model by the function itself.
+
+    ``results/<key>.pickle`` holds per input a dict:
+    ``{"map": uint8, "signed": bool, "method": key}`` and, for
+    ``technique.companions``, their maps under their names (guided Grad-CAM
+    beside guided backpropagation). By ``technique.display``:
+
+    - unsigned (the CAMs): ``"map"`` (H, W), 0..max scaled to 0..255;
+    - signed (SmoothGrad, Integrated Gradients, occlusion, LRP): summed over
+      channels to (H, W), 128 meaning 0, 255 +max|v| and 0 -max|v|;
+    - image-like (guided backpropagation): (H, W, C) per channel,
+      ``custom_postprocess`` if given, then min..max scaled to 0..255.
+
+    For a sequence (T, C) or tabular (F,) input, a method that handles it
+    (``technique.input_kinds``) stores ``"values"``: the float32 attributions
+    shaped like the input, instead of ``"map"``; the others are switched off.
+    The snapshot's info per input: ``{"class_index": int, "class_source":
+    "predicted"|"fixed"|"label", "probability": float (softmax of the
+    pre-softmax scores, a sigmoid for one output unit), "predicted_class": int}``
+    and ``"class_names"`` when given.
+
+    Args:
+        file_folder: should always be ``os.path.dirname(__file__)``.
+        technique: the method's ``registry.Technique``.
+        interval: compute the maps every ``interval`` batches.
+        params: the register call's arguments for the function, by name.
+        custom_preprocess: optional function applied to each visualization image
+            (float32 (H, W, C) in 0..255) instead of scaling to [0, 1].
+        custom_postprocess: optional function applied to each image-like map
+            (float32 (H, W, C)) before scaling to uint8.
+        visualization_inputs: optional array (N,) + the model's input shape.
+        visualization_labels: the true classes of the visualization inputs, for
+            ``class_index="label"``: {input name: class} or one class (or
+            one-hot row) per input in their order.
+        class_names: optional names of the classes, kept with every snapshot.
+        record: the run's ``TechniqueRecord``.
+        history_limit: the most snapshots kept in the history.
+    """
+
+    def __init__(self, file_folder, technique, interval=10, params=None, custom_preprocess=None,
+                 custom_postprocess=None, visualization_inputs=None, visualization_labels=None,
+                 class_names=None, record=None, history_limit=storage.HISTORY_LIMIT):
+        self.technique = technique
+        self.key, self.title, self.results_file = technique.key, technique.title, technique.results_file
+        self.function = registry.load(technique.function)
+        # not self.params: Keras sets that to the fit's settings
+        self.arguments = dict(params or {})
+        self.class_index = _check_class_index(self.arguments.get("class_index"))
+        self.visualization_labels = _check_labels(visualization_labels)
+        self.class_names = _check_names(class_names, "class_names")
+        super().__init__(file_folder, interval, custom_preprocess, custom_postprocess,
+                         visualization_inputs=visualization_inputs, record=record,
+                         params=self.arguments, history_limit=history_limit)
+
+    def build(self):
+        technique = self.technique
+        if self.input_kind not in technique.input_kinds:
+            raise NotApplicable("%s needs an image input (H, W, C); this model's input is %s %s"
+                                % (technique.title, _kind_words(self.input_kind),
+                                   tuple(self.inputs.shape[1:])))
+        try:
+            attribution_graph.score_node(self.model)
+        except ValueError as error:
+            raise NotApplicable("%s needs %s" % (technique.title, error)) from None
+        if registry.SPATIAL_LAYER in technique.needs:
+            try:
+                attribution_graph.spatial_layer_no(self.model, self.arguments.get("layer_no"))
+            except ValueError as error:
+                raise NotApplicable("%s needs a layer with a spatial output: %s" % (
+                    technique.title, error)) from None
+        self.labels = self._labels_of_inputs()
+        classes = int(self.model.outputs[0].shape[-1])
+        self.classes = attribution_graph.class_indices(self.class_index, len(self.inputs), classes,
+                                                       self.labels)
+        self._scores = attribution_graph.compiled(
+            self.model, ("scores",), lambda images, classes: attribution_graph.walk(
+                self.model, images, attribution_graph.scores_visit(self.model))[0][0],
+            attribution_graph.signature(self.model))
+        self._companions = [(name, registry.load(path)) for name, path in technique.companions]
+        self._companion_problems = {}
+
+    def _labels_of_inputs(self):
+        """The true class of every visualization input, in their order, or None."""
+        labels = self.visualization_labels
+        if labels is None:
+            if self.class_index == "label":
+                raise NotApplicable(
+                    'class_index="label" needs the true class of every visualization input: pass '
+                    "visualization_labels= to CustomCallbacks ({input name: class} or one class "
+                    "per input)")
+            return None
+        if isinstance(labels, dict):
+            missing = [name for name in self.image_names if name not in labels]
+            if missing:
+                raise NotApplicable("visualization_labels has no class for %s (it has %s)" % (
+                    ", ".join(missing), ", ".join(map(str, sorted(labels, key=str)))))
+            labels = [labels[name] for name in self.image_names]
+        labels = np.asarray(labels)
+        if len(labels) != len(self.image_names):
+            raise NotApplicable("visualization_labels holds %d classes for %d visualization inputs"
+                                % (len(labels), len(self.image_names)))
+        return np.argmax(labels, axis=-1) if labels.ndim == 2 else labels
+
+    def compute(self):
+        scores = self._scores(self.inputs, self.classes).numpy()
+        arguments = dict(self.arguments, labels=self.labels)
+        maps = self.function(self.model, self.inputs, **arguments)
+        companions = {}
+        for name, function in self._companions:
+            try:
+                accepted = inspect.signature(function).parameters
+                companions[name] = function(self.model, self.inputs, **{
+                    key: value for key, value in arguments.items() if key in accepted})
+            except ValueError as error:  # e.g. no spatial layer for guided Grad-CAM: without it
+                self._note_missing_companion(name, error)
+        results, info = {}, {}
+        for i, name in enumerate(self.image_names):
+            results[name] = dict(self._displayed(maps[i]), method=self.key)
+            for companion, values in companions.items():
+                results[name][companion] = self._displayed(values[i])["map" if self.input_kind
+                                                                      == "image" else "values"]
+            info[name] = self._class_info(scores[i], int(self.classes[i]))
+        return results, info
+
+    def _note_missing_companion(self, name, error):
+        if name not in self._companion_problems:
+            self._companion_problems[name] = "without %s: %s" % (name.replace("_", " "),
+                                                                 _one_line(error))
+            self.record.update(self.key, reason="; ".join(self._companion_problems.values()))
+
+    def _displayed(self, values):
+        """One input's attribution as stored: {"map": uint8, "signed"} or {"values": float32, "signed"}."""
+        signed = self.technique.display == registry.SIGNED
+        if self.input_kind != "image":
+            return {"values": np.asarray(values, dtype=np.float32), "signed": signed}
+        if self.technique.display == registry.IMAGE_LIKE:
+            return {"map": self.postprocess(values), "signed": False}
+        if signed:
+            return {"map": signed_to_uint8(values), "signed": True}
+        return {"map": scale_by_max(values), "signed": False}
+
+    def _class_info(self, scores, class_index):
+        """The explained class, why it was chosen, its probability and the predicted class."""
+        probabilities = softmax(scores) if len(scores) > 1 else 1 / (1 + np.exp(-scores))
+        info = {"class_index": int(np.argmax(scores)) if class_index < 0 else class_index,
+                "class_source": ("predicted" if self.class_index is None else
+                                 "label" if self.class_index == "label" else "fixed"),
+                "predicted_class": int(np.argmax(scores))}
+        info["probability"] = float(probabilities[info["class_index"]])
+        if self.class_names is not None:
+            info["class_names"] = list(self.class_names)
+        return info
+
+
+def signed_to_uint8(values):
+    """A signed map for display: summed over channels, 0 at 128, +-max|v| at 255 and 0."""
+    values = np.asarray(values, dtype=np.float64)
+    if values.ndim == 3:
+        values = values.sum(axis=-1)
+    largest = np.max(np.abs(values)) if values.size else 0.0
+    if not np.isfinite(largest) or largest <= 0:
+        return np.full(values.shape, 128, dtype=np.uint8)
+    return np.rint(127.5 + 127.5 * values / largest).astype(np.uint8)
+
+
+def _kind_words(kind):
+    return {"sequence": "a sequence", "tabular": "a feature vector"}.get(kind, "of kind " + str(kind))
+
+
+def _check_class_index(class_index):
+    """None, a class number >= 0 or "label"; anything else is wrong whatever the model."""
+    if class_index is None or class_index == "label":
+        return class_index
+    if not isinstance(class_index, (int, np.integer)) or isinstance(class_index, bool) \
+            or class_index < 0:
+        raise ValueError('class_index must be None (the predicted class), a class number >= 0 or '
+                         '"label" (the true class), got %r' % (class_index,))
+    return int(class_index)
+
+
+def _check_labels(labels):
+    """{input name: class}, or classes (or one-hot rows) in the inputs' order, or None."""
+    if labels is None:
+        return None
+    if isinstance(labels, dict):
+        if not all(isinstance(name, str) for name in labels):
+            raise TypeError("visualization_labels: the keys must be input names (str), got %r"
+                            % (list(labels),))
+        values = list(labels.values())
+    else:
+        values = labels
+    array = np.asarray(values)
+    if array.ndim not in (1, 2) or not np.issubdtype(array.dtype, np.number) or \
+            (array.ndim == 1 and not np.issubdtype(array.dtype, np.integer)):
+        raise TypeError("visualization_labels must be class numbers or one-hot rows, one per "
+                        "visualization input (a list, an array or {input name: class}), got %r"
+                        % (labels,))
+    return dict(labels) if isinstance(labels, dict) else array
+
+
+def _check_names(names, argument):
+    if names is None:
+        return None
+    if isinstance(names, str) or not all(isinstance(n, str) for n in names):
+        raise TypeError("%s must be a list of strings, got %r" % (argument, names))
+    return list(names)
 
 
 def _switches_off_on_error(hook):
@@ -1058,11 +1270,23 @@ class CustomCallbacks:
         history_limit: the most snapshots each technique keeps in its history:
             every recent one, older ones thinned to an even spacing over the run,
             stage 0 and the latest always (see ``custom_keras.storage``).
+        visualization_labels: optional true classes of the visualization inputs,
+            for the attribution methods' ``class_index="label"``: {image file name
+            (or ``input_<i>``): class} or one class (or one-hot row) per input in
+            their order.
+        class_names: optional names of the classes, kept with the attribution
+            methods' results.
+
+    Besides the methods below, every technique of ``custom_keras.registry`` with a
+    pure function has ``register_<key>(<its parameters>, interval=None)`` (the
+    attribution methods: ``register_grad_cam``, ``register_lrp``, ...), built from
+    its declaration; ``help(CustomCallbacks.register_<key>)`` shows its arguments.
     """
 
     def __init__(self, file_folder, custom_preprocess=None, custom_postprocess=None,
                  base_interval=10, visualization_inputs=None, feature_names=None,
-                 history_limit=storage.HISTORY_LIMIT):
+                 history_limit=storage.HISTORY_LIMIT, visualization_labels=None,
+                 class_names=None):
         self.file_folder = storage.resolve_run_dir(file_folder)
         self.custom_preprocess = _check_function(custom_preprocess, "custom_preprocess")
         self.custom_postprocess = _check_function(custom_postprocess, "custom_postprocess")
@@ -1070,8 +1294,19 @@ class CustomCallbacks:
         self.visualization_inputs = check_inputs_array(visualization_inputs)
         self.feature_names = _check_feature_names(feature_names)
         self.history_limit = _check_history_limit(history_limit)
+        self.visualization_labels = _check_labels(visualization_labels)
+        self.class_names = _check_names(class_names, "class_names")
         self.record = TechniqueRecord(self.file_folder)
         self.callback_list = []
+
+    def settings(self):
+        """The shared settings a declared technique's callback takes, by name."""
+        return dict(custom_preprocess=self.custom_preprocess,
+                    custom_postprocess=self.custom_postprocess,
+                    visualization_inputs=self.visualization_inputs,
+                    visualization_labels=self.visualization_labels,
+                    class_names=self.class_names, record=self.record,
+                    history_limit=self.history_limit)
 
     def get_list(self):
         """All registered callbacks, for ``model.fit(..., callbacks=...)``."""
@@ -1131,3 +1366,50 @@ class CustomCallbacks:
             blur_interval, blur_std, value_percentile, norm_percentile, contribution_percentile,
             abs_contribution_percentile, self.custom_postprocess, self._interval(interval),
             self.visualization_inputs, self.record, self.history_limit))
+
+
+def _register_method(technique):
+    """``CustomCallbacks.register_<key>`` of a declared technique, with the declared
+    parameters (defaults from its pure function) and ``interval=None``."""
+    function = registry.load(technique.function)
+    accepted = inspect.signature(function).parameters
+    parameters = [inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD)]
+    parameters += [accepted[name].replace(kind=inspect.Parameter.POSITIONAL_OR_KEYWORD)
+                   for name in technique.parameters]
+    parameters.append(inspect.Parameter("interval", inspect.Parameter.POSITIONAL_OR_KEYWORD,
+                                        default=None))
+    signature = inspect.Signature(parameters)
+    name = "register_" + technique.key
+
+    def register(self, *args, **kwargs):
+        try:
+            bound = signature.bind(self, *args, **kwargs)
+        except TypeError as error:
+            raise TypeError("%s%s: %s" % (name, str(signature).replace("self, ", "", 1),
+                                          error)) from None
+        bound.apply_defaults()
+        params = dict(bound.arguments)
+        del params["self"]
+        interval = params.pop("interval")
+        self.callback_list.append(registry.load(technique.callback)(
+            self.file_folder, technique, self._interval(interval), params, **self.settings()))
+
+    register.__name__ = register.__qualname__ = name
+    register.__signature__ = signature
+    register.__doc__ = """%s: %s
+
+    %s %s
+
+    Args: those of ``%s`` (%s); interval: compute every ``interval`` batches,
+    ``base_interval`` when None. Results: ``results/%s``.
+    """ % (technique.title, technique.explanation.shows, technique.explanation.reading,
+           technique.explanation.misleads, technique.function.replace(":", "."),
+           ", ".join(technique.parameters), technique.results_file)
+    return register
+
+
+# The Appendix C methods above stay as they are; every other declared technique gets its own.
+for _technique in registry.TECHNIQUES:
+    if _technique.function and not hasattr(CustomCallbacks, "register_" + _technique.key):
+        setattr(CustomCallbacks, "register_" + _technique.key, _register_method(_technique))
+del _technique

@@ -9,7 +9,7 @@ from bokeh.models import GridPlot, HoverTool, ImageRGBA, Plot, Rect, SaveTool
 
 from custom_bokeh import auth, deconvolutional_network, deep_visualization, images
 from custom_bokeh import layer_activations
-from custom_bokeh.dashboard import ImageDashboard, RunApplication
+from custom_bokeh.dashboard import ImageDashboard, RunApplication, document_function
 from custom_keras import registry, storage
 
 SECRET = "test-secret-key-for-grids"
@@ -235,15 +235,16 @@ def first_image(result):
     (deep_visualization, lambda stage: [(np.full((28, 28, 1), stage, np.uint8), "dense_2", 7,
                                          float(stage))], 1, first_image),
 ])
-def test_make_document_shows_the_run_and_picks_up_a_new_snapshot(
+def test_the_declared_dashboard_shows_the_run_and_picks_up_a_new_snapshot(
         run_dir, module, result_of_stage, image_count, expected_image):
     technique = registry.get(module.__name__.rsplit(".", 1)[1])
     first, second = result_of_stage(0), result_of_stage(9)
     write_stage(run_dir, technique, first, 0)
     storage_dir = os.path.dirname(os.path.dirname(run_dir))
+    make_document = document_function(technique)
     doc = session_document(auth.make_token(SECRET, 3, "3/mnist_digits", technique.key),
-                           RunApplication(module.make_document, storage_dir, SECRET, technique.key))
-    module.make_document(doc)
+                           RunApplication(make_document, storage_dir, SECRET, technique.key))
+    make_document(doc)
     assert doc.title == technique.title
     [page] = doc.roots
     assert len(image_renderers(page)) == image_count

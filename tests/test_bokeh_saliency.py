@@ -9,7 +9,7 @@ from bokeh.document import Document
 from bokeh.models import Div, ImageRGBA, Plot
 
 from custom_bokeh import auth, saliency_maps
-from custom_bokeh.dashboard import ImageDashboard, RunApplication
+from custom_bokeh.dashboard import ImageDashboard, RunApplication, document_function
 from custom_bokeh.images import to_rgba
 from custom_keras import registry, storage
 
@@ -284,16 +284,17 @@ def session_document(token, application):
 def test_make_document_shows_the_run_of_the_token(run_dir):
     write_stage(run_dir, 0)
     storage_dir = os.path.dirname(os.path.dirname(run_dir))
-    application = RunApplication(saliency_maps.make_document, storage_dir, SECRET, "saliency_maps")
+    make_document = document_function(registry.get("saliency_maps"))
+    application = RunApplication(make_document, storage_dir, SECRET, "saliency_maps")
     doc = session_document(auth.make_token(SECRET, 3, "3/mnist_digits", "saliency_maps"),
                            application)
-    saliency_maps.make_document(doc)
+    make_document(doc)
     assert doc.title == "Saliency maps"
     assert len(image_renderers(doc.roots[0])) == 2
 
     forged = session_document(auth.make_token("other key", 3, "3/mnist_digits", "saliency_maps"),
                               application)
-    saliency_maps.make_document(forged)
+    make_document(forged)
     assert [root.text[:16] for root in forged.roots] == ["Access refused: "]
 
 

@@ -386,7 +386,8 @@ def test_image_route_serves_only_listed_images(client, script):
 def test_every_technique_has_a_tab_with_an_embedded_session(client, script):
     page = client.get("/scripts/1").get_data(as_text=True)
     for technique in registry.TECHNIQUES:
-        assert "/scripts/1/techniques/%s" % technique.key in page
+        tab_link = 'href="/scripts/1/techniques/%s"' % technique.key
+        assert (tab_link in page) == (not technique.tab_when_registered), technique.key
         tab = client.get("/scripts/1/techniques/%s" % technique.key).get_data(as_text=True)
         assert technique.title in tab and str(escape(technique.description)) in tab
         assert "http://bokeh.test:5006/%s/autoload.js" % technique.key in tab
@@ -394,6 +395,17 @@ def test_every_technique_has_a_tab_with_an_embedded_session(client, script):
         # (tests/test_bokeh_*); a static hint beside it would contradict it once data arrive.
         assert "No results yet" not in tab and technique.register_call not in tab
     assert client.get("/scripts/1/techniques/nope").status_code == 404
+
+
+def test_the_attribution_methods_tab_shows_once_the_run_registers_an_attribution_method(
+        client, script):
+    comparison = 'href="/scripts/1/techniques/attribution_methods"'
+    storage.write_techniques(script, {"saliency_maps": {"state": "active"}})
+    assert comparison not in client.get("/scripts/1").get_data(as_text=True)
+    storage.write_techniques(script, {"saliency_maps": {"state": "active"},
+                                      "grad_cam": {"state": "active"}})
+    for page in ("/scripts/1", "/scripts/1/output", "/scripts/1/techniques/grad_cam"):
+        assert comparison in client.get(page).get_data(as_text=True), page
 
 
 def test_create_app_reconciles_open_runs(tmp_path):

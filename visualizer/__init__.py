@@ -13,10 +13,9 @@ from flask_migrate import Migrate
 from flask_wtf.csrf import CSRFError, CSRFProtect
 from markupsafe import Markup
 
-from custom_keras import registry
 from visualizer import auth, config, runs, scripts
 from visualizer.models import ACTIVE_STATES, Run, db
-from visualizer.run_store import apply_run_update, run_dir, script_path
+from visualizer.run_store import apply_run_update, run_dir, script_path, technique_tabs
 
 # Pages an anonymous visitor may open; every other page sends them to the login page.
 PUBLIC_ENDPOINTS = {"auth.login", "auth.register", "static", "favicon"}
@@ -217,8 +216,8 @@ def _register_handlers(app):
         return auth.login_manager.unauthorized()
 
     @app.context_processor
-    def technique_tabs():
-        return {"techniques": registry.TECHNIQUES}
+    def tabs_of_a_script():
+        return {"technique_tabs": lambda script: technique_tabs(app, script)}
 
     @app.context_processor
     def sandbox_banner():

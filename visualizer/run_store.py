@@ -4,13 +4,23 @@ The blueprints and the app factory import these; they import no blueprint.
 """
 import os
 
-from custom_keras import storage
+from custom_keras import registry, storage
 from visualizer.models import Run, db, utc_from_timestamp
 
 
 def run_dir(app, script):
     """The run folder of a script: ``<STORAGE_DIR>/<user_id>/<stem>``."""
     return storage.run_dir_in(app.config["STORAGE_DIR"], script.rel_dir)
+
+
+def technique_tabs(app, script):
+    """The techniques whose tabs a script's pages show: every one, except those shown only
+    when the run registered one of their techniques (the attribution methods' comparison)."""
+    try:
+        registered = storage.read_techniques(run_dir(app, script))
+    except OSError:  # unreadable: the tabs that need none
+        registered = None
+    return [technique for technique in registry.TECHNIQUES if technique.shows_tab(registered)]
 
 
 def script_path(app, script):
