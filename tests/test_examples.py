@@ -151,3 +151,24 @@ def run_without_images(tmp_path, script):
 def read_techniques(run_dir):
     with open(storage.results_path(run_dir, storage.TECHNIQUES_FILE)) as f:
         return json.load(f)
+
+
+def test_attribution_example_writes_every_method_and_grad_cam_explains_the_true_digit(tmp_path):
+    from custom_keras import registry
+
+    run_dir, _ = run_example(tmp_path, "attribution_methods.py")
+    techniques = read_techniques(run_dir)
+    for technique in registry.ATTRIBUTION_TECHNIQUES:
+        assert techniques[technique.key]["state"] == "active", techniques[technique.key]
+        entries = storage.read_history_index(run_dir, technique.results_file)[0]
+        snapshot = storage.read_snapshot(run_dir, technique.results_file, entries[-1])
+        assert sorted(snapshot["images"]) == IMAGES
+        for name in IMAGES:
+            assert snapshot["images"][name]["method"] == technique.key
+            assert snapshot["images"][name]["map"].shape[:2] == (28, 28)
+            info = snapshot["info"][name]
+            assert info["class_names"][3] == "three"
+            if technique.key == "grad_cam":  # the example gives the true digits
+                assert (info["class_source"], info["class_index"]) == (
+                    "label", {"digit_0.png": 0, "digit_3.png": 3, "digit_5_rgb.png": 5,
+                              "digit_7.png": 7}[name])
