@@ -874,6 +874,9 @@ class AttributionMaps(_SnapshotCallback):
                     technique.title, error)) from None
         self.labels = self._labels_of_inputs()
         classes = int(self.model.outputs[0].shape[-1])
+        if self.class_names is not None and len(self.class_names) != classes:
+            raise NotApplicable("class_names has %d names for a model with %d classes"
+                                % (len(self.class_names), classes))
         self.classes = attribution_graph.class_indices(self.class_index, len(self.inputs), classes,
                                                        self.labels)
         self._scores = attribution_graph.compiled(

@@ -151,6 +151,14 @@ def test_a_class_number_the_model_lacks_switches_the_method_off(tmp_path):
     assert record["state"] == "switched_off" and "class numbers must be in 0..2" in record["reason"]
 
 
+def test_class_names_that_do_not_match_the_classes_switch_the_method_off(tmp_path):
+    run_dir = str(tmp_path)
+    write_images(run_dir, IMAGES)
+    fit(run_dir, lambda c: c.register_grad_cam(), class_names=["one", "two"])
+    assert techniques(run_dir)["grad_cam"]["reason"] == (
+        "class_names has 2 names for a model with 3 classes")
+
+
 def dense_model():
     inputs = keras.Input((8, 8, 1))
     x = keras.layers.Flatten()(inputs)

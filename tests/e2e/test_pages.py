@@ -6,7 +6,9 @@ Dense-only model has no feature maps) says it was switched off and why. The MNIS
 example run with "No image" says which techniques need an image. A script that
 fails after registering its techniques gets an Overview that names the exception
 and links to its traceback, and dashboards that say the run failed. Screenshots
-of every page go to ``test-artifacts/e2e/pages_*.png``.
+of every page go to ``test-artifacts/e2e/pages_*.png``. The attribution example, run
+with one digit, shows a snapshot on every attribution method's tab, and the side-by-side
+tab appears.
 """
 import pytest
 
@@ -16,7 +18,9 @@ from e2e.harness import REPO_ROOT, WebUser, bokeh_state, screenshot, wait_for
 EXAMPLES = REPO_ROOT / "scripts" / "examples"
 RUN_TIMEOUT_S = 300
 PAGE_TIMEOUT_S = 60
-SNAPSHOT_TECHNIQUES = registry.SNAPSHOT_TECHNIQUES
+# The examples below register the Appendix C techniques; the attribution methods have one
+# of their own (the last test).
+SNAPSHOT_TECHNIQUES = [t for t in registry.SNAPSHOT_TECHNIQUES if t.family is None]
 
 FAILING_SCRIPT = '''"""Registers two techniques, then fails before training."""
 from custom_keras import storage
@@ -150,3 +154,22 @@ def test_a_failed_run_names_its_exception_on_every_page(page, servers, finished_
     dashboard_texts(page, servers, script_id, registry.get("deep_visualization"),
                     lambda texts: any(t.startswith("Not registered") for t in texts))
     screenshot(page, "pages_failed_deep_visualization")
+
+
+@pytest.mark.slow
+def test_the_attribution_example_shows_every_method_and_the_side_by_side_tab(page, servers, user):
+    script_id = user.upload_script(
+        "attribution_methods.py", (EXAMPLES / "attribution_methods.py").read_text())
+    user.run(script_id, image=("digit_7.png", (EXAMPLES / "images" / "digit_7.png").read_bytes()))
+    status = user.wait_for_state(script_id, ("finished", "failed", "stopped"), RUN_TIMEOUT_S)
+    assert status["state"] == "finished", status
+    for technique in registry.ATTRIBUTION_TECHNIQUES:
+        state = dashboard_texts(page, servers, script_id, technique, snapshot_shown)
+        assert not [t for t in state["texts"] if t.startswith(("Could not", "Refused",
+                                                               "Switched off"))], state
+        assert page.locator(".dashboard canvas").count() > 0
+        screenshot(page, "pages_attribution_%s" % technique.key)
+    comparison = registry.get("attribution_methods")
+    assert page.locator("nav.tabs a", has_text=comparison.title).count() == 1
+    page.goto("%s/scripts/%d/techniques/%s" % (servers.url, script_id, comparison.key))
+    screenshot(page, "pages_attribution_methods")
