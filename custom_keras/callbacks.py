@@ -11,6 +11,8 @@ Usage (the thesis' Appendix C API)::
     callbacks.register_deconvolutional_network(3, feat_map_amount=8)
     callbacks.register_deep_visualization([(9, 0), (9, 1)], 200, 50, l2_decay=0.0001,
                                           blur_interval=4, blur_std=1.0)
+    callbacks.register_grad_cam()               # and every other technique the registry
+    callbacks.register_lrp(rule="z_plus")      # declares: register_<key>(...)
     model.fit(x, y, callbacks=callbacks.get_list())
 
 The callbacks hold the schedule and the file output only; the techniques are

@@ -65,6 +65,13 @@ def test_every_declared_function_gets_a_register_method_with_its_defaults_and_he
     assert technique.title in method.__doc__ and technique.results_file in method.__doc__
 
 
+def test_every_technique_with_a_callback_has_its_register_method():
+    for technique in registry.TECHNIQUES:
+        if technique.callback:
+            assert callable(getattr(CustomCallbacks, "register_" + technique.key, None)), \
+                technique.key
+
+
 @pytest.mark.parametrize("technique", registry.TECHNIQUES, ids=lambda t: t.key)
 def test_every_declared_register_call_example_registers(tmp_path, technique):
     callbacks = CustomCallbacks(str(tmp_path))
