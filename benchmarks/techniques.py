@@ -21,6 +21,7 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 from PIL import Image  # noqa: E402
 
+from custom_keras import registry  # noqa: E402
 from custom_keras.callbacks import CustomCallbacks  # noqa: E402
 from custom_keras.reference import build_reference_model, load_digits_28  # noqa: E402
 from custom_keras.techniques.activations import EXCLUDE_LAYERS, ActivationModel  # noqa: E402
@@ -131,7 +132,8 @@ def _run_folder(image):
 
 
 def training_overhead(samples, rounds=1):
-    """Item 1: one epoch with the five visualizing callbacks (5 snapshots) and with TensorBoard.
+    """Item 1: one epoch with the five visualizing callbacks (5 snapshots), with the eight
+    attribution callbacks, and with TensorBoard.
 
     Args:
         samples: images per epoch.
@@ -158,15 +160,23 @@ def training_overhead(samples, rounds=1):
         callbacks.register_deep_visualization([(9, unit) for unit in range(10)], **DEEP_VIS)
         return callbacks.get_list()
 
+    def attribution_callbacks():
+        # The eight attribution methods with their defaults, declared in the registry.
+        callbacks = CustomCallbacks(run_dir, base_interval=int(np.ceil(batches / SNAPSHOTS_PER_EPOCH)))
+        for technique in registry.ATTRIBUTION_TECHNIQUES:
+            getattr(callbacks, "register_" + technique.key)()
+        return callbacks.get_list()
+
     def tensorboard_callbacks():
         return [keras.callbacks.TensorBoard(os.path.join(run_dir, "tensorboard"), histogram_freq=1,
                                             update_freq="batch")]
 
-    plain, visualized, tensorboard, hook_timers = [], [], [], []
+    plain, visualized, attributed, tensorboard, hook_timers = [], [], [], [], []
     for _ in range(rounds):
         plain.append(fit_one_epoch(model, data, []))
         hook_timers.append(HookTimer())
         visualized.append(fit_one_epoch(model, data, hook_timers[-1].wrap(visualizer_callbacks())))
+        attributed.append(fit_one_epoch(model, data, attribution_callbacks()))
         tensorboard.append(fit_one_epoch(model, data, tensorboard_callbacks()))
     least = min(hook_timers, key=lambda timer: timer.seconds)
     print("epoch of %d images, batch %d (%d batches), best of %d:" % (samples, BATCH_SIZE, batches, rounds))
@@ -176,6 +186,8 @@ def training_overhead(samples, rounds=1):
            min(plain) + least.seconds, min(plain))
     print("  time inside the hooks: " + ", ".join(
         "%s %.2f s" % item for item in least.by_callback.most_common()), flush=True)
+    report("the eight attribution callbacks (defaults), %d snapshots / no callbacks"
+           % SNAPSHOTS_PER_EPOCH, min(attributed), min(plain))
     report("Keras TensorBoard (batch scalars, histograms) / no callbacks", min(tensorboard), min(plain))
     shutil.rmtree(run_dir)
 
@@ -253,7 +265,7 @@ def main():
     parser.add_argument("--quick", action="store_true",
                         help="an epoch of 12,000 images instead of 60,000")
     parser.add_argument("--rounds", type=int, default=1,
-                        help="epochs of each kind (no callbacks, the visualizing callbacks, "
+                        help="epochs of each kind (no callbacks, the visualizing callbacks, the attribution callbacks, "
                              "TensorBoard), alternating; the best counts. One 60,000-image "
                              "round takes about 2.5 minutes on two cores (default 1)")
     args = parser.parse_args()
