@@ -265,8 +265,8 @@ def main():
     parser.add_argument("--quick", action="store_true",
                         help="an epoch of 12,000 images instead of 60,000")
     parser.add_argument("--rounds", type=int, default=1,
-                        help="epochs of each kind (no callbacks, the visualizing callbacks, the attribution callbacks, "
-                             "TensorBoard), alternating; the best counts. One 60,000-image "
+                        help="epochs of each kind (no callbacks, the visualizing callbacks, "
+                             "the attribution callbacks, TensorBoard), alternating; the best counts. One 60,000-image "
                              "round takes about 2.5 minutes on two cores (default 1)")
     args = parser.parse_args()
     if args.rounds < 1:

@@ -818,7 +818,7 @@ class AttributionMaps(_SnapshotCallback):
       ``custom_postprocess`` if given, then min..max scaled to 0..255.
 
     For a sequence (T, C) or tabular (F,) input, a method that handles it
-    (``technique.input_kinds``) stores ``"values"``: the float32 attributions
+    (no ``IMAGE_INPUT`` in ``technique.needs``) stores ``"values"``: the float32 attributions
     shaped like the input, instead of ``"map"``; the others are switched off.
     The snapshot's info per input: ``{"class_index": int, "class_source":
     "predicted"|"fixed"|"label", "probability": float (softmax of the
@@ -860,7 +860,7 @@ class AttributionMaps(_SnapshotCallback):
 
     def build(self):
         technique = self.technique
-        if self.input_kind not in technique.input_kinds:
+        if registry.IMAGE_INPUT in technique.needs and self.input_kind != "image":
             raise NotApplicable("%s needs an image input (H, W, C); this model's input is %s %s"
                                 % (technique.title, _kind_words(self.input_kind),
                                    tuple(self.inputs.shape[1:])))
@@ -938,7 +938,8 @@ class AttributionMaps(_SnapshotCallback):
             self.record.update(self.key, reason="; ".join(self._companion_problems.values()))
 
     def _displayed(self, values):
-        """One input's attribution as stored: {"map": uint8, "signed"} or {"values": float32, "signed"}."""
+        """One input's attribution as stored: {"map": uint8, "signed"} or {"values": float32,
+        "signed"}."""
         signed = self.technique.display == registry.SIGNED
         if self.input_kind != "image":
             return {"values": np.asarray(values, dtype=np.float32), "signed": signed}

@@ -22,11 +22,11 @@ from dataclasses import dataclass, field
 from custom_keras import storage
 
 # What a technique can need from the model and the inputs; a run that lacks one
-# switches the technique off with the reason.
+# switches the technique off with the reason. Without IMAGE_INPUT it draws sequences
+# (T, C) and feature vectors (F,) too.
 IMAGE_INPUT = "image input"          # an input (H, W, C)
 SPATIAL_LAYER = "spatial layer"      # a layer with an output (N, h, w, channels)
 CLASS_SCORES = "class scores"        # one output of scores (N, classes)
-INPUT_KINDS = ("image", "sequence", "tabular")
 
 # How a map of numbers is scaled for display (the callbacks store uint8 maps of images).
 UNSIGNED = "unsigned"   # 0..max -> 0..255, one (H, W) map
@@ -84,7 +84,6 @@ class Technique:
             ``register_<key>`` from the declaration.
         needs: what it needs of the model and the inputs (``IMAGE_INPUT``,
             ``SPATIAL_LAYER``, ``CLASS_SCORES``).
-        input_kinds: the kinds of input it draws; another kind switches it off.
         render: ``"module:function"``, ``render(result, info, input_image,
             image_name)`` -> a Bokeh layout of one snapshot, drawn live by
             ``custom_bokeh.dashboard.image_dashboard``.
@@ -107,7 +106,6 @@ class Technique:
     display: str = None
     callback: str = None
     needs: frozenset = frozenset()
-    input_kinds: tuple = INPUT_KINDS
     render: str = None
     make_document: str = None
     one_result_for_every_input: bool = False
@@ -138,13 +136,15 @@ def load(dotted_path):
     return getattr(importlib.import_module(module), name)
 
 
-def _attribution(key, title, explanation, function, parameters, register_call, display,
-                 needs=(), input_kinds=("image",), companions=()):
-    return Technique(key=key, title=title, explanation=explanation, register_call=register_call,
-                     function="custom_keras.techniques.attribution:" + function,
+def _attribution(key, title, explanation, parameters, display, needs=(IMAGE_INPUT,),
+                 companions=()):
+    """An attribution method: its pure function ``custom_keras.techniques.attribution.<key>``,
+    drawn by the attribution dashboard, computed by ``AttributionMaps``."""
+    return Technique(key=key, title=title, explanation=explanation,
+                     register_call="callbacks.register_%s()" % key,
+                     function="custom_keras.techniques.attribution:" + key,
                      parameters=tuple(parameters), companions=tuple(companions), display=display,
-                     callback=ATTRIBUTION_CALLBACK,
-                     needs=frozenset(needs) | {CLASS_SCORES}, input_kinds=tuple(input_kinds),
+                     callback=ATTRIBUTION_CALLBACK, needs=frozenset(needs) | {CLASS_SCORES},
                      render=ATTRIBUTION_RENDER, family=ATTRIBUTION)
 
 
@@ -227,8 +227,6 @@ TECHNIQUES = (
         results_file="deconvolutional_network.pickle",
         register_call="callbacks.register_deconvolutional_network(3, feat_map_amount=8)",
         callback="custom_keras.callbacks:DeconvolutionalNetwork",
-        needs=frozenset({SPATIAL_LAYER}),
-        input_kinds=("image", "sequence"),
         render="custom_bokeh.deconvolutional_network:render",
     ),
     Technique(
@@ -257,8 +255,7 @@ TECHNIQUES = (
             reading=_CAM_READING,
             misleads="It only sees the chosen layer: evidence that earlier layers found and "
                      "later ones pooled away does not show."),
-        "grad_cam", ("layer_no", "class_index"), "callbacks.register_grad_cam()", UNSIGNED,
-        needs={IMAGE_INPUT, SPATIAL_LAYER}),
+        ("layer_no", "class_index"), UNSIGNED, needs=(IMAGE_INPUT, SPATIAL_LAYER)),
     _attribution(
         "grad_cam_plus_plus", "Grad-CAM++",
         Explanation(
@@ -268,8 +265,7 @@ TECHNIQUES = (
             reading=_CAM_READING,
             misleads="Like Grad-CAM it is coarse and sees one layer; its weights can make weak "
                      "regions look as important as strong ones."),
-        "grad_cam_plus_plus", ("layer_no", "class_index"), "callbacks.register_grad_cam_plus_plus()",
-        UNSIGNED, needs={IMAGE_INPUT, SPATIAL_LAYER}),
+        ("layer_no", "class_index"), UNSIGNED, needs=(IMAGE_INPUT, SPATIAL_LAYER)),
     _attribution(
         "score_cam", "Score-CAM",
         Explanation(
@@ -278,8 +274,7 @@ TECHNIQUES = (
             reading=_CAM_READING,
             misleads="It costs one forward pass per feature map, and a map that masks most of "
                      "the image can score high for any class."),
-        "score_cam", ("layer_no", "class_index", "max_maps"), "callbacks.register_score_cam()", UNSIGNED,
-        needs={IMAGE_INPUT, SPATIAL_LAYER}),
+        ("layer_no", "class_index", "max_maps"), UNSIGNED, needs=(IMAGE_INPUT, SPATIAL_LAYER)),
     _attribution(
         "guided_backprop", "Guided backpropagation",
         Explanation(
@@ -291,8 +286,7 @@ TECHNIQUES = (
             misleads="Guided backpropagation looks almost the same for every class and even for "
                      "a network with random weights: it shows edges of the image more than the "
                      "network's reasons (Adebayo et al.)."),
-        "guided_backprop", ("class_index",), "callbacks.register_guided_backprop()",
-        IMAGE_LIKE, needs={IMAGE_INPUT},
+        ("class_index",), IMAGE_LIKE,
         companions=(("guided_grad_cam", "custom_keras.techniques.attribution:guided_grad_cam"),)),
     _attribution(
         "smooth_grad", "SmoothGrad",
@@ -303,8 +297,7 @@ TECHNIQUES = (
                     "of a plain gradient.",
             misleads="Like every gradient it is local: a pixel that matters but already "
                      "saturates the network gets little."),
-        "smooth_grad", ("samples", "noise", "class_index"), "callbacks.register_smooth_grad()", SIGNED,
-        input_kinds=INPUT_KINDS),
+        ("samples", "noise", "class_index"), SIGNED, needs=()),
     _attribution(
         "integrated_gradients", "Integrated Gradients",
         Explanation(
@@ -315,8 +308,7 @@ TECHNIQUES = (
                     "score(baseline).",
             misleads="Everything is relative to the baseline: with a black baseline, black "
                      "pixels get no share whatever their role."),
-        "integrated_gradients", ("steps", "baseline", "class_index"),
-        "callbacks.register_integrated_gradients()", SIGNED, input_kinds=INPUT_KINDS),
+        ("steps", "baseline", "class_index"), SIGNED, needs=()),
     _attribution(
         "occlusion", "Occlusion",
         Explanation(
@@ -327,8 +319,7 @@ TECHNIQUES = (
             misleads="The covering value is itself a pattern: a black patch on a black "
                      "background changes nothing, and features smaller or larger than the patch "
                      "are missed."),
-        "occlusion", ("patch", "stride", "value", "class_index"), "callbacks.register_occlusion()", SIGNED,
-        needs={IMAGE_INPUT}),
+        ("patch", "stride", "value", "class_index"), SIGNED),
     _attribution(
         "lrp", "LRP",
         Explanation(
@@ -338,8 +329,8 @@ TECHNIQUES = (
                     "rule and no biases the relevances add up to the score.",
             misleads="The map depends much on the rule: epsilon is faithful but noisy, z_plus "
                      "and alpha_beta look clean but show positive evidence only."),
-        "lrp", ("rule", "epsilon", "alpha", "beta", "first_layer_rule", "class_index"),
-        "callbacks.register_lrp()", SIGNED, input_kinds=INPUT_KINDS),
+        ("rule", "epsilon", "alpha", "beta", "first_layer_rule", "class_index"), SIGNED,
+        needs=()),
 )
 
 ATTRIBUTION_TECHNIQUES = tuple(t for t in TECHNIQUES if t.family == ATTRIBUTION)
