@@ -32,9 +32,12 @@ from bokeh.palettes import Inferno256, RdBu11, interp_palette
 from custom_bokeh import charts, images
 from custom_keras import registry
 
-# Unsigned maps: dark = little, bright = much. Signed maps: blue < 0 < red, 128 white.
+# Unsigned maps: dark = little, bright = much. Signed maps: blue < 0 < red, transparent at 0
+# and opaque from half the largest |v| on, so the input shows where nothing counts.
 UNSIGNED_PALETTE = Inferno256
-SIGNED_PALETTE = interp_palette(RdBu11, 257)[:256]   # entry 128 is RdBu's white centre
+SIGNED_PALETTE = tuple("%s%02x" % (color, min(255, round(255 * abs(value - 128) / 64)))
+                       for value, color in enumerate(interp_palette(RdBu11, 257)[:256]))
+GROUND_BRIGHTNESS = 0.6      # the input under a map is dimmed, so that pale colours show on it
 DEFAULT_OPACITY = 0.6
 MAIN_IMAGE_PIXELS = 320      # screen size of the longer side in the one-method view
 PANEL_IMAGE_PIXELS = 168     # in the side-by-side view
@@ -151,12 +154,12 @@ def color_mapper(signed):
                              low=-0.5, high=255.5)
 
 
-def color_bar(mapper, signed, height):
+def color_bar(mapper, signed):
     labels = ({0: "\u2212max|v|", 128: "0", 255: "+max|v|"} if signed else
               {0: "min", 255: "max"})
     return ColorBar(color_mapper=mapper, ticker=FixedTicker(ticks=list(labels)),
                     major_label_overrides={tick: label for tick, label in labels.items()},
-                    width=COLOR_BAR_WIDTH, height=height, padding=4,
+                    width=COLOR_BAR_WIDTH, padding=4,
                     major_label_text_font_size="11px", title_text_font_size="11px")
 
 
@@ -172,14 +175,15 @@ def overlay_figure(attribution_map, signed, input_image, title, pixels, min_fram
         min_frame_width: see ``images.image_figure``.
     """
     values = overlay_map(attribution_map, signed)
-    ground = input_image if input_image is not None else np.full(values.shape, 255, np.uint8)
+    ground = (np.full(values.shape, 255, np.uint8) if input_image is None else
+              (input_image * GROUND_BRIGHTNESS).astype(np.uint8))
     height, width = values.shape
     plot = images.image_figure(ground, title, images.display_scale(height, width, pixels),
                                min_frame_width=min_frame_width)
     mapper = color_mapper(signed)
     overlay = plot.image(image=[values[::-1].astype(np.float32)], x=0, y=0, dw=width, dh=height,
                          color_mapper=mapper, global_alpha=DEFAULT_OPACITY)
-    plot.add_layout(color_bar(mapper, signed, plot.frame_height), "right")
+    plot.add_layout(color_bar(mapper, signed), "right")
     return plot, overlay
 
 

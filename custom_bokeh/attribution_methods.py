@@ -20,8 +20,8 @@ from bokeh.models import CustomJS, Div, ImageRGBA, Plot, Select, Slider
 from custom_bokeh import attribution, charts
 from custom_bokeh.dashboard import (MAX_HISTORY_ENTRIES, MAX_IMAGE_CHOICES, LiveDashboard,
                                     TooMuchToDraw, _same, check_drawable, copy_content,
-                                    layout_signature, message_div, open_run, show_message,
-                                    switched_off_text, waiting_text)
+                                    failure_text, layout_signature, message_div, open_run,
+                                    show_message, switched_off_text, waiting_text)
 from custom_keras import registry, storage
 
 KEY = "attribution_methods"          # the Bokeh app's path and the token's technique key
@@ -32,6 +32,7 @@ ATTRIBUTION_KEYS = ("grad_cam", "grad_cam_plus_plus", "score_cam", "guided_backp
                     "smooth_grad", "integrated_gradients", "occlusion", "lrp")
 PANEL_STYLES = {"font-size": "13px", "white-space": "pre-wrap", "max-width": "%dpx" % 260}
 NOTE_STYLES = dict(PANEL_STYLES, **{"color": "#8a1c12"})
+PANEL_TITLE_STYLES = dict(PANEL_STYLES, **{"font-size": "14px", "font-weight": "600"})
 
 
 def attribution_techniques():
@@ -84,7 +85,8 @@ class MethodHistory:
         except (OSError, ValueError) as error:  # a link, a pipe, a huge line, not JSON
             self.problem = "Could not read its history: %s" % error
             return replaced
-        entries = [e for e in entries if isinstance(e.get("file"), str) and _step(e) is not None]
+        entries = [e for e in entries if isinstance(e, dict) and isinstance(e.get("file"), str)
+                   and _step(e) is not None]
         if not (entries or removed):
             return replaced
         kept = [e for e in self.entries if e["file"] not in removed] + entries
@@ -131,6 +133,8 @@ class AttributionMethodsDashboard(LiveDashboard):
         self.follow_latest = True
         self._shown_key = self._shown_signature = None
         self._inputs_key, self._inputs = None, ({}, None)
+        self._techniques, self._failed = ("unread", {}), ("unread", "")
+        self._choosing_image = False
 
         self.message = message_div()
         self.label = Div(text="", render_as_text=True,
@@ -149,13 +153,14 @@ class AttributionMethodsDashboard(LiveDashboard):
                              row(self.slider, self.image_select, self.opacity),
                              self.content, self.notes)
         self.slider.on_change("value", self._on_slider)
-        self.image_select.on_change("value", lambda attr, old, new: self.show())
+        self.image_select.on_change("value", self._on_image)
         self.update()
 
     def read_new(self):
         changed = [history.read_new() for history in self.histories]
         if any(changed):
-            shown = self.steps[int(self.slider.value)] if self.steps else None
+            shown = self.steps[min(int(self.slider.value), len(self.steps) - 1)] \
+                if self.steps else None
             self.steps = sorted({step for h in self.histories for step in h.steps})
             count = len(self.steps)
             self.slider.update(end=max(count - 1, 1), visible=count > 1)
@@ -169,11 +174,13 @@ class AttributionMethodsDashboard(LiveDashboard):
 
     def show(self):
         """Draws every method at the chosen step and image, unless exactly that is shown."""
-        techniques = storage.read_techniques(self.run_dir) or {}
+        techniques = self._read_techniques()
+        failed = self._failure()
         if not self.steps:
             self.content.children = [Div(visible=False)]
             self._shown_key = None
-            show_message(self.message, self._no_results_text(techniques))
+            show_message(self.message, "\n".join(filter(None, [
+                failed, self._no_results_text(techniques)])), error=bool(failed))
             self.notes.visible = False
             return
         step = self.steps[min(int(self.slider.value), len(self.steps) - 1)]
@@ -195,7 +202,7 @@ class AttributionMethodsDashboard(LiveDashboard):
         except (OSError, EOFError, pickle.UnpicklingError, ValueError) as error:
             inputs, input_problem = {}, "Could not read the input images: %s" % error
         image_name = self._choose_image(snapshots)
-        key += [image_name, self._inputs_key, tuple(sorted(
+        key += [image_name, self._inputs_key, failed, tuple(sorted(
             (k, str(v.get("state")), str(v.get("reason"))) for k, v in techniques.items()))]
         if key == self._shown_key:
             return
@@ -207,7 +214,8 @@ class AttributionMethodsDashboard(LiveDashboard):
                                              image_name, inputs, techniques)
                 panels.append(panel)
                 overlays += [overlay] if overlay is not None else []
-        show_message(self.message, input_problem, error=bool(input_problem))
+        problems = "\n".join(filter(None, [failed, input_problem]))
+        show_message(self.message, problems, error=bool(problems))
         self.notes.text = self._notes_text(techniques, {h.technique.key for h, e in shown if e})
         self.notes.visible = bool(self.notes.text)
         self._show_panels(panels, overlays)
@@ -229,9 +237,10 @@ class AttributionMethodsDashboard(LiveDashboard):
         self._shown_signature = signature
 
     def _panel(self, history, entry, snapshot, image_name, inputs, techniques):
-        """(column of the caption and the map of one method, its overlay renderer or None)."""
+        """(column of the method's name, caption and map, its overlay renderer or None)."""
         technique = history.technique
-        lines = [technique.title, step_text(entry)]
+        name = Div(text=technique.title, render_as_text=True, styles=PANEL_TITLE_STYLES)
+        lines = [step_text(entry)]
         state = techniques.get(technique.key, {})
         if state.get("state") == storage.TECHNIQUE_SWITCHED_OFF:
             lines.append("Switched off later: %s" % (state.get("reason") or "no reason recorded"))
@@ -251,19 +260,18 @@ class AttributionMethodsDashboard(LiveDashboard):
             lines.append(attribution.explains_text(info))
             caption.text = "\n".join(lines)
             if "values" in result:
-                return column(caption, charts.result_figure(
-                    result["values"], "%s: attribution" % technique.title,
-                    y_label="attribution")), None
+                return column(name, caption, charts.result_figure(
+                    result["values"], "Attribution", y_label="attribution")), None
             plot, overlay = attribution.overlay_figure(
-                result["map"], bool(result["signed"]), input_image,
-                "signed" if result["signed"] else "unsigned", attribution.PANEL_IMAGE_PIXELS)
-            return column(caption, plot), overlay
+                result["map"], bool(result["signed"]), input_image, "",
+                attribution.PANEL_IMAGE_PIXELS)
+            return column(name, caption, plot), overlay
         except (TooMuchToDraw, OSError, EOFError, pickle.UnpicklingError, ValueError) as error:
             caption.text = "\n".join(lines + ["Not drawn: %s" % error])
         except Exception as error:  # results are written by user code: report, do not crash
             caption.text = "\n".join(lines + ["Not drawn: %s: %s" % (type(error).__name__, error)])
         caption.styles = NOTE_STYLES
-        return column(caption), None
+        return column(name, caption), None
 
     def _notes_text(self, techniques, drawn):
         """One line per attribution method not drawn: switched off, waiting, not registered."""
@@ -311,11 +319,31 @@ class AttributionMethodsDashboard(LiveDashboard):
         names = names[:MAX_IMAGE_CHOICES]
         if not names:
             return None
-        self.image_select.update(options=names, visible=len(names) > 1)
-        if self.image_select.value not in names:
-            newest = [n for n in storage.list_images(self.run_dir) if n in names]
-            self.image_select.value = newest[-1] if newest else names[-1]
+        self._choosing_image = True  # setting the Select below must not start another show()
+        try:
+            self.image_select.update(options=names, visible=len(names) > 1)
+            if self.image_select.value not in names:
+                newest = [n for n in storage.list_images(self.run_dir) if n in names]
+                self.image_select.value = newest[-1] if newest else names[-1]
+        finally:
+            self._choosing_image = False
         return self.image_select.value
+
+    def _read_techniques(self):
+        """{key: entry} of techniques.json, read again only when the file changed."""
+        mtime = storage.file_mtime(storage.results_path(self.run_dir, storage.TECHNIQUES_FILE))
+        if mtime != self._techniques[0]:
+            self._techniques = (mtime, storage.read_techniques(self.run_dir) or {})
+        return self._techniques[1]
+
+    def _failure(self):
+        """"The run failed: <exception>" once the run has failed, else ""."""
+        mtime = storage.file_mtime(storage.status_path(self.run_dir))
+        if mtime != self._failed[0]:
+            status = storage.read_run_status(self.run_dir) or {}
+            self._failed = (mtime, "The run failed: %s" % failure_text(self.run_dir, status)
+                            if status.get("state") == storage.RUN_FAILED else "")
+        return self._failed[1]
 
     def _read_inputs(self):
         """{name: input image or float input}, read again only when their files changed;
@@ -337,6 +365,10 @@ class AttributionMethodsDashboard(LiveDashboard):
         if self._inputs[1] is not None:
             raise self._inputs[1].with_traceback(None)
         return self._inputs[0]
+
+    def _on_image(self, attr, old, new):
+        if not self._choosing_image:
+            self.show()
 
     def _on_slider(self, attr, old, new):
         self.follow_latest = new >= len(self.steps) - 1

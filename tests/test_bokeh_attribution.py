@@ -3,11 +3,12 @@ import os
 
 import numpy as np
 import pytest
-from bokeh.models import ColorBar, CustomJS, Div, Image, ImageRGBA, Plot, Slider
+from bokeh.models import ColorBar, CustomJS, Image, ImageRGBA, Plot, Slider
 
-from custom_bokeh import attribution, attribution_methods
-from custom_bokeh.dashboard import ImageDashboard
+from custom_bokeh import attribution, attribution_methods, auth
+from custom_bokeh.dashboard import ImageDashboard, RunApplication
 from custom_keras import storage
+from test_bokeh_saliency import SECRET, session_document
 
 IMAGE = "digit_7.png"
 CLASS_NAMES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
@@ -79,10 +80,11 @@ def test_the_map_is_overlaid_on_its_image_with_the_colour_map_of_its_sign(signed
     assert input_plot.x_range is overlay_plot.x_range and input_plot.y_range is overlay_plot.y_range
 
 
-def test_the_signed_palette_is_white_at_zero_blue_below_and_red_above():
+def test_the_signed_palette_is_clear_at_zero_blue_below_and_red_above():
     palette = attribution.SIGNED_PALETTE
-    assert len(palette) == 256 and palette[128].lower() == "#f7f7f7"
-    assert palette[0].lower() == "#053061" and palette[255].lower().startswith("#6")
+    assert len(palette) == 256 and palette[128] == "#f7f7f700"   # RdBu's white, transparent
+    assert palette[0] == "#053061ff" and palette[255].startswith("#6")
+    assert palette[255].endswith("ff") and palette[96].endswith("80")
 
 
 def test_the_opacity_slider_changes_the_overlay_in_the_browser():
@@ -202,12 +204,14 @@ def panels(dashboard):
 
 
 def panel_texts(dashboard):
-    return [panel.children[0].text for panel in panels(dashboard)]
+    """The name and caption of each panel, as lines."""
+    return ["%s\n%s" % (panel.children[0].text, panel.children[1].text)
+            for panel in panels(dashboard)]
 
 
 def panel_overlays(dashboard):
     """The overlay renderers of the panels, in the order shown."""
-    return [overlay_of(panel.children[1]) for panel in panels(dashboard) if len(panel.children) > 1]
+    return [overlay_of(panel.children[2]) for panel in panels(dashboard) if len(panel.children) > 2]
 
 
 def test_the_side_by_side_view_shows_one_panel_per_method_with_results(run_dir):
@@ -298,3 +302,49 @@ def test_the_opacity_and_zoom_stay_when_the_stage_moves(run_dir):
     assert [g.global_alpha for g in glyphs(dashboard.content, Image)] == [0.2]
     dashboard.slider.value = 2
     assert [g.global_alpha for g in glyphs(dashboard.content, Image)] == [0.2, 0.2]
+
+
+def test_index_lines_that_are_not_snapshot_entries_are_ignored(run_dir):
+    register(run_dir, grad_cam=("active", None))
+    write_stage(run_dir, "grad_cam", 10)
+    index = storage.history_index_path(run_dir, TECHNIQUES["grad_cam"].results_file)
+    with open(index, "a") as lines:
+        lines.write('[1, 2]\n"text"\n{"file": "000000099.pickle", "step": "soon"}\n')
+    dashboard = attribution_methods.AttributionMethodsDashboard(
+        run_dir, attribution_methods.attribution_techniques())
+    assert dashboard.steps == [10] and len(panel_overlays(dashboard)) == 1
+
+
+def test_a_failed_run_says_so_above_the_methods(run_dir):
+    register(run_dir, grad_cam=("active", None))
+    write_stage(run_dir, "grad_cam", 10)
+    with open(storage.output_path(run_dir), "w") as output:
+        output.write("Traceback (most recent call last):\n  File \"x.py\"\nMemoryError: out of memory\n")
+    storage.write_run_status(run_dir, storage.RUN_FAILED, 1)
+    dashboard = attribution_methods.AttributionMethodsDashboard(
+        run_dir, attribution_methods.attribution_techniques())
+    assert dashboard.message.text == "The run failed: MemoryError: out of memory"
+    assert len(panel_overlays(dashboard)) == 1
+
+
+def test_the_side_by_side_app_opens_the_run_of_its_token_and_stops_polling_once_ended(run_dir):
+    register(run_dir, grad_cam=("active", None))
+    write_stage(run_dir, "grad_cam", 10)
+    storage_dir = os.path.dirname(os.path.dirname(run_dir))
+    application = RunApplication(attribution_methods.make_document, storage_dir, SECRET,
+                                 attribution_methods.KEY)
+    doc = session_document(auth.make_token(SECRET, 3, "3/mnist_digits", attribution_methods.KEY),
+                           application)
+    attribution_methods.make_document(doc)
+    assert doc.title == "Attribution methods"
+    assert len(glyphs(doc.roots[0], Image)) == 1
+    assert len(doc.session_callbacks) == 1
+    storage.write_run_status(run_dir, storage.RUN_FINISHED, 0)
+    for callback in list(doc.session_callbacks):
+        callback.callback()
+    assert doc.session_callbacks == []
+
+    other = session_document(auth.make_token(SECRET, 3, "3/mnist_digits", "grad_cam"),
+                             application)
+    attribution_methods.make_document(other)
+    assert [root.text[:16] for root in other.roots] == ["Access refused: "]
