@@ -222,7 +222,11 @@ class AttributionMethodsDashboard(LiveDashboard):
 
     def _show_panels(self, panels, overlays):
         """Shows the panels, copying them into the shown ones when only their content changed."""
-        columns = PANEL_COLUMNS if all(o is not None for o in overlays) else 1
+        # charts of sequence or tabular inputs are wide: one a row
+        charts_shown = any(not isinstance(plot.renderers[0].glyph, ImageRGBA)
+                           for panel in panels for plot in panel.select({"type": Plot}))
+        columns = 1 if charts_shown else PANEL_COLUMNS
+        self.opacity.visible = bool(overlays)
         _link_equal_images(panels)
         layout = column(*[row(*panels[i:i + columns], spacing=16)
                           for i in range(0, len(panels), columns)], spacing=12)

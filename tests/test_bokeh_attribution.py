@@ -348,3 +348,18 @@ def test_the_side_by_side_app_opens_the_run_of_its_token_and_stops_polling_once_
                              application)
     attribution_methods.make_document(other)
     assert [root.text[:16] for root in other.roots] == ["Access refused: "]
+
+
+def test_sequence_attributions_are_charts_one_a_row_without_an_opacity_slider(run_dir):
+    register(run_dir, smooth_grad=("active", None), integrated_gradients=("active", None))
+    storage.write_visualization_inputs(run_dir, {"series": np.zeros((20, 2), np.float32)})
+    for key in ("smooth_grad", "integrated_gradients"):
+        storage.write_snapshot(run_dir, TECHNIQUES[key].results_file, {"series": {
+            "values": np.ones((20, 2), np.float32), "signed": True, "method": key}}, "series",
+            {"stage": 0, "epoch": 0, "batch": 0, "step": 0}, {"series": predicted()})
+    dashboard = attribution_methods.AttributionMethodsDashboard(
+        run_dir, attribution_methods.attribution_techniques())
+    rows = dashboard.content.children[0].children
+    assert [len(row_.children) for row_ in rows] == [1, 1]
+    assert [panel.children[2].title.text for panel in panels(dashboard)] == ["Attribution"] * 2
+    assert not dashboard.opacity.visible
