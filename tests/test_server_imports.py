@@ -31,6 +31,7 @@ def test_the_bokeh_server_and_every_dashboard_import_neither_keras_nor_tensorflo
     from custom_keras import registry
 
     dashboards = ["custom_bokeh." + technique.key for technique in registry.TECHNIQUES]
+    dashboards += ["custom_bokeh.attribution", "custom_bokeh.attribution_methods"]
     assert imported_packages("custom_bokeh.__main__", *dashboards) == {"bokeh"}
 
 
