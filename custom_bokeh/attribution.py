@@ -15,6 +15,7 @@ The result of one image (stored per image by the attribution callbacks)::
      "signed": bool,                      # signed: 128 = 0, 255 = +max|v|, 0 = -max|v|;
                                           # unsigned: 0..255 = min..max
      "method": "<technique key>",
+     "feature_names": [str],              # optional, with "values" of a tabular input
      "guided_grad_cam": uint8 (H, W, 3) or (H, W, 1)}   # guided_backprop only
 
 and its info ``{"class_index", "class_source": "predicted" | "fixed" | "label",
@@ -114,13 +115,14 @@ def _check_same_size(array, argument, input_image):
 def _class_name(index, names):
     text = "class %s" % index
     if isinstance(names, (list, tuple)) and 0 <= index < len(names) and isinstance(names[index], str):
-        text += " (%s)" % names[index][:40]
+        text += ' "%s"' % names[index][:40]
     return text
 
 
 def explains_text(info):
-    """E.g. "Explains class 7 (predicted), probability 93.2 %", or for a chosen class
-    "Explains class 3 (chosen), probability 0.4 %; the model predicts class 7"."""
+    """E.g. "Explains class 7 (predicted), probability 93.2 %", or for a chosen class with
+    class names 'Explains class 3 "cat" (chosen), probability 0.4 %; the model predicts
+    class 7 "dog"'."""
     index, source = info.get("class_index"), info.get("class_source")
     if not isinstance(index, numbers.Integral) or isinstance(index, bool):
         return "The class this map explains is not recorded."
@@ -135,6 +137,11 @@ def explains_text(info):
         text += ("; the model predicts it too" if predicted == index else
                  "; the model predicts %s" % _class_name(predicted, names))
     return text
+
+
+def as_drawable(image):
+    """An input image as the image figures draw it: an RGBA input without its alpha."""
+    return image[:, :, :3] if image.ndim == 3 and image.shape[2] == 4 else image
 
 
 def overlay_map(attribution_map, signed):
@@ -176,7 +183,7 @@ def overlay_figure(attribution_map, signed, input_image, title, pixels, min_fram
     """
     values = overlay_map(attribution_map, signed)
     ground = (np.full(values.shape, 255, np.uint8) if input_image is None else
-              (input_image * GROUND_BRIGHTNESS).astype(np.uint8))
+              (as_drawable(input_image) * GROUND_BRIGHTNESS).astype(np.uint8))
     height, width = values.shape
     plot = images.image_figure(ground, title, images.display_scale(height, width, pixels),
                                min_frame_width=min_frame_width)
@@ -211,15 +218,16 @@ def render(result, info, input_image, image_name):
     heading = Div(text=explains_text(info if isinstance(info, dict) else {}),
                   render_as_text=True, styles=HEADING_STYLES)
     if "values" in result:
-        figures = [charts.input_figure(input_image, image_name)] \
+        names = result.get("feature_names")
+        figures = [charts.input_figure(input_image, image_name, names)] \
             if charts.input_kind_of(input_image) else []
         figures.append(charts.result_figure(result["values"], "%s: attribution" % title,
-                                            y_label="attribution"))
+                                            y_label="attribution", feature_names=names))
         return column(heading, *figures, spacing=12)
     signed = bool(result["signed"])
     shown = [("%s, %s" % (title, "signed" if signed else "unsigned"), result["map"])]
     if input_image is not None:
-        shown.append(("Input: %s" % image_name, input_image))
+        shown.append(("Input: %s" % image_name, as_drawable(input_image)))
     if result["map"].ndim == 3 and result["map"].shape[2] == 3:
         shown.append(("%s per colour channel" % title, result["map"]))
     if "guided_grad_cam" in result:

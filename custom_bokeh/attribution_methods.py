@@ -265,7 +265,8 @@ class AttributionMethodsDashboard(LiveDashboard):
             caption.text = "\n".join(lines)
             if "values" in result:
                 return column(name, caption, charts.result_figure(
-                    result["values"], "Attribution", y_label="attribution")), None
+                    result["values"], "Attribution", y_label="attribution",
+                    feature_names=result.get("feature_names"))), None
             plot, overlay = attribution.overlay_figure(
                 result["map"], bool(result["signed"]), input_image, "",
                 attribution.PANEL_IMAGE_PIXELS)

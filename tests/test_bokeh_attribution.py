@@ -103,8 +103,8 @@ def test_the_opacity_slider_changes_the_overlay_in_the_browser():
     (dict(predicted(0.004), class_index=3, class_source="fixed"),
      "Explains class 3 (chosen), probability 0.4 %; the model predicts class 7"),
     (dict(predicted(0.004), class_index=3, class_source="label", class_names=CLASS_NAMES),
-     "Explains class 3 (three) (the true label), probability 0.4 %; "
-     "the model predicts class 7 (seven)"),
+     'Explains class 3 "three" (the true label), probability 0.4 %; '
+     'the model predicts class 7 "seven"'),
     (dict(predicted(), class_source="fixed"),
      "Explains class 7 (chosen), probability 93.2 %; the model predicts it too"),
     ({}, "The class this map explains is not recorded."),
@@ -129,6 +129,19 @@ def test_guided_backprop_shows_guided_grad_cam_beside_it_and_rgb_maps_per_channe
     # the overlay keeps each pixel's strongest channel: the three bright columns
     overlay_values = overlay_of(figures[0]).data_source.data["image"][0]
     assert np.flatnonzero(overlay_values[0] == 255).tolist() == [3, 5, 7]
+
+
+def test_a_tabular_input_gets_bars_per_named_feature_and_an_rgba_input_loses_its_alpha():
+    layout = attribution.render({"values": np.array([0.5, -0.25], np.float32), "signed": True,
+                                 "method": "integrated_gradients",
+                                 "feature_names": ["age", "income"]},
+                                predicted(), np.array([30, 1000], np.float32), "row")
+    bars = layout.children[2]
+    assert list(bars.x_range.factors) == ["age", "income"]
+    layout = attribution.render({"map": a_map(False), "signed": False, "method": "grad_cam"},
+                                predicted(), np.full((28, 28, 4), 90, np.uint8), IMAGE)
+    assert [plot.title.text for plot in layout.children[2].children] == [
+        "Grad cam, unsigned", "Input: %s" % IMAGE]
 
 
 def test_a_sequence_input_gets_its_attribution_values_as_curves():
