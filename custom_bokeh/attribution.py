@@ -130,7 +130,9 @@ def explains_text(info):
     text = "Explains %s (%s)" % (_class_name(index, names), CLASS_SOURCES.get(source, "chosen"))
     probability = info.get("probability")
     if isinstance(probability, numbers.Real) and math.isfinite(probability):
-        text += ", probability %.1f %%" % (100.0 * float(probability))
+        # a chosen class often has a tiny probability: "0.0 %" would hide that it is not zero
+        text += (", probability below 0.1 %" if 0 < probability < 0.0005 else
+                 ", probability %.1f %%" % (100.0 * float(probability)))
     predicted = info.get("predicted_class")
     if (source != "predicted" and isinstance(predicted, numbers.Integral)
             and not isinstance(predicted, bool)):
@@ -166,7 +168,7 @@ def color_bar(mapper, signed):
               {0: "min", 255: "max"})
     return ColorBar(color_mapper=mapper, ticker=FixedTicker(ticks=list(labels)),
                     major_label_overrides={tick: label for tick, label in labels.items()},
-                    width=COLOR_BAR_WIDTH, padding=4,
+                    width=COLOR_BAR_WIDTH, padding=4, major_tick_line_color=None,
                     major_label_text_font_size="11px", title_text_font_size="11px")
 
 

@@ -105,6 +105,8 @@ def test_the_opacity_slider_changes_the_overlay_in_the_browser():
     (dict(predicted(0.004), class_index=3, class_source="label", class_names=CLASS_NAMES),
      'Explains class 3 "three" (the true label), probability 0.4 %; '
      'the model predicts class 7 "seven"'),
+    (dict(predicted(3e-5), class_index=3, class_source="fixed"),
+     "Explains class 3 (chosen), probability below 0.1 %; the model predicts class 7"),
     (dict(predicted(), class_source="fixed"),
      "Explains class 7 (chosen), probability 93.2 %; the model predicts it too"),
     ({}, "The class this map explains is not recorded."),
