@@ -46,15 +46,20 @@ def attribution_techniques():
 
 
 def step_text(entry):
-    """E.g. "step 120 (epoch 3, batch 20)", epochs counted from 1 as Keras prints them."""
-    epoch = entry.get("epoch")
-    return "step %s (epoch %s, batch %s)" % (entry.get("step"), epoch + 1 if isinstance(
-        epoch, int) else epoch, entry.get("batch"))
+    """E.g. "step 120 (epoch 3, batch 20)", epochs counted from 1 as Keras prints them; a tag
+    that is not a number (the index is written by user code) shows as "?"."""
+    step, epoch, batch = (_integer(entry.get(tag)) for tag in ("step", "epoch", "batch"))
+    return "step %s (epoch %s, batch %s)" % (
+        "?" if step is None else step, "?" if epoch is None else epoch + 1,
+        "?" if batch is None else batch)
+
+
+def _integer(value):
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
 def _step(entry):
-    step = entry.get("step")
-    return step if isinstance(step, int) and not isinstance(step, bool) else None
+    return _integer(entry.get("step"))
 
 
 class MethodHistory:

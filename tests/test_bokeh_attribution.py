@@ -324,10 +324,13 @@ def test_index_lines_that_are_not_snapshot_entries_are_ignored(run_dir):
     write_stage(run_dir, "grad_cam", 10)
     index = storage.history_index_path(run_dir, TECHNIQUES["grad_cam"].results_file)
     with open(index, "a") as lines:
-        lines.write('[1, 2]\n"text"\n{"file": "000000099.pickle", "step": "soon"}\n')
+        lines.write('[1, 2]\n"text"\n{"file": "000000099.pickle", "step": "soon"}\n'
+                    '{"file": "000000010.pickle", "step": 12, "epoch": "%s", "batch": null}\n'
+                    % ("x" * 10000))
     dashboard = attribution_methods.AttributionMethodsDashboard(
         run_dir, attribution_methods.attribution_techniques())
-    assert dashboard.steps == [10] and len(panel_overlays(dashboard)) == 1
+    assert dashboard.steps == [10, 12] and len(panel_overlays(dashboard)) == 1
+    assert panel_texts(dashboard)[0].split("\n")[1] == "step 12 (epoch ?, batch ?)"
 
 
 def test_a_failed_run_says_so_above_the_methods(run_dir):
