@@ -30,8 +30,10 @@ PANEL_COLUMNS = 4
 # The attribution methods, until the registry marks them itself (then: the registry's field).
 ATTRIBUTION_KEYS = ("grad_cam", "grad_cam_plus_plus", "score_cam", "guided_backprop",
                     "smooth_grad", "integrated_gradients", "occlusion", "lrp")
-PANEL_STYLES = {"font-size": "13px", "white-space": "pre-wrap", "max-width": "%dpx" % 260}
-NOTE_STYLES = dict(PANEL_STYLES, **{"color": "#8a1c12"})
+PANEL_STYLES = {"font-size": "13px", "white-space": "pre-wrap", "max-width": "260px"}
+# room for four caption lines, so that the maps of a row line up
+CAPTION_STYLES = dict(PANEL_STYLES, **{"min-height": "76px"})
+NOTE_STYLES = dict(CAPTION_STYLES, **{"color": "#8a1c12"})
 PANEL_TITLE_STYLES = dict(PANEL_STYLES, **{"font-size": "14px", "font-weight": "600"})
 
 
@@ -253,7 +255,7 @@ class AttributionMethodsDashboard(LiveDashboard):
         state = techniques.get(technique.key, {})
         if state.get("state") == storage.TECHNIQUE_SWITCHED_OFF:
             lines.append("Switched off later: %s" % (state.get("reason") or "no reason recorded"))
-        caption = Div(text="", render_as_text=True, styles=PANEL_STYLES)
+        caption = Div(text="", render_as_text=True, styles=CAPTION_STYLES)
         try:
             if isinstance(snapshot, Exception):
                 raise snapshot
