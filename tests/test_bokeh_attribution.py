@@ -15,6 +15,10 @@ CLASS_NAMES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "e
 TECHNIQUES = {t.key: t for t in attribution_methods.attribution_techniques()}
 
 
+def title(key):
+    return TECHNIQUES[key].title
+
+
 def a_map(signed, column=10):
     """A (28, 28) map with one bright column, recognisable after drawing."""
     result = np.full((28, 28), 128 if signed else 0, np.uint8)
@@ -126,8 +130,8 @@ def test_guided_backprop_shows_guided_grad_cam_beside_it_and_rgb_maps_per_channe
                                 predicted(), np.full((28, 28, 3), 90, np.uint8), IMAGE)
     figures = layout.children[2].children
     assert [plot.title.text for plot in figures] == [
-        "Guided backprop, signed", "Input: %s" % IMAGE, "Guided backprop per colour channel",
-        "Guided Grad-CAM"]
+        "%s, signed" % title("guided_backprop"), "Input: %s" % IMAGE,
+        "%s per colour channel" % title("guided_backprop"), "Guided Grad-CAM"]
     # the overlay keeps each pixel's strongest channel: the three bright columns
     overlay_values = overlay_of(figures[0]).data_source.data["image"][0]
     assert np.flatnonzero(overlay_values[0] == 255).tolist() == [3, 5, 7]
@@ -143,7 +147,7 @@ def test_a_tabular_input_gets_bars_per_named_feature_and_an_rgba_input_loses_its
     layout = attribution.render({"map": a_map(False), "signed": False, "method": "grad_cam"},
                                 predicted(), np.full((28, 28, 4), 90, np.uint8), IMAGE)
     assert [plot.title.text for plot in layout.children[2].children] == [
-        "Grad cam, unsigned", "Input: %s" % IMAGE]
+        "%s, unsigned" % title("grad_cam"), "Input: %s" % IMAGE]
 
 
 def test_a_sequence_input_gets_its_attribution_values_as_curves():
@@ -151,7 +155,7 @@ def test_a_sequence_input_gets_its_attribution_values_as_curves():
     layout = attribution.render({"values": values, "signed": True, "method": "smooth_grad"},
                                 predicted(), np.zeros((20, 2), np.float32), "series")
     titles = [plot.title.text for plot in layout.children[1:]]
-    assert titles == ["Input: series", "Smooth grad: attribution"]
+    assert titles == ["Input: series", "%s: attribution" % title("smooth_grad")]
 
 
 @pytest.mark.parametrize("result, message", [
@@ -176,8 +180,8 @@ def test_a_hostile_result_is_reported_on_the_page(run_dir, result, message):
 
 
 @pytest.mark.parametrize("size, message", [
-    (3000, "The occlusion of image digit_7.png is not drawn: it holds 9000000 array values; "
-           "the dashboards draw at most 8388608."),
+    (3000, "The %s of image digit_7.png is not drawn: it holds 9000000 array values; "
+           "the dashboards draw at most 8388608." % title("occlusion").lower()),
     (10000, "Refused to read a results file: 000000010.pickle is larger than 32 MB"),
 ])
 def test_a_huge_map_is_not_drawn_and_says_why(run_dir, size, message):
@@ -240,16 +244,19 @@ def test_the_side_by_side_view_shows_one_panel_per_method_with_results(run_dir):
         run_dir, attribution_methods.attribution_techniques())
     texts = panel_texts(dashboard)
     assert texts == [
-        "Grad cam\nstep 10 (epoch 1, batch 10)\nExplains class 7 (predicted), probability 93.2 %",
-        "Lrp\nstep 10 (epoch 1, batch 10)\nExplains class 3 (chosen), probability 0.4 %; "
-        "the model predicts class 7"]
+        "%s\nstep 10 (epoch 1, batch 10)\nExplains class 7 (predicted), probability 93.2 %%"
+        % title("grad_cam"),
+        "%s\nstep 10 (epoch 1, batch 10)\nExplains class 3 (chosen), probability 0.4 %%; "
+        "the model predicts class 7" % title("lrp")]
     mappers = [list(o.glyph.color_mapper.palette) for o in panel_overlays(dashboard)]
     assert mappers == [list(attribution.UNSIGNED_PALETTE), list(attribution.SIGNED_PALETTE)]
     notes = dashboard.notes.text.split("\n")
-    assert "Occlusion: switched off: needs an image: the input is a sequence" in notes
-    assert "Score cam: Waiting for the first snapshot at batch 0 (then every 10 batches)." in notes
-    assert notes[-1] == ("Not registered in this run: Grad cam plus plus, Guided backprop, "
-                         "Smooth grad, Integrated gradients.")
+    assert "%s: switched off: needs an image: the input is a sequence" % title("occlusion") \
+        in notes
+    assert "%s: Waiting for the first snapshot at batch 0 (then every 10 batches)." % title(
+        "score_cam") in notes
+    assert notes[-1] == "Not registered in this run: %s." % ", ".join(title(key) for key in (
+        "grad_cam_plus_plus", "guided_backprop", "smooth_grad", "integrated_gradients"))
     callback = dashboard.opacity.js_property_callbacks["change:value"][0]
     assert callback.args["overlays"] == [o.glyph for o in panel_overlays(dashboard)]
 
@@ -273,8 +280,8 @@ def test_moving_the_stage_slider_shows_each_methods_nearest_snapshot_and_its_ste
     assert shown() == (["step 10 (epoch 1, batch 10)", "step 15 (epoch 1, batch 15)"], [10, 15])
     dashboard.slider.value = 0   # step 10: LRP has nothing yet
     assert shown() == (["step 10 (epoch 1, batch 10)"], [10])
-    assert "Lrp: no snapshot yet at this stage (the first is at step 15 (epoch 1, batch 15))" \
-        in dashboard.notes.text
+    assert "%s: no snapshot yet at this stage (the first is at step 15 (epoch 1, batch 15))" % (
+        title("lrp")) in dashboard.notes.text
     assert not dashboard.follow_latest
     write_stage(run_dir, "lrp", 40)   # a new snapshot does not move a user who looks back
     dashboard.update()
@@ -289,7 +296,8 @@ def test_a_hostile_result_in_the_side_by_side_view_is_reported_in_its_panel(run_
     dashboard = attribution_methods.AttributionMethodsDashboard(
         run_dir, attribution_methods.attribution_techniques())
     texts = panel_texts(dashboard)
-    assert texts[1].startswith("Lrp\nstep 10 (epoch 1, batch 10)\nNot drawn: it holds 9000784")
+    assert texts[1].startswith("%s\nstep 10 (epoch 1, batch 10)\nNot drawn: it holds 9000784"
+                               % title("lrp"))
     assert len(glyphs(dashboard.content, Image)) == 1
 
 

@@ -15,12 +15,13 @@ import threading
 import numpy as np
 import pytest
 
-from custom_bokeh import auth
+from custom_bokeh import attribution_methods, auth
 from custom_keras import storage
 from test_bokeh_auth import REPO, SECRET, free_port, stop_server
 from test_bokeh_live import ARTIFACTS, CHROMIUM, PageHandler
 
 sync_api = pytest.importorskip("playwright.sync_api")
+TECHNIQUES = {t.key: t for t in attribution_methods.attribution_techniques()}
 
 SERVE = """
 import sys
@@ -29,7 +30,7 @@ from custom_bokeh import attribution, attribution_methods
 from custom_bokeh.dashboard import RunApplication, image_dashboard
 
 storage_dir, port, origin, secret = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
-grad_cam = attribution_methods.attribution_techniques()[0]
+grad_cam = {t.key: t for t in attribution_methods.attribution_techniques()}["grad_cam"]
 apps = {"/attribution_methods": RunApplication(attribution_methods.make_document, storage_dir,
                                                secret, "attribution_methods"),
         "/grad_cam": RunApplication(lambda doc: image_dashboard(doc, grad_cam, attribution.render),
@@ -67,7 +68,7 @@ SET_SLIDER = """([title, value]) => {
 def write_stage(run_dir, key, step, signed):
     result = np.full((28, 28), 128 if signed else 0, np.uint8)
     result[:, step % 28] = 255
-    storage.write_snapshot(run_dir, key + ".pickle",
+    storage.write_snapshot(run_dir, TECHNIQUES[key].results_file,
                            {"digit.png": {"map": result, "signed": signed, "method": key}},
                            "digit.png", {"stage": step, "epoch": 0, "batch": step, "step": step},
                            {"digit.png": {"class_index": 7, "class_source": "predicted",
@@ -129,7 +130,7 @@ def test_the_opacity_slider_changes_every_overlay_in_the_browser_and_stays_as_th
     assert page.evaluate(OVERLAY_ALPHAS) == [0.2, 0.2]   # at once: no round trip
     page.evaluate(SET_SLIDER, ["", 0])                  # the stage slider, to step 10
     page.get_by_text("Stage 1 of 3 \u00b7 step 10").wait_for(timeout=30000)
-    page.get_by_text("Lrp: no snapshot yet at this stage").wait_for(timeout=30000)
+    page.get_by_text("no snapshot yet at this stage").wait_for(timeout=30000)
     assert page.evaluate(OVERLAY_ALPHAS) == [0.2]
     page.evaluate(SET_SLIDER, ["", 1])                  # step 15: LRP's panel is built anew
     page.wait_for_function("() => (%s)().length == 2" % OVERLAY_ALPHAS, timeout=30000)
