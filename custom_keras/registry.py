@@ -145,7 +145,9 @@ def _attribution(key, title, explanation, parameters, display, needs=(IMAGE_INPU
                      function="custom_keras.techniques.attribution:" + key,
                      parameters=tuple(parameters), companions=tuple(companions), display=display,
                      callback=ATTRIBUTION_CALLBACK, needs=frozenset(needs) | {CLASS_SCORES},
-                     render=ATTRIBUTION_RENDER, family=ATTRIBUTION)
+                     render=ATTRIBUTION_RENDER, family=ATTRIBUTION,
+                     # fifteen tabs would bury the ones a run has: each shows once registered
+                     tab_when_registered=(key,))
 
 
 _CAM_READING = ("Warm regions raised the explained class's score; the map is coarse, at the "
