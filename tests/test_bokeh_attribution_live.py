@@ -1,8 +1,7 @@
 """In a real browser, the attribution dashboards' opacity slider acts without the server
 and the opacity stays when the stage moves.
 
-Starts a Bokeh server with the attribution apps (the same ``RunApplication`` that
-``python -m custom_bokeh`` builds) and a page that embeds them the way the Flask
+Starts a Bokeh server with the applications ``python -m custom_bokeh`` builds and a page that embeds them the way the Flask
 file page does, then drives Debian's chromium with playwright.
 """
 import functools
@@ -26,17 +25,12 @@ TECHNIQUES = {t.key: t for t in attribution_methods.attribution_techniques()}
 SERVE = """
 import sys
 from bokeh.server.server import Server
-from custom_bokeh import attribution, attribution_methods
-from custom_bokeh.dashboard import RunApplication, image_dashboard
+from custom_bokeh.__main__ import make_applications
 
 storage_dir, port, origin, secret = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
-grad_cam = {t.key: t for t in attribution_methods.attribution_techniques()}["grad_cam"]
-apps = {"/attribution_methods": RunApplication(attribution_methods.make_document, storage_dir,
-                                               secret, "attribution_methods"),
-        "/grad_cam": RunApplication(lambda doc: image_dashboard(doc, grad_cam, attribution.render),
-                                    storage_dir, secret, "grad_cam")}
-server = Server(apps, port=port, address="127.0.0.1", allow_websocket_origin=[origin],
-                sign_sessions=True, secret_key=secret.encode(), generate_session_ids=False)
+server = Server(make_applications(storage_dir, secret), port=port, address="127.0.0.1",
+                allow_websocket_origin=[origin], sign_sessions=True, secret_key=secret.encode(),
+                generate_session_ids=False)
 server.start()
 print("ready", flush=True)
 server.io_loop.start()
