@@ -14,6 +14,7 @@ import sys
 
 from bokeh.server.server import Server
 
+from custom_bokeh import compare
 from custom_bokeh.dashboard import RunApplication
 from custom_keras import registry, storage
 
@@ -36,11 +37,13 @@ def parse_args(argv=None):
 
 
 def make_applications(storage_dir, secret_key):
-    """{"/<key>": application} for every technique in the registry."""
-    return {"/" + technique.key: RunApplication(
-                importlib.import_module("custom_bokeh." + technique.key).make_document,
-                storage_dir, secret_key, technique.key)
-            for technique in registry.TECHNIQUES}
+    """{"/<key>": application} for every technique in the registry, and the comparison apps."""
+    applications = {"/" + technique.key: RunApplication(
+                        importlib.import_module("custom_bokeh." + technique.key).make_document,
+                        storage_dir, secret_key, technique.key)
+                    for technique in registry.TECHNIQUES}
+    applications.update(compare.make_applications(storage_dir, secret_key))
+    return applications
 
 
 def main(argv=None):

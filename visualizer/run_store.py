@@ -13,6 +13,11 @@ def run_dir(app, script):
     return storage.run_dir_in(app.config["STORAGE_DIR"], script.rel_dir)
 
 
+def run_folder(app, run):
+    """The folder of one run (``visualizer.models.Run``): where its results and output are."""
+    return run_dir(app, run.script)
+
+
 def script_path(app, script):
     return os.path.join(run_dir(app, script), script.filename)
 
