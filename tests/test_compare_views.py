@@ -93,11 +93,11 @@ def test_the_page_embeds_both_comparison_apps_with_tokens_for_exactly_these_runs
     with app.app_context():
         expected = [storage.run_rel_dir(db.session.get(Run, run_id).script.user_id,
                                         db.session.get(Run, run_id).script.filename)
-                    for run_id in (2, 1)]
+                    for run_id in (1, 2)]
     for script_html, technique in ((curves, None), (images, "saliency_maps")):
         payload = token_payload(script_html)
-        assert payload["runs"] == expected  # in the order asked for
-        assert payload["labels"][0].startswith("adam_2.py \u00b7 run 1 \u00b7 ")
+        assert payload["runs"] == expected  # oldest run first
+        assert payload["labels"][0].startswith("adam_3.py \u00b7 run 1 \u00b7 ")
         assert payload["technique"] == technique
     assert 'option value="saliency_maps" selected' in page
 

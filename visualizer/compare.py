@@ -1,7 +1,7 @@
 """Compare runs: pick 2 to 4 of the user's runs, then their curves, images, metrics and scripts.
 
 ``/compare`` lists the user's runs to pick from; ``/compare?runs=4,7,9`` (or
-``runs=4&runs=7``) shows the comparison: the overlaid training curves and one
+``runs=4&runs=7``) shows the comparison, oldest run first: the overlaid training curves and one
 snapshot technique's images side by side (two live Bokeh apps, each opened with
 a comparison token over exactly these run folders), a table of final metrics,
 and the diff of two of the runs' scripts. Another user's run is a 404.
@@ -76,7 +76,7 @@ def user_runs():
 
 
 def parse_run_ids(text):
-    """The run ids of "4,7,9" in order, each once.
+    """The run ids of "4,7,9", each once, oldest run first (so a diff shows what changed).
 
     Raises:
         BadChoice: a part is not a run number.
@@ -88,7 +88,7 @@ def parse_run_ids(text):
             raise BadChoice("%r is not a run number; pick the runs from the list." % part[:40])
         if int(part) not in ids:
             ids.append(int(part))
-    return ids
+    return sorted(ids)
 
 
 def check_count(runs):
