@@ -186,7 +186,7 @@ class CompareCurves(ComparedRuns):
 
     def metric_figure(self, metric):
         """One metric of every run that logs it: a line per run, validation as markers."""
-        fig = figure(title=metric.replace("_", " "), height=280, sizing_mode="stretch_width",
+        fig = figure(title=metric.replace("_", " "), height=340, sizing_mode="stretch_width",
                      tools=TOOLS, active_scroll="wheel_zoom", x_range=self.x_range,
                      x_axis_label="epoch", y_axis_label=metric, name="compare_" + metric)
         lines = []
@@ -200,8 +200,11 @@ class CompareCurves(ComparedRuns):
                             line_color="white", legend_label=run.label)
         fig.add_tools(HoverTool(renderers=lines, tooltips=[
             ("epochs trained", "@progress{0.0000}"), (metric, "@{%s}{0.000000}" % metric)]))
-        fig.legend.location = "bottom_right" if "acc" in metric else "top_right"
-        fig.legend.click_policy = "hide"
+        # above the frame, one row: run labels are long and would hide curves inside it
+        legend = fig.legend[0]
+        fig.center.remove(legend)
+        fig.add_layout(legend, "above")
+        legend.update(orientation="horizontal", click_policy="hide", label_text_font_size="12px")
         fig.toolbar.logo = None
         return fig
 
@@ -241,8 +244,10 @@ class ComparePanel(ImageDashboard):
         super().__init__(run_dir, technique, render)
         heading = Div(text=label, render_as_text=True,
                       styles=dict(_HEADING_STYLES, **{"border-bottom": "4px solid %s" % color}))
-        # the panel's own slider, play button and image choice stay out of the page
-        self.layout = column(heading, self.alerts.div, self.message, self.label, self.content)
+        # the panel's own slider, play button and image choice stay out of the page; the alerts
+        # go below the images, so that the panels' images line up
+        self.alerts.div.styles = dict(self.alerts.div.styles, **{"max-width": "520px"})
+        self.layout = column(heading, self.message, self.label, self.content, self.alerts.div)
 
     def steps(self):
         return [step for step in map(step_of, self.entries) if step is not None]

@@ -115,11 +115,13 @@ def test_two_learning_rates_compared_curves_overlaid_and_one_slider_moves_every_
             assert [label.split(" \u00b7 ")[:2] for label in legend] == [
                 [names[0], "run 1"], [names[1], "run 1"]], legend
         assert state["rows"] >= 2 * 47  # every batch of both runs: 47 batches in one epoch
+        screenshot(page, "compare_02_layer_activations")
 
         # The saliency maps side by side, both at the newest snapshot.
         assert page.get_by_label("Technique").input_value() == "layer_activations"
-        page.get_by_label("Technique").select_option("saliency_maps")
-        page.wait_for_load_state("domcontentloaded")
+        with page.expect_navigation():  # choosing a technique shows it at once
+            page.get_by_label("Technique").select_option("saliency_maps")
+        assert "technique=saliency_maps" in page.url
         state = wait_for(lambda: (lambda s: s if len(s["captions"]) == 2 and s["slider"]
                                   else None)(compare_state(page)), PAGE_TIMEOUT_S, interval=0.5,
                          what=lambda: "two panels and the slider: %s" % compare_state(page))
@@ -127,19 +129,20 @@ def test_two_learning_rates_compared_curves_overlaid_and_one_slider_moves_every_
         assert state["slider"]["visible"] and state["slider"]["value"] == end >= 5
         newest = caption_steps(state)
         assert newest[0] == newest[1] > 0
-        screenshot(page, "compare_02_page")
+        screenshot(page, "compare_03_saliency_maps")
 
         # Moving the shared slider moves every panel to that step.
+        shown = newest
         for position in (0, end // 2):
             assert page.evaluate(MOVE_SLIDER_JS, position)
-            moved = wait_for(lambda: (lambda s: s if caption_steps(s) != newest and len(set(
+            moved = wait_for(lambda: (lambda s: s if caption_steps(s) != shown and len(set(
                 caption_steps(s))) == 1 else None)(compare_state(page)), PAGE_TIMEOUT_S,
                 interval=0.3, what=lambda: "both panels to move: %s" % compare_state(page))
-            assert caption_steps(moved)[0] < newest[0]
+            shown = caption_steps(moved)
+            assert shown[0] < newest[0]
             if position == 0:
-                assert caption_steps(moved) == [0, 0]
-            newest = caption_steps(moved)
-        screenshot(page, "compare_03_slider_moved")
+                assert shown == [0, 0]
+        screenshot(page, "compare_04_slider_moved")
 
         # The table of final metrics and the diff of the two scripts.
         table = page.inner_text(".metrics-table")
