@@ -8,7 +8,8 @@ from bokeh.models import Line, Plot, Scatter
 from custom_bokeh import auth, compare, saliency_maps
 from custom_bokeh.dashboard import open_run
 from custom_keras import registry, storage
-from test_bokeh_auth import SECRET, autoload, session_document, start_server, stop_server, tampered
+from test_bokeh_auth import (SECRET, autoload, session_document, signed_token, start_server,
+                             stop_server, tampered)
 
 LABELS = ("adam_3.py \u00b7 run 1 \u00b7 2026-11-30 04:00",
           "adam_2.py \u00b7 run 1 \u00b7 2026-11-30 04:05")
@@ -66,6 +67,15 @@ def bad_compare_tokens():
         "other comparison app": auth.make_compare_token(
             SECRET, 3, [("3/adam_3", "a"), ("3/adam_2", "b")], IMAGES, "saliency_maps"),
         "one-run token": auth.make_token(SECRET, 3, "3/adam_3", "training_progress"),
+        "foreign run, signed": signed_token(SECRET, {
+            "user_id": 3, "compare": CURVES, "runs": ["3/adam_3", "4/other_script"],
+            "labels": ["a", "b"]}),
+        "run outside storage, signed": signed_token(SECRET, {
+            "user_id": 3, "compare": CURVES, "runs": ["3/adam_3", "3/.."], "labels": ["a", "b"]}),
+        "five runs, signed": signed_token(SECRET, {
+            "user_id": 3, "compare": CURVES, "runs": ["3/adam_3"] * 5, "labels": ["a"] * 5}),
+        "runs without labels, signed": signed_token(SECRET, {
+            "user_id": 3, "compare": CURVES, "runs": ["3/adam_3", "3/adam_2"]}),
     }
 
 

@@ -33,18 +33,19 @@ class BadChoice(ValueError):
 def compare():
     chosen_text = ",".join(request.args.getlist("runs"))
     if not chosen_text.strip():
-        return render_template("compare/pick.html", runs=user_runs(), chosen=[])
+        return render_template("compare/pick.html", runs=user_runs(), chosen=[],
+                               run_number=run_number)
     try:
         run_ids = parse_run_ids(chosen_text)
     except BadChoice as error:
         return render_template("compare/pick.html", runs=user_runs(), chosen=[],
-                               error=str(error)), 400
+                               run_number=run_number, error=str(error)), 400
     runs = [owned_run(run_id) for run_id in run_ids]
     try:
         check_count(runs)
     except BadChoice as error:
         return render_template("compare/pick.html", runs=user_runs(), chosen=run_ids,
-                               error=str(error)), 400
+                               run_number=run_number, error=str(error)), 400
     labels = [run_label(run) for run in runs]
     token_runs = [(rel_run_folder(run), label) for run, label in zip(runs, labels)]
     techniques = snapshot_techniques(runs)
