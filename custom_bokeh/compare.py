@@ -252,6 +252,10 @@ class ComparePanel(ImageDashboard):
     def steps(self):
         return [step for step in map(step_of, self.entries) if step is not None]
 
+    def history_key(self):
+        """Changes when snapshots were added or thinned out (thinning happens as one is added)."""
+        return (len(self.entries), self.entries[-1]["file"]) if self.entries else None
+
     def show_step(self, step):
         """Shows the newest snapshot at or before ``step`` (the first when none is)."""
         self.shared_step = step
@@ -287,6 +291,7 @@ class CompareImages(ComparedRuns):
         self.steps = []
         self.follow_latest = True
         self._moving = False
+        self._history_key = None
         self.step_text = Div(text="", render_as_text=True, name="shared_step",
                              styles={"font-size": "15px", "font-weight": "600"})
         self.slider = Slider(start=0, end=1, value=0, step=1, title="", show_value=False,
@@ -304,6 +309,11 @@ class CompareImages(ComparedRuns):
         super().update()
 
     def after_update(self):
+        """Follows new and thinned snapshots: the slider's steps, the image choice, the panels."""
+        key = [panel.history_key() for panel in self.parts]
+        if key == self._history_key:
+            return  # nothing new: each panel has redrawn itself if its files changed
+        self._history_key = key
         steps = sorted({step for panel in self.parts for step in panel.steps()})
         steps = steps[:MAX_HISTORY_ENTRIES]
         if steps != self.steps:
