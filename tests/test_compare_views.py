@@ -6,7 +6,7 @@ from bokeh.util.token import get_token_payload
 from conftest import run_update, upload_script
 
 from custom_bokeh import auth as bokeh_auth
-from custom_keras import storage
+from custom_keras import registry, storage
 from visualizer.models import Run, db
 from visualizer.run_store import apply_run_update, run_folder
 
@@ -102,10 +102,21 @@ def test_the_page_embeds_both_comparison_apps_with_tokens_for_exactly_these_runs
     assert 'option value="saliency_maps" selected' in page
 
 
-def test_a_page_without_snapshots_says_so_instead_of_embedding_images(client, two_runs):
+def test_the_technique_choice_lists_what_the_runs_registered_or_have_snapshots_of(app, client,
+                                                                                 two_runs):
     page = client.get("/compare?runs=1,2").get_data(as_text=True)
-    assert "/compare_images/autoload.js" not in page
-    assert "None of these runs has snapshots of a visualization yet" in page
+    # before any run registered one: every snapshot technique, the first shown (it says, live,
+    # what becomes of it)
+    assert re.findall(r'<option value="(\w+)"', page) == [
+        t.key for t in registry.SNAPSHOT_TECHNIQUES]
+    assert token_payload(next(s for s in re.findall(r"<script[^>]*>.*?</script>", page, re.S)
+                              if "/compare_images/" in s))["technique"] == "layer_activations"
+    storage.write_techniques(folder_of(app, 1), {"deep_visualization": {"state": "waiting"}})
+    storage.write_snapshot(folder_of(app, 2), "saliency_maps.pickle", {"d.png": b""}, "d.png",
+                           {"stage": 0, "epoch": 0, "batch": 0, "step": 0})
+    page = client.get("/compare?runs=1,2&technique=layer_activations").get_data(as_text=True)
+    assert re.findall(r'<option value="(\w+)"', page) == ["saliency_maps", "deep_visualization"]
+    assert 'option value="saliency_maps" selected' in page  # not offered: the first instead
 
 
 def test_the_metrics_table_shows_final_metrics_best_validation_duration_state_and_alerts(

@@ -51,13 +51,13 @@ def compare():
     techniques = snapshot_techniques(runs)
     technique = registry.get(request.args.get("technique", ""))
     if technique not in techniques:
-        technique = techniques[0] if techniques else None
+        technique = techniques[0]
     config = current_app.config
     curves_script = embed_compare_script(config["BOKEH_URL"], config["SECRET_KEY"],
                                          COMPARE_CURVES_APP, current_user.id, token_runs)
-    images_script = technique and embed_compare_script(
-        config["BOKEH_URL"], config["SECRET_KEY"], COMPARE_IMAGES_APP, current_user.id,
-        token_runs, technique_key=technique.key)
+    images_script = embed_compare_script(config["BOKEH_URL"], config["SECRET_KEY"],
+                                         COMPARE_IMAGES_APP, current_user.id, token_runs,
+                                         technique_key=technique.key)
     if "diff_a" in request.args:  # the two choices of the page's form
         first, second = request.args.get("diff_a", ""), request.args.get("diff_b", "")
     else:
@@ -125,11 +125,15 @@ def rel_run_folder(run):
 
 
 def snapshot_techniques(runs):
-    """The snapshot techniques of which at least one of the runs has a history."""
-    return [technique for technique in registry.SNAPSHOT_TECHNIQUES if any(
-        storage.file_size(storage.history_index_path(run_folder(current_app, run),
-                                                     technique.results_file))
-        for run in runs)]
+    """The snapshot techniques that at least one of the runs registered or has snapshots of;
+    every one before any run registered one (the panels then say, live, what becomes of it)."""
+    folders = [run_folder(current_app, run) for run in runs]
+    registered = set()
+    for folder in folders:
+        registered.update(storage.read_techniques(folder) or {})
+    return [technique for technique in registry.SNAPSHOT_TECHNIQUES if technique.key in registered
+            or any(storage.file_size(storage.history_index_path(folder, technique.results_file))
+                   for folder in folders)] or list(registry.SNAPSHOT_TECHNIQUES)
 
 
 def metrics_table(runs):

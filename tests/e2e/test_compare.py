@@ -5,7 +5,8 @@ learning rate 1e-3 and once with 1e-2 (one epoch each), runs both with a sample
 image, picks the two runs on the Compare page, and sees the training curves
 overlaid (one legend entry per run in every figure), the saliency maps side by
 side under one stage slider that moves both panels to the chosen step, the
-final-metrics table and the diff of the two scripts. Screenshots go to
+final-metrics table and the diff of the two scripts; while the runs train, the
+curves grow without a reload. Screenshots go to
 ``test-artifacts/e2e/compare_*.png``.
 """
 import re
@@ -86,9 +87,6 @@ def test_two_learning_rates_compared_curves_overlaid_and_one_slider_moves_every_
                   for name, rate in zip(names, LEARNING_RATES)]
     for script_id in script_ids:
         user.run(script_id, image=(SAMPLE_IMAGE.name, SAMPLE_IMAGE.read_bytes()))
-    for script_id in script_ids:
-        status = user.wait_for_state(script_id, ("finished", "failed", "stopped"), RUN_TIMEOUT_S)
-        assert status["state"] == "finished", status
 
     context = browser.new_context(viewport={"width": 1400, "height": 1000},
                                   storage_state=user.request.storage_state())
@@ -106,6 +104,19 @@ def test_two_learning_rates_compared_curves_overlaid_and_one_slider_moves_every_
         page.get_by_role("button", name="Compare").click()
         assert re.search(r"/compare\?runs=\d+&runs=\d+", page.url), page.url
 
+        # While the runs train, the curves grow without a reload.
+        first = wait_for(lambda: compare_state(page)["rows"] > 0 and compare_state(page),
+                         RUN_TIMEOUT_S, interval=0.5, what="the first training rows")
+        if first["rows"] < 2 * 47:  # seen before both runs had trained their epoch
+            wait_for(lambda: compare_state(page)["rows"] > first["rows"], RUN_TIMEOUT_S,
+                     interval=0.5, what="the curves to grow")
+            screenshot(page, "compare_02_while_training")
+        for script_id in script_ids:
+            status = user.wait_for_state(script_id, ("finished", "failed", "stopped"),
+                                         RUN_TIMEOUT_S)
+            assert status["state"] == "finished", status
+        page.reload()
+
         # The curves overlaid: every figure has one legend entry per run, named by the run.
         state = wait_for(lambda: (lambda s: s if s["legends"] and s["captions"] else None)(
             compare_state(page)), PAGE_TIMEOUT_S, interval=0.5,
@@ -115,7 +126,7 @@ def test_two_learning_rates_compared_curves_overlaid_and_one_slider_moves_every_
             assert [label.split(" \u00b7 ")[:2] for label in legend] == [
                 [names[0], "run 1"], [names[1], "run 1"]], legend
         assert state["rows"] >= 2 * 47  # every batch of both runs: 47 batches in one epoch
-        screenshot(page, "compare_02_layer_activations")
+        screenshot(page, "compare_03_layer_activations")
 
         # The saliency maps side by side, both at the newest snapshot.
         assert page.get_by_label("Technique").input_value() == "layer_activations"
@@ -129,7 +140,7 @@ def test_two_learning_rates_compared_curves_overlaid_and_one_slider_moves_every_
         assert state["slider"]["visible"] and state["slider"]["value"] == end >= 5
         newest = caption_steps(state)
         assert newest[0] == newest[1] > 0
-        screenshot(page, "compare_03_saliency_maps")
+        screenshot(page, "compare_04_saliency_maps")
 
         # Moving the shared slider moves every panel to that step.
         shown = newest
@@ -142,7 +153,7 @@ def test_two_learning_rates_compared_curves_overlaid_and_one_slider_moves_every_
             assert shown[0] < newest[0]
             if position == 0:
                 assert shown == [0, 0]
-        screenshot(page, "compare_04_slider_moved")
+        screenshot(page, "compare_05_slider_moved")
 
         # The table of final metrics and the diff of the two scripts.
         table = page.inner_text(".metrics-table")
