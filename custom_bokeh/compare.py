@@ -33,15 +33,13 @@ _HEADING_STYLES = {"font-size": "15px", "font-weight": "700", "padding": "2px 0"
 class CompareApplication(RunApplication):
     """A comparison app: opens a session only for a comparison token minted for it.
 
-    Args:
+    Args (as ``RunApplication``'s):
         make_document: the app's ``make_document(doc)``.
         storage_dir: the folder that holds every user's runs.
         secret_key: the secret key the server signs sessions with.
-        app_key: ``auth.COMPARE_CURVES_APP`` or ``auth.COMPARE_IMAGES_APP`` (its path).
+        technique_key: the app, ``auth.COMPARE_CURVES_APP`` or ``auth.COMPARE_IMAGES_APP``
+            (its path); a token minted for another app is refused.
     """
-
-    def __init__(self, make_document, storage_dir, secret_key, app_key):
-        super().__init__(make_document, storage_dir, secret_key, app_key)
 
     def verify(self, token):
         """The ``auth.CompareGrant`` of ``token``, else ``InvalidToken``."""
