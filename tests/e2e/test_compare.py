@@ -14,6 +14,7 @@ import re
 import pytest
 
 from e2e.harness import REPO_ROOT, WebUser, screenshot, wait_for
+from e2e.test_requests import csp_reports
 
 EXAMPLE = REPO_ROOT / "scripts" / "examples" / "mnist_digits.py"
 SAMPLE_IMAGE = REPO_ROOT / "scripts" / "examples" / "images" / "digit_3.png"
@@ -91,6 +92,7 @@ def test_two_learning_rates_compared_curves_overlaid_and_one_slider_moves_every_
     context = browser.new_context(viewport={"width": 1400, "height": 1000},
                                   storage_state=user.request.storage_state())
     page = context.new_page()
+    reports = csp_reports(page)  # the inline colour swatches and two embedded apps included
     failed_requests = []
     page.on("response", lambda response: response.status >= 400 and failed_requests.append(
         "%d %s" % (response.status, response.url)))
@@ -166,4 +168,4 @@ def test_two_learning_rates_compared_curves_overlaid_and_one_slider_moves_every_
                          "loss=\"categorical_crossentropy\", metrics=[\"accuracy\"])"], added
     finally:
         context.close()
-    assert failed_requests == []
+    assert failed_requests == [] and reports == []
