@@ -66,7 +66,17 @@ def test_fewer_than_two_or_more_than_four_runs_get_a_clear_message(app, client, 
         start_run(app, client, script_id)
     response = client.get("/compare?runs=" + runs)
     assert response.status_code == 400
-    assert message in response.get_data(as_text=True)
+    page = response.get_data(as_text=True)
+    assert message in page
+    if runs != "1,x":  # what was picked is still ticked
+        assert set(re.findall(r'value="(\d+)" id="run-\d+" checked', page)) == set(
+            runs.split(","))
+
+
+def test_a_long_list_of_runs_is_refused_before_any_is_looked_up(client, two_runs):
+    response = client.get("/compare?runs=" + ",".join(map(str, range(1, 10_000))))
+    assert response.status_code == 400
+    assert "Pick 2 to 4 runs to compare; 9999 were picked." in response.get_data(as_text=True)
 
 
 def test_another_users_run_is_not_found(app, client, auth, two_runs):
@@ -80,6 +90,8 @@ def test_another_users_run_is_not_found(app, client, auth, two_runs):
     auth.login()
     assert client.get("/compare?runs=1,%d" % bobs_run).status_code == 404
     assert client.get("/compare?runs=1,2").status_code == 200
+    # a foreign run among too many runs: refused for the count, which tells nothing about it
+    assert client.get("/compare?runs=1,2,%d,998,999" % bobs_run).status_code == 400
 
 
 def test_the_page_embeds_both_comparison_apps_with_tokens_for_exactly_these_runs(app, client,

@@ -35,17 +35,14 @@ def compare():
     if not chosen_text.strip():
         return render_template("compare/pick.html", runs=user_runs(), chosen=[],
                                run_number=run_number)
+    run_ids = []
     try:
         run_ids = parse_run_ids(chosen_text)
-    except BadChoice as error:
-        return render_template("compare/pick.html", runs=user_runs(), chosen=[],
-                               run_number=run_number, error=str(error)), 400
-    runs = [owned_run(run_id) for run_id in run_ids]
-    try:
-        check_count(runs)
-    except BadChoice as error:
+        check_count(run_ids)  # before the runs are looked up: a long list costs nothing
+    except BadChoice as error:  # the picker again, with what was picked still ticked
         return render_template("compare/pick.html", runs=user_runs(), chosen=run_ids,
                                run_number=run_number, error=str(error)), 400
+    runs = [owned_run(run_id) for run_id in run_ids]
     labels = [run_label(run) for run in runs]
     token_runs = [(rel_run_folder(run), label) for run, label in zip(runs, labels)]
     techniques = snapshot_techniques(runs)
@@ -67,7 +64,8 @@ def compare():
         "compare/compare.html", runs=runs, labels=labels, colors=RUN_COLORS,
         run_ids=",".join(str(run.id) for run in runs), techniques=techniques,
         technique=technique, curves_script=curves_script, images_script=images_script,
-        table=metrics_table(runs), pair=pair, diff=script_diff(*pair))
+        table=metrics_table(runs), pair=pair, diff=script_diff(*pair),
+        training=any(run.is_active for run in runs))
 
 
 def user_runs():
@@ -92,10 +90,11 @@ def parse_run_ids(text):
     return sorted(ids)
 
 
-def check_count(runs):
-    if not MIN_COMPARED_RUNS <= len(runs) <= MAX_COMPARED_RUNS:
+def check_count(run_ids):
+    count = len(run_ids)
+    if not MIN_COMPARED_RUNS <= count <= MAX_COMPARED_RUNS:
         raise BadChoice("Pick %d to %d runs to compare; %d %s picked." % (
-            MIN_COMPARED_RUNS, MAX_COMPARED_RUNS, len(runs), "was" if len(runs) == 1 else "were"))
+            MIN_COMPARED_RUNS, MAX_COMPARED_RUNS, count, "was" if count == 1 else "were"))
 
 
 def owned_run(run_id):
