@@ -13,6 +13,7 @@ import sys
 
 from bokeh.server.server import Server
 
+from custom_bokeh import compare
 from custom_bokeh.dashboard import RunApplication, document_function
 from custom_keras import registry, storage
 
@@ -35,10 +36,12 @@ def parse_args(argv=None):
 
 
 def make_applications(storage_dir, secret_key):
-    """{"/<key>": application} for every technique in the registry."""
-    return {"/" + technique.key: RunApplication(document_function(technique), storage_dir,
-                                                secret_key, technique.key)
-            for technique in registry.TECHNIQUES}
+    """{"/<key>": application} for every technique in the registry, and the comparison apps."""
+    applications = {"/" + technique.key: RunApplication(document_function(technique), storage_dir,
+                                                        secret_key, technique.key)
+                    for technique in registry.TECHNIQUES}
+    applications.update(compare.make_applications(storage_dir, secret_key))
+    return applications
 
 
 def main(argv=None):

@@ -67,14 +67,19 @@ class RunApplication(Application):
         token = request.headers.get("Bokeh-Session-Id") or request.query_arguments.get(
             "bokeh-session-id", [b""])[0].decode("utf-8", "replace")
         try:
-            verify_token(token, self.secret_key, self.storage_dir, self.technique_key)
+            self.verify(token)
         except InvalidToken as error:
             raise HTTPError(403, reason=str(error))
         return super().process_request(request)
 
+    def verify(self, token):
+        """What ``token`` grants this app (the run folder), else ``InvalidToken``."""
+        return verify_token(token, self.secret_key, self.storage_dir, self.technique_key)
+
 
 def open_run(doc):
-    """The run folder this session may show, or None after putting the reason on the page.
+    """The run folder this session may show (what its app's ``verify`` grants), or None
+    after putting the reason on the page.
 
     The session id is the token that ``auth.embed_script`` signed; it is checked
     again here (signature, expiry, owner, inside the storage folder, minted for
@@ -92,8 +97,7 @@ def open_run(doc):
                                  error=True))
         return None
     try:
-        return verify_token(context.id, application.secret_key, application.storage_dir,
-                            application.technique_key)
+        return application.verify(context.id)
     except InvalidToken as error:
         doc.add_root(message_div("Access refused: %s." % error, error=True))
         return None
@@ -460,6 +464,11 @@ class LiveDashboard:
         if not self._ended:
             self._poll_callback = doc.add_periodic_callback(self.update, POLL_MS)
 
+    @property
+    def ended(self):
+        """True once the run had ended when ``update`` last looked."""
+        return self._ended
+
     def update(self):
         """Reads what the run wrote since the last call; stops polling once the run has ended."""
         self._ended = run_has_ended(self.run_dir)  # read before the files: nothing is missed
@@ -581,7 +590,7 @@ class ImageDashboard(LiveDashboard):
             return
         position = min(int(self.slider.value), len(self.entries) - 1)
         entry = self.entries[position]
-        self.label.text = snapshot_label(entry, position, len(self.entries))
+        self.label.text = self.snapshot_text(entry, position)
         try:
             snapshot_key, snapshot = self._read_snapshot(entry)
             input_images = self._read_input_images()
@@ -633,6 +642,10 @@ class ImageDashboard(LiveDashboard):
         else:
             self.content.children = [layout]
             self._shown_signature = signature
+
+    def snapshot_text(self, entry, position):
+        """The caption of the snapshot shown (``snapshot_label``)."""
+        return snapshot_label(entry, position, len(self.entries))
 
     def _notice(self):
         """Shown above the results: why the snapshots stop (switched off, the run failed)."""

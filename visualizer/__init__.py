@@ -13,7 +13,7 @@ from flask_migrate import Migrate
 from flask_wtf.csrf import CSRFError, CSRFProtect
 from markupsafe import Markup
 
-from visualizer import auth, config, runs, scripts
+from visualizer import auth, compare, config, runs, scripts
 from visualizer.models import ACTIVE_STATES, Run, db
 from visualizer.run_store import apply_run_update, run_dir, script_path, technique_tabs
 
@@ -65,6 +65,7 @@ def create_app(test_config=None):
     app.register_blueprint(auth.bp)
     app.register_blueprint(scripts.bp)
     app.register_blueprint(runs.bp)
+    app.register_blueprint(compare.bp)
     app.jinja_env.filters["localtime"] = format_local_time
     app.jinja_env.filters["with_csp_nonce"] = with_csp_nonce
     # Browsers ask for /favicon.ico on their own (e.g. for a JSON page or a download).

@@ -23,6 +23,11 @@ def technique_tabs(app, script):
     return [technique for technique in registry.TECHNIQUES if technique.shows_tab(registered)]
 
 
+def run_folder(app, run):
+    """The folder of one run (``visualizer.models.Run``): where its results and output are."""
+    return run_dir(app, run.script)
+
+
 def script_path(app, script):
     return os.path.join(run_dir(app, script), script.filename)
 

@@ -59,14 +59,21 @@ if (header) {
   });
 }
 
-// The embedded Bokeh session adds elements beside its <script>; none after a while
+// An embedded Bokeh session adds elements beside its <script>; none after a while
 // means the Bokeh server is unreachable, which the page then says.
-var dashboard = document.querySelector(".dashboard");
-if (dashboard) {
+var dashboards = document.querySelectorAll(".dashboard");
+if (dashboards.length) {
   setTimeout(function () {
-    var loaded = Array.prototype.some.call(dashboard.children, function (child) {
-      return child.tagName !== "SCRIPT";
+    var missing = Array.prototype.some.call(dashboards, function (dashboard) {
+      return !Array.prototype.some.call(dashboard.children, function (child) {
+        return child.tagName !== "SCRIPT";
+      });
     });
-    if (!loaded) { document.getElementById("dashboard-missing").hidden = false; }
+    if (missing) { document.getElementById("dashboard-missing").hidden = false; }
   }, 10000);
 }
+
+// A choice that shows something else at once (the compared technique).
+document.querySelectorAll("select[data-submit-on-change]").forEach(function (select) {
+  select.addEventListener("change", function () { select.form.submit(); });
+});
