@@ -160,6 +160,9 @@ class DiskFullWhileWriting:
     def __exit__(self, *exc_info):
         self._file.close()
 
+    def __getattr__(self, name):  # reading works as ever
+        return getattr(self._file, name)
+
     def write(self, data):
         self._file.write(data[:3])
         self._file.flush()
