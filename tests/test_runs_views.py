@@ -137,7 +137,7 @@ def test_a_changed_script_shows_a_different_hash(app, client, script):
     assert page.count("hash-changed") == 1  # only run 2 differs from the run before it
     with open(run_path(script, 1, "mnist_keras.py")) as f:
         assert f.read() == "print('hello')\n"  # run 1 keeps the script it ran
-    code = "&#39;changed&#39;"  # as the Overview highlights it
+    code = '<span class="s1">\'changed\'</span>'  # as the Overview highlights it
     assert code in client.get("/scripts/1").get_data(as_text=True)
     assert code not in client.get("/scripts/1?run=1").get_data(as_text=True)
 
