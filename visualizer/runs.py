@@ -220,6 +220,8 @@ def delete_run(script_id, run_id):
     folder, number = run_folder(current_app, run), run.number
     db.session.delete(run)
     db.session.commit()
+    if os.path.islink(folder):  # a run replaced its folder by a link: only the link goes
+        os.unlink(folder)
     shutil.rmtree(folder, ignore_errors=True)
     flash("Run %s of %s and all its results were deleted." % (number, script.filename),
           "success")
