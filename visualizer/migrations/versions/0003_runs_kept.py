@@ -46,9 +46,10 @@ def upgrade():
         batch.add_column(sa.Column("alert_count", sa.Integer()))
     connection = op.get_bind()
     storage_dir = current_app.config["STORAGE_DIR"]
-    run_table = sa.table("run", sa.column("id"), sa.column("number"), sa.column("script_sha256"),
-                         sa.column("images"), sa.column("final_metrics"),
-                         sa.column("alert_count"))
+    run_table = sa.table("run", sa.column("id", sa.Integer), sa.column("number", sa.Integer),
+                         sa.column("script_sha256", sa.String), sa.column("images", sa.JSON),
+                         sa.column("final_metrics", sa.JSON),
+                         sa.column("alert_count", sa.Integer))
     scripts = connection.execute(sa.text(
         "SELECT id, user_id, filename FROM script ORDER BY id")).fetchall()
     for script_id, user_id, filename in scripts:
