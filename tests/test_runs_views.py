@@ -129,7 +129,11 @@ def test_the_run_list_shows_every_run_newest_first_with_its_hash_and_results(app
 def test_a_changed_script_shows_a_different_hash(app, client, script):
     post_run(client, choice="none")
     finish(app, 1)
-    write_file(os.path.join(script, "mnist_keras.py"), "print('changed')\n")
+    response = client.post("/scripts/1/source", data={"file": (io.BytesIO(
+        b"print('changed')\n"), "mnist_keras_v2.py")}, content_type="multipart/form-data",
+        follow_redirects=True)
+    assert "mnist_keras.py was replaced by the new version; its next run runs it." in (
+        response.get_data(as_text=True))
     post_run(client, choice="none")
     page = client.get("/scripts/1").get_data(as_text=True)
     new_hash = hashlib.sha256(b"print('changed')\n").hexdigest()
@@ -220,6 +224,15 @@ def test_the_overview_alert_list_is_filled_live_from_alerts_json(app, client, sc
     assert client.get("/scripts/1/status.json").get_json()["alert_count"] == 1
     alerts = client.get("/scripts/1/alerts.json").get_json()
     assert alerts["problem"] == "" and [a["message"] for a in alerts["alerts"]] == ["<b>NaN</b>"]
+
+
+def test_a_new_version_that_is_not_python_is_refused_and_the_script_kept(app, client, script):
+    response = client.post("/scripts/1/source", data={"file": (io.BytesIO(b"\xff\xfe"),
+                                                               "new.py")},
+                           content_type="multipart/form-data", follow_redirects=True)
+    assert "new.py is not a UTF-8 text file" in response.get_data(as_text=True)
+    with open(os.path.join(script, "mnist_keras.py")) as f:
+        assert f.read() == "print('hello')\n"
 
 
 def test_run_without_image(app, client, script):

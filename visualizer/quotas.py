@@ -39,6 +39,12 @@ def check_upload(user_id, new_bytes):
     if count >= app.config["USER_MAX_SCRIPTS"]:
         raise QuotaExceeded("You have %d files, the most one account may keep. Delete a file "
                             "before uploading another." % count)
+    check_storage(user_id, new_bytes)
+
+
+def check_storage(user_id, new_bytes):
+    """Raises ``QuotaExceeded`` when ``new_bytes`` more would put the user over their storage."""
+    app = current_app
     used, limit = storage.disk_usage(user_dir(app, user_id)), storage_limit_bytes(app)
     if used + new_bytes > limit:
         raise QuotaExceeded("Your storage is full: your files use %s of your %s. Delete files "

@@ -320,6 +320,32 @@ def run_summary(app, run):
     return summary
 
 
+@bp.route("/scripts/<int:script_id>/source", methods=("POST",))
+def replace_source(script_id):
+    """Replaces the script with a new version; the runs keep the copies they ran, and the
+    next run runs the new one (its hash in the run list shows the change)."""
+    script = owned_script(script_id)
+    overview = url_for("scripts.overview", script_id=script.id)
+    try:
+        _, source, warning = check_script_upload(request.files.get("file"))
+        data = source.encode("utf-8")
+        quotas.check_storage(current_user.id, len(data))
+        storage.atomic_write_bytes(script_path(current_app, script), data)
+    except ValueError as error:
+        flash(str(error), "error")
+        return redirect(overview)
+    except OSError as error:
+        flash("Could not save the new version: %s. The script is as it was; the storage folder "
+              "of the server needs attention (free space, permissions)."
+              % storage_error_text(error), "error")
+        return redirect(overview)
+    flash("%s was replaced by the new version; its next run runs it." % script.filename,
+          "success")
+    if warning:
+        flash(warning, "warning")
+    return redirect(overview)
+
+
 @bp.route("/scripts/<int:script_id>/tags", methods=("POST",))
 def add_tags(script_id):
     script = owned_script(script_id)

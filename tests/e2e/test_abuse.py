@@ -66,7 +66,7 @@ def owner(playwright, servers):
     user.run(user.script_id, image=("digit.png", png_bytes()))
     assert user.wait_for_state(user.script_id, ("finished", "failed"), 60)["state"] == "finished"
     user.folder = user.run_dir(user.script_id, OWNER_STEM)
-    user.user_id = int(user.folder.parent.name)
+    user.user_id = int(user.script_dir(OWNER_STEM).parent.name)
     yield user
     user.request.dispose()
 
@@ -76,7 +76,7 @@ def intruder(playwright, servers):
     user = WebUser(playwright, servers, "intruder_user").register_and_login()
     user.script_id = user.upload_script("mine.py", "print('mine')\n")
     user.folder = user.run_dir(user.script_id, "mine")
-    user.user_id = int(user.folder.parent.name)
+    user.user_id = int(user.script_dir("mine").parent.name)
     yield user
     user.request.dispose()
 
@@ -310,7 +310,7 @@ def test_dot_dot_names_stay_inside_the_users_folder(intruder, servers):
         "image": {"name": "../../../escape.png", "mimeType": "image/png", "buffer": png_bytes()}})
     assert response.status == 302
     intruder.wait_for_state(script_id, ("finished", "failed"), 60)
-    images = intruder.folder.parent / "escape_e2e" / "images"
+    images = intruder.run_dir(script_id, "escape_e2e") / "images"
     assert sorted(os.listdir(images)) == ["escape.png"]
     assert not (servers.storage_dir.parent / "escape.png").exists()
     for name in ("..%2Fescape_e2e.py", "..%2F..%2F..%2Finstance%2Fsecret_key", "%2Fetc%2Fpasswd",
@@ -473,7 +473,7 @@ def alice(playwright, attack_servers):
     user.run(user.script_id, image=("digit.png", png_bytes()))
     assert user.wait_for_state(user.script_id, ENDED_STATES, 60)["state"] == "finished"
     user.folder = user.run_dir(user.script_id, ALICE_STEM)
-    user.user_id = int(user.folder.parent.name)
+    user.user_id = int(user.script_dir(ALICE_STEM).parent.name)
     user.tag_id = tag_ids(user, user.script_id)["private"]
     yield user
     user.request.dispose()
@@ -485,7 +485,7 @@ def mallory(playwright, attack_servers):
     user = WebUser(playwright, attack_servers, "mallory_attacker",
                    MALLORY_PASSWORD).register_and_login()
     user.script_id = user.upload_script("mallory_notes.py", "print('notes')\n")
-    user.user_id = int(user.run_dir(user.script_id, "mallory_notes").parent.name)
+    user.user_id = int(user.script_dir("mallory_notes").parent.name)
     yield user
     user.request.dispose()
 

@@ -175,7 +175,7 @@ def file_instead_of_user_folder(user, script_id, stem, tmp_path):
     ``stem`` is the script's name without .py: unique among the tests' users, so that
     ``user.run_dir`` finds one folder.
     """
-    user_folder = user.run_dir(script_id, stem).parent
+    user_folder = user.script_dir(stem).parent
     shutil.move(str(user_folder), str(tmp_path / "moved"))
     user_folder.write_text("a file where the user's folder should be")
     try:
