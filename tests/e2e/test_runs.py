@@ -66,13 +66,13 @@ def test_a_runs_alerts_appear_on_its_overview_while_it_runs(page, servers, user)
     page.evaluate("window.loadedOnce = true")  # gone if the page reloads
     wait_for(lambda: alert_rows(page).count() == 1 or None, 30, interval=0.3,
              what="the first alert on the Overview")
+    screenshot(page, "runs_alerts_live")
     wait_for(lambda: alert_rows(page).count() == 2 or None, 30, interval=0.3,
              what="the second alert on the Overview")
     assert user.status(script_id)["state"] == "running"
     assert page.evaluate("window.loadedOnce") is True  # shown live, not by a reload
     assert alert_rows(page).first.inner_text().startswith("nan loss")  # newest first
     assert page.inner_text("#alert-count") == "2"
-    screenshot(page, "runs_alerts_live")
     user.wait_for_state(script_id, ENDED_STATES, RUN_TIMEOUT_S)
 
 
