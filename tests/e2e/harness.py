@@ -311,11 +311,12 @@ class WebUser:
     def run_dir(self, script_id, stem):
         """The folder of the newest run of one of this user's scripts; a script that never
         ran is run first, to its end, so that there is a run whose folder tests can fill."""
-        run_id = self.status(script_id)["run"]
-        if run_id is None:
+        runs = self.script_dir(stem) / storage.RUNS_DIR  # found on disk: the server may be down
+        run_ids = [int(p.name) for p in runs.iterdir()] if runs.is_dir() else []
+        if not run_ids:
             self.run(script_id)
-            run_id = self.wait_for_state(script_id, ENDED_STATES, 60)["run"]
-        return self.script_dir(stem) / storage.RUNS_DIR / str(run_id)
+            run_ids = [self.wait_for_state(script_id, ENDED_STATES, 60)["run"]]
+        return runs / str(max(run_ids))
 
 
 # What the page's Bokeh documents hold: the longest "progress" column (the batch

@@ -342,12 +342,12 @@ def test_ten_runs_at_once_stay_under_the_concurrency_limit_and_all_finish(make_u
     user = make_user("burst_user")
     source = "import time\nprint('start', flush=True)\ntime.sleep(1.0)\nprint('end')\n"
     ids = [user.upload_script("burst_%d.py" % n, source) for n in range(10)]
-    folders = [user.run_dir(script_id, "burst_%d" % n) for n, script_id in enumerate(ids)]
     token = user.csrf_token()
     for script_id in ids:
         response = user.post("/scripts/%d/run" % script_id,
                              multipart={"csrf_token": token, "images": "none"})
         assert response.status == 302
+    folders = [user.run_dir(script_id, "burst_%d" % n) for n, script_id in enumerate(ids)]
     most_running, most_processes, samples = 0, 0, 0
     while True:
         states = [(read_status_file(folder) or {}).get("state") for folder in folders]
