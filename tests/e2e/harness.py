@@ -312,7 +312,8 @@ class WebUser:
         """The folder of the newest run of one of this user's scripts; a script that never
         ran is run first, to its end, so that there is a run whose folder tests can fill."""
         runs = self.script_dir(stem) / storage.RUNS_DIR  # found on disk: the server may be down
-        run_ids = [int(p.name) for p in runs.iterdir()] if runs.is_dir() else []
+        run_ids = ([int(p.name) for p in runs.iterdir() if p.name.isdigit()]
+                   if runs.is_dir() else [])
         if not run_ids:
             self.run(script_id)
             run_ids = [self.wait_for_state(script_id, ENDED_STATES, 60)["run"]]
