@@ -72,7 +72,7 @@ def test_a_runs_alerts_appear_on_its_overview_while_it_runs(page, servers, user)
     assert user.status(script_id)["state"] == "running"
     assert page.evaluate("window.loadedOnce") is True  # shown live, not by a reload
     assert alert_rows(page).first.inner_text().startswith("nan loss")  # newest first
-    assert page.inner_text("#alert-count") == "2"
+    assert page.inner_text("#run-alert-count") == "2"  # the run list's count too
     user.wait_for_state(script_id, ENDED_STATES, RUN_TIMEOUT_S)
 
 

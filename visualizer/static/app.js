@@ -77,8 +77,10 @@ function showAlerts(data) {
   problem.hidden = !data.problem;
   document.getElementById("alerts-table").hidden = !data.alerts.length;
   alertList.hidden = !(data.alerts.length || data.problem);
-  var count = document.getElementById("alert-count");
-  if (count) { count.textContent = data.alerts.length; }
+  ["alert-count", "run-alert-count"].forEach(function (id) {
+    var count = document.getElementById(id);
+    if (count) { count.textContent = data.alerts.length; }
+  });
 }
 
 function updateAlerts(alertCount) {
