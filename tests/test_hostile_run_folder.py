@@ -15,7 +15,7 @@ import time
 
 import numpy as np
 import pytest
-from conftest import (make_test_config, newest_run_folder, png_bytes, run_update, script_folder,
+from conftest import (make_test_config, newest_run_folder, png_bytes, run_update,
                       upload_script)
 
 from custom_bokeh import saliency_maps

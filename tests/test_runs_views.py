@@ -2,7 +2,6 @@
 the ?run= choice on every tab, the Output tab and its JSON, images, technique tabs, the
 ended-run banner and reconciling runs at start."""
 import datetime
-import errno
 import hashlib
 import io
 import json

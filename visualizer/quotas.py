@@ -6,7 +6,6 @@ another user's. The user's folder holds every script and every kept run of each,
 all runs count. Checked before an upload and before a run writes anything; a run is
 given the room that is left (``run_disk_limit_mb``), which the runner enforces.
 """
-import os
 
 from flask import current_app
 
