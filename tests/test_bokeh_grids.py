@@ -1,5 +1,6 @@
 """The layer activations, deconvolutional network and deep visualization dashboards."""
 import os
+import pathlib
 import types
 
 import numpy as np
@@ -200,7 +201,7 @@ def test_deep_visualization_in_the_wrong_format_is_named():
 
 @pytest.fixture
 def run_dir(tmp_path):
-    run = tmp_path / "3" / "mnist_digits"
+    run = tmp_path / "3" / "mnist_digits" / "runs" / "1"
     os.makedirs(run / "images")
     (run / "images" / IMAGE).write_bytes(b"png")
     storage.write_input_images(str(run), {IMAGE: np.full((28, 28, 1), 77, np.uint8)})
@@ -240,8 +241,8 @@ def test_make_document_shows_the_run_and_picks_up_a_new_snapshot(
     technique = registry.get(module.__name__.rsplit(".", 1)[1])
     first, second = result_of_stage(0), result_of_stage(9)
     write_stage(run_dir, technique, first, 0)
-    storage_dir = os.path.dirname(os.path.dirname(run_dir))
-    doc = session_document(auth.make_token(SECRET, 3, "3/mnist_digits", technique.key),
+    storage_dir = str(pathlib.Path(run_dir).parents[3])  # <storage>/3/mnist_digits/runs/1
+    doc = session_document(auth.make_token(SECRET, 3, "3/mnist_digits/runs/1", technique.key),
                            RunApplication(module.make_document, storage_dir, SECRET, technique.key))
     module.make_document(doc)
     assert doc.title == technique.title
