@@ -185,6 +185,7 @@ def test_an_upgraded_installation_keeps_each_scripts_last_run_with_its_results_a
     assert client.get("/scripts/1/network").data == b"old network"
     assert client.get("/scripts/1/images/digit.png").data == png_bytes()
     assert client.get("/scripts/1/status.json").get_json()["alert_count"] == 1
+    assert "this run's folder is gone" in client.get("/scripts/1?run=1").get_data(as_text=True)
     # and the script runs again, with the old run's image
     client.post("/scripts/1/run", data={"images": "keep"})
     new_run = tmp_path / "storage" / "1" / "mnist" / "runs" / "3"

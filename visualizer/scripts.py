@@ -260,7 +260,8 @@ def overview(script_id):
                            images=previous_images_names(previous_run), previous_run=previous_run,
                            failure=failure, summary=run_summary(current_app, run) if run else None,
                            alerts=alerts, alerts_problem=alerts_problem,
-                           run_list=run_list(script))
+                           run_list=run_list(script),
+                           folder_missing=bool(folder) and not os.path.isdir(folder))
 
 
 def read_script_source(folder, filename):
