@@ -257,7 +257,7 @@ def overview(script_id):
     return render_template("scripts/overview.html", script=script, run=run, code=code,
                            has_network=bool(folder) and storage.is_run_file(
                                folder, _network_path(script)),
-                           images=previous_images_names(previous_run), previous_run=previous_run,
+                           images=previous_image_names(previous_run), previous_run=previous_run,
                            failure=failure, summary=run_summary(current_app, run) if run else None,
                            alerts=alerts, alerts_problem=alerts_problem,
                            run_list=run_list(script),
@@ -279,7 +279,7 @@ def read_script_source(folder, filename):
             storage_error_text(error))
 
 
-def previous_images_names(run):
+def previous_image_names(run):
     """The images of the newest run, which the Run dialog offers to keep."""
     return storage.list_images(run_folder(current_app, run)) if run else []
 
