@@ -118,6 +118,7 @@ def bokeh_server(storage_dir, secret):
     raise RuntimeError("the Bokeh server did not start")
 
 
+WARM_UP = storage.run_rel_dir(1, "warm_up.py", 1)
 SESSIONS = (["saliency_maps"] * 3
             + ["deconvolutional_network", "layer_activations", "training_progress"])
 
@@ -125,11 +126,11 @@ SESSIONS = (["saliency_maps"] * 3
 def measure_bokeh(storage_dir, hostile):
     """(peak and kept memory growth in MB, seconds of the slowest session) for one kind of run."""
     secret = secrets.token_urlsafe(32)
-    run_rel_dir = "1/hostile" if hostile else "1/clean"
+    run_rel_dir = storage.run_rel_dir(1, "hostile.py" if hostile else "clean.py", 1)
     write_run(os.path.join(storage_dir, run_rel_dir), hostile)
     process, url = bokeh_server(storage_dir, secret)
     try:
-        open_session(url, secret, "saliency_maps", "1/warm_up")  # imports, first document
+        open_session(url, secret, "saliency_maps", WARM_UP)  # imports, first document
         peak, resident = memory_mb(process.pid, "VmHWM"), memory_mb(process.pid, "VmRSS")
         times = []
         for app in SESSIONS:
@@ -168,8 +169,8 @@ def measure_flask(tmp):
     client.post("/auth/login", data={"username": "mallory", "password": "password123"})
     client.post("/upload", data={"file": (io.BytesIO(b"print(1)\n"), "mnist.py"), "tags": ""},
                 content_type="multipart/form-data")
-    run = os.path.join(app.config["STORAGE_DIR"], "1", "mnist")
-    os.makedirs(os.path.join(run, "images"))
+    client.post("/scripts/1/run", data={"images": "none"})  # run 1: its folder, no process
+    run = storage.run_dir_in(app.config["STORAGE_DIR"], storage.run_rel_dir(1, "mnist.py", 1))
     routes = {"output tab": ("output.txt", "/scripts/1/output.json", "pipe"),
               "output download": ("output.txt", "/scripts/1/output/download", "pipe"),
               "image": ("images/d.png", "/scripts/1/images/d.png", "/dev/zero")}
@@ -197,7 +198,7 @@ def main():
     tmp = tempfile.mkdtemp(prefix="hostile-benchmark-")
     try:
         storage_dir = os.path.join(tmp, "storage")
-        os.makedirs(os.path.join(storage_dir, "1", "warm_up"))
+        os.makedirs(storage.run_dir_in(storage_dir, WARM_UP))
         clean_peak, clean_kept, clean_s = measure_bokeh(storage_dir, hostile=False)
         hostile_peak, hostile_kept, hostile_s = measure_bokeh(storage_dir, hostile=True)
         print("Bokeh server, %d sessions (%s):" % (len(SESSIONS), ", ".join(SESSIONS)))

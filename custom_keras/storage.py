@@ -1,12 +1,20 @@
 """The run-folder format: paths, atomic writes, snapshot history and safe reading.
 
 This module imports no keras or tensorflow, so the Flask app and the Bokeh
-server read run folders through it too. Every run folder is
-``<storage>/<user_id>/<script stem>`` (``run_rel_dir``, ``run_dir_in``; the storage
-folder is ``VISUALIZER_STORAGE`` or ``<repo>/user_storage``). Layout of one run folder::
+server read run folders through it too. The storage folder (``VISUALIZER_STORAGE`` or
+``<repo>/user_storage``) holds one folder per user, in it one folder per script
+(``script_rel_dir``), which holds the script as uploaded and one folder per run::
+
+    <storage>/<user_id>/<script stem>/          the script's folder, written by the server only
+        <script>.py                             the script as uploaded
+        runs/<run_id>/                          one run's folder (``run_rel_dir``, ``run_dir_in``)
+
+A run's folder is the only one its script may write; a script stem never starts with
+a dot and ``runs`` holds nothing but run ids, so no name a user chooses meets another's
+folder. Layout of one run folder::
 
     <run>/
-        <script>.py
+        <script>.py                    a copy of the script as it was when the run began
         output.txt                     stdout and stderr of the run
         status.json                    run state written by the web app's runner
         images/                        visualization input image(s)
@@ -125,8 +133,9 @@ RUN_FINISHED, RUN_FAILED, RUN_STOPPED = "finished", "failed", "stopped"
 RUN_ACTIVE_STATES = (RUN_QUEUED, RUN_RUNNING)
 RUN_ENDED_STATES = (RUN_FINISHED, RUN_FAILED, RUN_STOPPED)
 
-# The storage folder holds one folder per user and in it one run folder per script:
-# ``<storage>/<user_id>/<script stem>``.
+# The storage folder holds one folder per user, in it one folder per script and in that
+# one folder per run: ``<storage>/<user_id>/<script stem>/runs/<run_id>``.
+RUNS_DIR = "runs"
 STORAGE_DIR_ENV = "VISUALIZER_STORAGE"
 DEFAULT_STORAGE_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                                    "user_storage")
@@ -161,28 +170,34 @@ def script_stem(script_file_name):
 
 
 def user_dir(storage_dir, user_id):
-    """The folder of all of a user's run folders: ``<storage>/<user_id>``."""
+    """The folder of all of a user's scripts and runs: ``<storage>/<user_id>``."""
     return os.path.join(storage_dir, str(user_id))
 
 
-def run_rel_dir(user_id, script_file_name):
-    """A script's run folder relative to the storage folder, e.g. ``"3/mnist_digits"``."""
+def script_rel_dir(user_id, script_file_name):
+    """A script's folder relative to the storage folder, e.g. ``"3/mnist_digits"``."""
     return "%d/%s" % (user_id, script_stem(script_file_name))
 
 
+def run_rel_dir(user_id, script_file_name, run_id):
+    """A run's folder relative to the storage folder, e.g. ``"3/mnist_digits/runs/17"``."""
+    return "%s/%s/%d" % (script_rel_dir(user_id, script_file_name), RUNS_DIR, run_id)
+
+
 def run_dir_in(storage_dir, rel_dir):
-    """The run folder ``<storage>/<user_id>/<stem>`` of a ``run_rel_dir``."""
+    """The folder of a ``run_rel_dir`` (or a ``script_rel_dir``) inside ``storage_dir``."""
     return os.path.join(storage_dir, *rel_dir.split("/"))
 
 
 def check_run_rel_dir(user_id, rel_dir, error=ValueError):
-    """Raises ``error`` unless ``rel_dir`` is ``<user_id>/<stem>``: one level below the
-    user's own folder."""
+    """Raises ``error`` unless ``rel_dir`` is ``<user_id>/<stem>/runs/<run_id>``: a run
+    folder of one of the user's own scripts."""
     parts = rel_dir.split("/") if isinstance(rel_dir, str) else []
-    if (len(parts) != 2 or parts[0] != str(user_id) or parts[1] in ("", ".", "..")
+    if (len(parts) != 4 or parts[0] != str(user_id) or parts[1] in ("", ".", "..")
+            or parts[2] != RUNS_DIR or not parts[3].isascii() or not parts[3].isdigit()
             or "\\" in rel_dir):
-        raise error("run_rel_dir must be '<user_id>/<script>' of user %r, got %r"
-                    % (user_id, rel_dir))
+        raise error("run_rel_dir must be '<user_id>/<script>/%s/<run_id>' of user %r, got %r"
+                    % (RUNS_DIR, user_id, rel_dir))
 
 
 def results_dir(run_dir):
@@ -763,6 +778,26 @@ def read_last_row(run_dir, path):
         if len(values) == len(columns):
             return dict(zip(columns, values))
     return None
+
+
+# Columns of the training-progress tables that say where a row is, not how training went.
+POSITION_COLUMNS = ("progress", "epoch", "batch")
+
+
+def read_final_metrics(run_dir):
+    """{metric: value} of a run's last training row and last validation row, or None.
+
+    Positions and running averages (``*_avg``) are left out; NaN and Inf stay as they were.
+
+    Raises:
+        OSError, ValueError: a table is a link or not a regular file, or has a huge line.
+    """
+    final = {}
+    for table in (TRAINING_PROGRESS_TABLE, TRAINING_PROGRESS_VAL_TABLE):
+        last = read_last_row(run_dir, results_path(run_dir, table))
+        final.update({name: value for name, value in (last or {}).items()
+                      if name not in POSITION_COLUMNS and not name.endswith("_avg")})
+    return final or None
 
 
 def read_history_index(run_dir, file_name, offset=0):

@@ -14,7 +14,7 @@ from types import SimpleNamespace
 import pytest
 
 from visualizer import create_app
-from visualizer.run_store import run_dir
+from visualizer.run_store import run_folder, script_dir
 
 
 class FakeRunner:
@@ -123,9 +123,29 @@ def png_bytes(size=(8, 8), color=128):
 
 
 def script_folder(app, script_id):
+    """The script's own folder: its upload, and its runs' folders below ``runs/``."""
     from visualizer.models import Script, db
     with app.app_context():
-        return run_dir(app, db.session.get(Script, script_id))
+        return script_dir(app, db.session.get(Script, script_id))
+
+
+def newest_run_folder(app, script_id):
+    """The folder of the script's newest run; a finished run (its row and a folder with the
+    script's copy) is made first when the script has none. Tests write results into it."""
+    from visualizer.models import Run, Script, db
+    with app.app_context():
+        script = db.session.get(Script, script_id)
+        run = script.last_run
+        if run is None:
+            run = Run(script=script, state="finished", exit_code=0, number=1)
+            db.session.add(run)
+            db.session.commit()
+            os.makedirs(run_folder(app, run))
+            with open(os.path.join(script_dir(app, script), script.filename), "rb") as f:
+                source = f.read()
+            with open(os.path.join(run_folder(app, run), script.filename), "wb") as f:
+                f.write(source)
+        return run_folder(app, run)
 
 
 class DiskFullWhileWriting:
@@ -139,6 +159,9 @@ class DiskFullWhileWriting:
 
     def __exit__(self, *exc_info):
         self._file.close()
+
+    def __getattr__(self, name):  # reading works as ever
+        return getattr(self._file, name)
 
     def write(self, data):
         self._file.write(data[:3])

@@ -3,7 +3,7 @@ import json
 import os
 
 import pytest
-from conftest import script_folder, upload_script
+from conftest import newest_run_folder, upload_script
 
 from custom_keras import storage
 
@@ -30,7 +30,7 @@ def write_alerts(folder, *lines):
 def test_the_file_list_shows_how_many_alerts_each_run_raised(app, client, user):
     upload_script(client, "quiet.py")
     upload_script(client, "noisy.py")
-    write_alerts(script_folder(app, 2), json.dumps(EXPLODING), json.dumps(DEAD))
+    write_alerts(newest_run_folder(app, 2), json.dumps(EXPLODING), json.dumps(DEAD))
     page = client.get("/").get_data(as_text=True)
     assert page.count("badge-alerts") == 1
     assert ">2 alerts</a>" in page and 'href="/scripts/2#alerts"' in page
@@ -38,18 +38,18 @@ def test_the_file_list_shows_how_many_alerts_each_run_raised(app, client, user):
 
 def test_overview_lists_every_alert_newest_first_as_text(app, client, user):
     upload_script(client, "noisy.py")
-    write_alerts(script_folder(app, 1), json.dumps(EXPLODING), json.dumps(DEAD))
+    write_alerts(newest_run_folder(app, 1), json.dumps(EXPLODING), json.dumps(DEAD))
     page = client.get("/scripts/1").get_data(as_text=True)
     assert page.index("dead units") < page.index("exploding gradients")
     assert "Lower the learning rate." in page and "Use LeakyReLU." in page
     assert "<td>2, 3</td>" in page and "<td>1, 12</td>" in page  # epochs counted from 1
     assert "never active &lt;b&gt;here&lt;/b&gt;." in page  # the script wrote it: not HTML
-    assert "<dt>Alerts</dt><dd>2</dd>" in page
+    assert '<dt>Alerts</dt><dd id="alert-count">2</dd>' in page
 
 
 def test_malformed_alert_lines_are_skipped_and_counted(app, client, user):
     upload_script(client, "noisy.py")
-    write_alerts(script_folder(app, 1), "not json", "[1, 2]", '{"kind": 3}', "[" * 100_000,
+    write_alerts(newest_run_folder(app, 1), "not json", "[1, 2]", '{"kind": 3}', "[" * 100_000,
                  json.dumps(EXPLODING))
     page = client.get("/scripts/1").get_data(as_text=True)
     assert "4 malformed line(s) of alerts.jsonl were skipped." in page
@@ -61,16 +61,16 @@ def test_a_huge_alerts_file_is_read_only_up_to_its_cap(app, client, user):
     upload_script(client, "noisy.py")
     line = json.dumps(EXPLODING)
     count = storage.MAX_ALERTS_BYTES // (len(line) + 1) + 100
-    write_alerts(script_folder(app, 1), *[line] * count)
+    write_alerts(newest_run_folder(app, 1), *[line] * count)
     page = client.get("/scripts/1").get_data(as_text=True)
     assert "Only the first" in page and "of alerts.jsonl were read." in page
     shown = storage.MAX_ALERTS_BYTES // (len(line) + 1)
-    assert "<dt>Alerts</dt><dd>%d</dd>" % shown in page
+    assert '<dt>Alerts</dt><dd id="alert-count">%d</dd>' % shown in page
 
 
 def test_an_alerts_file_that_is_a_link_is_refused_with_a_message(app, client, user):
     upload_script(client, "noisy.py")
-    folder = script_folder(app, 1)
+    folder = newest_run_folder(app, 1)
     os.makedirs(storage.results_dir(folder))
     os.symlink("/etc/passwd", storage.results_path(folder, storage.ALERTS_FILE))
     page = client.get("/scripts/1").get_data(as_text=True)
@@ -80,7 +80,7 @@ def test_an_alerts_file_that_is_a_link_is_refused_with_a_message(app, client, us
 
 def test_overview_summarises_final_metrics_and_best_validation_epoch(app, client, user):
     upload_script(client, "trained.py")
-    folder = script_folder(app, 1)
+    folder = newest_run_folder(app, 1)
     os.makedirs(storage.results_dir(folder))
     columns = ["progress", "epoch", "batch", "loss", "accuracy", "loss_avg"]
     table = storage.results_path(folder, storage.TRAINING_PROGRESS_TABLE)
@@ -92,7 +92,7 @@ def test_overview_summarises_final_metrics_and_best_validation_epoch(app, client
     assert '<span class="metric">loss 0.25</span>, <span class="metric">accuracy 0.93</span>' in page
     assert "loss_avg" not in page
     assert "epoch 2 (val_loss 0.3)" in page
-    assert "<dt>Alerts</dt><dd>0</dd>" in page
+    assert '<dt>Alerts</dt><dd id="alert-count">0</dd>' in page
 
 
 def test_the_final_row_is_found_at_the_end_of_a_long_table(tmp_path):
@@ -111,7 +111,7 @@ def test_a_run_without_tables_or_alerts_shows_no_summary(app, client, user):
 
 def test_a_named_pipe_as_alerts_file_is_refused_without_waiting(app, client, user):
     upload_script(client, "noisy.py")
-    folder = script_folder(app, 1)
+    folder = newest_run_folder(app, 1)
     os.makedirs(storage.results_dir(folder))
     os.mkfifo(storage.results_path(folder, storage.ALERTS_FILE))
     page = client.get("/scripts/1").get_data(as_text=True)

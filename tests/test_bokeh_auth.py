@@ -17,7 +17,6 @@ from bokeh.util.token import generate_jwt_token, generate_session_id
 
 from custom_bokeh import auth
 from custom_bokeh.dashboard import RunApplication, open_run
-from custom_keras import storage
 
 SECRET = "test-secret-key-0123456789abcdefghijklmnopqrstuvwxyz"
 APP = "saliency_maps"  # the technique the tokens below are minted for
@@ -26,7 +25,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 @pytest.fixture
 def storage_dir(tmp_path):
-    for run in ("3/mnist_digits", "4/other_script"):
+    for run in ("3/mnist_digits/runs/1", "4/other_script/runs/2"):
         os.makedirs(tmp_path / run)
     return str(tmp_path)
 
@@ -50,17 +49,17 @@ def tampered(token, **changes):
 
 def bad_tokens():
     """Tokens the server must refuse, by name."""
-    valid = auth.make_token(SECRET, 3, "3/mnist_digits", APP)
+    valid = auth.make_token(SECRET, 3, "3/mnist_digits/runs/1", APP)
     return {
-        "unsigned": signed_token(SECRET, {"user_id": 3, "run": "3/mnist_digits",
+        "unsigned": signed_token(SECRET, {"user_id": 3, "run": "3/mnist_digits/runs/1",
                                           "technique": APP}, signed=False),
-        "forged": auth.make_token("another-installation's-key", 3, "3/mnist_digits", APP),
-        "expired": auth.make_token(SECRET, 3, "3/mnist_digits", APP, expiration_s=-1),
+        "forged": auth.make_token("another-installation's-key", 3, "3/mnist_digits/runs/1", APP),
+        "expired": auth.make_token(SECRET, 3, "3/mnist_digits/runs/1", APP, expiration_s=-1),
         "tampered expiry": tampered(valid, session_expiry=2 ** 40),
         "tampered technique": tampered(valid, technique="training_progress"),
-        "other technique": auth.make_token(SECRET, 3, "3/mnist_digits", "training_progress"),
-        "no technique": signed_token(SECRET, {"user_id": 3, "run": "3/mnist_digits"}),
-        "other user's run": signed_token(SECRET, {"user_id": 3, "run": "4/other_script",
+        "other technique": auth.make_token(SECRET, 3, "3/mnist_digits/runs/1", "training_progress"),
+        "no technique": signed_token(SECRET, {"user_id": 3, "run": "3/mnist_digits/runs/1"}),
+        "other user's run": signed_token(SECRET, {"user_id": 3, "run": "4/other_script/runs/2",
                                                   "technique": APP}),
         "outside storage": signed_token(SECRET, {"user_id": 3, "run": "3/..", "technique": APP}),
         "no run": signed_token(SECRET, {"user_id": 3, "technique": APP}),
@@ -69,9 +68,9 @@ def bad_tokens():
 
 
 def test_a_valid_token_grants_exactly_its_run(storage_dir):
-    token = auth.make_token(SECRET, 3, "3/mnist_digits", APP)
+    token = auth.make_token(SECRET, 3, "3/mnist_digits/runs/1", APP)
     assert auth.verify_token(token, SECRET, storage_dir, APP) == os.path.realpath(
-        os.path.join(storage_dir, "3", "mnist_digits"))
+        os.path.join(storage_dir, "3", "mnist_digits", "runs", "1"))
 
 
 @pytest.mark.parametrize("name", sorted(bad_tokens()))
@@ -81,28 +80,37 @@ def test_bad_tokens_are_refused(storage_dir, name):
 
 
 def test_a_token_opens_only_the_technique_it_was_minted_for(storage_dir):
-    token = auth.make_token(SECRET, 3, "3/mnist_digits", APP)
+    token = auth.make_token(SECRET, 3, "3/mnist_digits/runs/1", APP)
     for other in ("training_progress", "layer_activations", "", None):
         with pytest.raises(auth.InvalidToken, match="another dashboard"):
             auth.verify_token(token, SECRET, storage_dir, other)
 
 
-@pytest.mark.parametrize("linked", ["run folder", "user folder"])
-def test_a_run_folder_reached_through_a_link_is_refused(tmp_path, linked):
-    os.makedirs(tmp_path / "4" / "mnist_digits")  # another user's run of the same name
+@pytest.mark.parametrize("linked", ["run folder", "runs folder", "script folder", "user folder"])
+def test_a_token_for_one_run_cannot_open_another_users_run_folder_through_a_link(tmp_path,
+                                                                                linked):
+    os.makedirs(tmp_path / "4" / "mnist_digits" / "runs" / "1")  # another user's run
+    own = tmp_path / "3" / "mnist_digits" / "runs"
     if linked == "run folder":
-        os.makedirs(tmp_path / "3")
-        os.symlink("../4/mnist_digits", tmp_path / "3" / "mnist_digits")
+        os.makedirs(own)
+        os.symlink("../../../4/mnist_digits/runs/1", own / "1")
+    elif linked == "runs folder":
+        os.makedirs(own.parent)
+        os.symlink("../../4/mnist_digits/runs", own)
+    elif linked == "script folder":
+        os.makedirs(own.parent.parent)
+        os.symlink("../4/mnist_digits", own.parent)
     else:
         os.symlink("4", tmp_path / "3")
-    token = auth.make_token(SECRET, 3, "3/mnist_digits", APP)
+    token = auth.make_token(SECRET, 3, "3/mnist_digits/runs/1", APP)
     with pytest.raises(auth.InvalidToken, match="outside the storage folder"):
         auth.verify_token(token, SECRET, str(tmp_path), APP)
 
 
 @pytest.mark.parametrize("user_id, run_rel_dir", [
-    (3, "4/other_script"), (3, "3/../4/other_script"), (3, "3"), (3, "3/a/b"), (3, "/etc/passwd"),
-    (3, None)])
+    (3, "4/other_script/runs/2"), (3, "3/../4/other_script/runs/2"), (3, "3"), (3, "3/a/b"),
+    (3, "3/mnist_digits"), (3, "3/mnist_digits/runs/x"), (3, "3/mnist_digits/other/1"),
+    (3, "3/mnist_digits/runs/1/results"), (3, "/etc/passwd"), (3, None)])
 def test_make_token_refuses_runs_of_other_users(user_id, run_rel_dir):
     with pytest.raises(ValueError, match="run_rel_dir"):
         auth.make_token(SECRET, user_id, run_rel_dir, APP)
@@ -110,18 +118,18 @@ def test_make_token_refuses_runs_of_other_users(user_id, run_rel_dir):
 
 def test_make_token_needs_a_secret_key():
     with pytest.raises(ValueError, match="secret_key"):
-        auth.make_token("", 3, "3/mnist_digits", APP)
+        auth.make_token("", 3, "3/mnist_digits/runs/1", APP)
 
 
 @pytest.mark.parametrize("technique_key", ["", None])
 def test_make_token_needs_a_technique(technique_key):
     with pytest.raises(ValueError, match="technique_key"):
-        auth.make_token(SECRET, 3, "3/mnist_digits", technique_key)
+        auth.make_token(SECRET, 3, "3/mnist_digits/runs/1", technique_key)
 
 
 def test_embed_script_carries_no_plain_user_or_file_name():
     script = auth.embed_script("http://127.0.0.1:5006/", SECRET, "saliency_maps", 3,
-                               "3/mnist_digits")
+                               "3/mnist_digits/runs/1")
     assert "http://127.0.0.1:5006/saliency_maps/autoload.js" in script
     assert "Bokeh-Session-Id" in script
     assert "mnist_digits" not in script and "user_id" not in script
@@ -138,8 +146,8 @@ def session_document(token, application):
 
 def test_open_run_returns_the_run_of_a_valid_token(storage_dir):
     application = RunApplication(lambda doc: None, storage_dir, SECRET, APP)
-    doc = session_document(auth.make_token(SECRET, 3, "3/mnist_digits", APP), application)
-    assert open_run(doc) == os.path.realpath(os.path.join(storage_dir, "3", "mnist_digits"))
+    doc = session_document(auth.make_token(SECRET, 3, "3/mnist_digits/runs/1", APP), application)
+    assert open_run(doc) == os.path.realpath(os.path.join(storage_dir, "3", "mnist_digits", "runs", "1"))
     assert doc.roots == []
 
 
@@ -201,7 +209,7 @@ def stop_server(process):
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     storage_dir = str(tmp_path_factory.mktemp("storage"))
-    for run in ("3/mnist_digits", "4/other_script"):
+    for run in ("3/mnist_digits/runs/1", "4/other_script/runs/2"):
         os.makedirs(os.path.join(storage_dir, run))
     process, url = start_server(storage_dir)
     yield url
@@ -222,7 +230,7 @@ def autoload(url, app, token=None):
 
 
 def test_server_opens_a_session_for_a_valid_token(server):
-    status, body = autoload(server, APP, auth.make_token(SECRET, 3, "3/mnist_digits", APP))
+    status, body = autoload(server, APP, auth.make_token(SECRET, 3, "3/mnist_digits/runs/1", APP))
     assert status == 200
     assert "Bokeh" in body
 
@@ -230,13 +238,13 @@ def test_server_opens_a_session_for_a_valid_token(server):
 def test_server_serves_every_registered_technique(server):
     from custom_keras import registry
     for technique in registry.TECHNIQUES:
-        token = auth.make_token(SECRET, 3, "3/mnist_digits", technique.key)
+        token = auth.make_token(SECRET, 3, "3/mnist_digits/runs/1", technique.key)
         assert autoload(server, technique.key, token)[0] == 200, technique.key
 
 
 def test_server_refuses_a_token_minted_for_another_technique(server):
     from custom_keras import registry
-    token = auth.make_token(SECRET, 3, "3/mnist_digits", APP)
+    token = auth.make_token(SECRET, 3, "3/mnist_digits/runs/1", APP)
     for technique in registry.TECHNIQUES:
         if technique.key != APP:
             assert autoload(server, technique.key, token)[0] == 403, technique.key

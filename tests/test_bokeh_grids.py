@@ -1,5 +1,6 @@
 """The layer activations, deconvolutional network and deep visualization dashboards."""
 import os
+import pathlib
 import types
 
 import numpy as np
@@ -200,7 +201,7 @@ def test_deep_visualization_in_the_wrong_format_is_named():
 
 @pytest.fixture
 def run_dir(tmp_path):
-    run = tmp_path / "3" / "mnist_digits"
+    run = tmp_path / "3" / "mnist_digits" / "runs" / "1"
     os.makedirs(run / "images")
     (run / "images" / IMAGE).write_bytes(b"png")
     storage.write_input_images(str(run), {IMAGE: np.full((28, 28, 1), 77, np.uint8)})
@@ -240,9 +241,9 @@ def test_the_declared_dashboard_shows_the_run_and_picks_up_a_new_snapshot(
     technique = registry.get(module.__name__.rsplit(".", 1)[1])
     first, second = result_of_stage(0), result_of_stage(9)
     write_stage(run_dir, technique, first, 0)
-    storage_dir = os.path.dirname(os.path.dirname(run_dir))
+    storage_dir = str(pathlib.Path(run_dir).parents[3])  # <storage>/3/mnist_digits/runs/1
     make_document = document_function(technique)
-    doc = session_document(auth.make_token(SECRET, 3, "3/mnist_digits", technique.key),
+    doc = session_document(auth.make_token(SECRET, 3, "3/mnist_digits/runs/1", technique.key),
                            RunApplication(make_document, storage_dir, SECRET, technique.key))
     make_document(doc)
     assert doc.title == technique.title

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from custom_bokeh import auth
-from custom_keras import registry, storage
+from custom_keras import storage
 from test_bokeh_auth import SECRET, free_port, start_server, stop_server
 
 sync_api = pytest.importorskip("playwright.sync_api")
@@ -69,16 +69,16 @@ def site(tmp_path_factory):
                                          args=["--no-sandbox", "--disable-gpu"])
 
     def open_page(app, expiration_s=300):
-        """Opens the app for run 3/mnist_digits as the Flask file page would embed it."""
+        """Opens the app for run 3/mnist_digits/runs/1 as the Flask file page would embed it."""
         page = browser.new_page(viewport={"width": 1000, "height": 900})
-        script = auth.embed_script(bokeh_url, SECRET, app, 3, "3/mnist_digits",
+        script = auth.embed_script(bokeh_url, SECRET, app, 3, "3/mnist_digits/runs/1",
                                    expiration_s=expiration_s)
         page_content["html"] = "<!doctype html><html><body><h1>mnist_digits</h1>%s</body></html>" % script
         page.goto("http://127.0.0.1:%d/" % page_port)
         return page
 
     try:
-        yield os.path.join(storage_dir, "3", "mnist_digits"), open_page
+        yield os.path.join(storage_dir, "3", "mnist_digits", "runs", "1"), open_page
     finally:
         browser.close()
         playwright.stop()

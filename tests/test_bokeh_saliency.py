@@ -1,5 +1,6 @@
 """The saliency dashboard and the shared live machinery of snapshot dashboards."""
 import os
+import pathlib
 import pickle
 import types
 
@@ -36,7 +37,7 @@ def write_stage(run_dir, stage):
 
 @pytest.fixture
 def run_dir(tmp_path):
-    run = tmp_path / "3" / "mnist_digits"
+    run = tmp_path / "3" / "mnist_digits" / "runs" / "1"
     os.makedirs(run / "images")
     for mtime, name in enumerate(IMAGES):
         (run / "images" / name).write_bytes(b"png")
@@ -283,17 +284,17 @@ def session_document(token, application):
 
 def test_make_document_shows_the_run_of_the_token(run_dir):
     write_stage(run_dir, 0)
-    storage_dir = os.path.dirname(os.path.dirname(run_dir))
+    storage_dir = str(pathlib.Path(run_dir).parents[3])  # <storage>/3/mnist_digits/runs/1
     make_document = document_function(registry.get("saliency_maps"))
     application = RunApplication(make_document, storage_dir, SECRET, "saliency_maps")
-    doc = session_document(auth.make_token(SECRET, 3, "3/mnist_digits", "saliency_maps"),
+    doc = session_document(auth.make_token(SECRET, 3, "3/mnist_digits/runs/1", "saliency_maps"),
                            application)
     make_document(doc)
     assert doc.title == "Saliency maps"
     assert len(image_renderers(doc.roots[0])) == 2
 
-    forged = session_document(auth.make_token("other key", 3, "3/mnist_digits", "saliency_maps"),
-                              application)
+    forged = session_document(auth.make_token("other key", 3, "3/mnist_digits/runs/1",
+                                              "saliency_maps"), application)
     make_document(forged)
     assert [root.text[:16] for root in forged.roots] == ["Access refused: "]
 

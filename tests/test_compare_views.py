@@ -154,7 +154,7 @@ def test_the_metrics_table_shows_final_metrics_best_validation_duration_state_an
     assert "loss_avg" not in table and "Final batch" not in table
     assert [re.sub("<[^>]+>", "", c) for c in cells("<th>Best validation</th>")] == [
         "epoch 2: val_loss 0.3", "epoch 2: val_loss 2.3"]
-    assert [re.sub("<[^>]+>", "", c) for c in cells("<th>Duration</th>")] == ["1:35", "1:35"]
+    assert [re.sub("<[^>]+>", "", c) for c in cells("<th>Duration</th>")] == ["1 min 35 s"] * 2
     assert [re.sub("<[^>]+>", "", c) for c in cells("<th>State</th>")] == ["finished"] * 2
     assert [re.sub("<[^>]+>", "", c).strip() for c in cells("<th>Alerts</th>")] == ["0", "2"]
 

@@ -15,7 +15,8 @@ import time
 
 import numpy as np
 import pytest
-from conftest import make_test_config, png_bytes, run_update, script_folder, upload_script
+from conftest import (make_test_config, newest_run_folder, png_bytes, run_update,
+                      upload_script)
 
 from custom_bokeh import saliency_maps
 from custom_bokeh.dashboard import MAX_DRAWN_VALUES, ImageDashboard
@@ -56,7 +57,7 @@ def plant(run, rel_path, trick, outside, alice_run):
             os.symlink(alice_run, run)
         else:
             os.rename(os.path.join(run, top), os.path.join(run, top + ".moved"))
-            os.symlink(os.path.join("..", "..", "2", "alice", top), os.path.join(run, top))
+            os.symlink(os.path.relpath(os.path.join(alice_run, top), run), os.path.join(run, top))
     elif trick == "named pipe":
         os.mkfifo(path)
     elif trick == "link to /dev/zero":
@@ -97,8 +98,8 @@ def mallory(app, client, auth, tmp_path):
     client.post("/scripts/1/run", data={"images": "new", "image": (io.BytesIO(png_bytes()),
                                                                     "digit.png")},
                 content_type="multipart/form-data")
-    run = script_folder(app, 1)
-    alice_run = os.path.join(app.config["STORAGE_DIR"], "2", "alice")
+    run = newest_run_folder(app, 1)
+    alice_run = os.path.join(app.config["STORAGE_DIR"], "2", "alice", "runs", "9")
     alices_files(alice_run, ["mnist_keras.py", "output.txt", "images/digit.png",
                              "networks/mnist_keras.keras"])
     outside = tmp_path / "instance"
@@ -153,7 +154,7 @@ def test_the_overview_lists_no_image_and_offers_no_network_through_a_trick(clien
     plant(run, "images/digit.png", trick, outside, alice_run)
     plant(run, "networks/mnist_keras.keras", trick, outside, alice_run)
     page = client.get("/scripts/1").get_data(as_text=True)
-    assert "digit.png" not in page and "Download network" not in page
+    assert "images/digit.png" not in page and "Download network" not in page  # the record names it
 
 
 def test_the_overview_says_why_it_hides_a_linked_script(client, mallory):
@@ -192,18 +193,25 @@ def test_downloads_send_the_file_as_it_was_when_opened(client, mallory):
     response.close()
 
 
-def test_a_run_folder_replaced_by_a_link_is_not_prepared_for_a_run(app, client, mallory):
+def test_a_run_folder_replaced_by_a_link_gives_nothing_to_the_next_run_and_deletes_no_byte(
+        app, client, mallory):
     run, alice_run, _ = mallory
-    alices_files(alice_run, ["results/history.pickle", "output.txt"])
+    alices_files(alice_run, ["results/history.pickle", "output.txt", "images/digit.png"])
     os.rename(run, run + ".moved")
     os.symlink(alice_run, run)
     apply_run_update(app, run_update(1, "finished", exit_code=0, ended_at=time.time()))
     before = sorted(os.listdir(alice_run))
-    page = client.post("/scripts/1/run", data={"images": "none"}, follow_redirects=True
+    page = client.post("/scripts/1/run", data={"images": "keep"}, follow_redirects=True
                        ).get_data(as_text=True)
-    assert "The run folder of mnist_keras.py was replaced by a link" in page
-    assert sorted(os.listdir(alice_run)) == before
-    assert app.extensions["runner"].started == [(1, run, os.path.join(run, "mnist_keras.py"))]
+    assert "There is no previous image to keep" in page  # Alice's image is not taken
+    client.post("/scripts/1/run", data={"images": "none"})
+    new_run = os.path.join(os.path.dirname(run), "2")
+    assert app.extensions["runner"].started[-1] == (2, new_run,
+                                                    os.path.join(new_run, "mnist_keras.py"))
+    assert os.listdir(os.path.join(new_run, "images")) == []
+    apply_run_update(app, run_update(2, "finished", exit_code=0, ended_at=time.time()))
+    client.post("/scripts/1/runs/1/delete")
+    assert not os.path.lexists(run) and sorted(os.listdir(alice_run)) == before
 
 
 # --- storage --------------------------------------------------------------------
@@ -559,39 +567,49 @@ def test_an_upload_over_the_storage_is_refused_and_writes_nothing(quota_app):
     assert storage_listing(quota_app) == before and scripts_of(quota_app) == ["a.py"]
 
 
-def test_a_run_over_the_storage_is_refused_and_keeps_the_previous_run(quota_app):
+def test_quotas_count_every_kept_run_and_a_run_over_the_storage_is_refused(quota_app):
     client = quota_app.test_client()
     login(client)
     upload_script(client, "a.py")
-    run = script_folder(quota_app, 1)
-    alices_files(run, ["output.txt", "results/old.pickle"], b"previous run")
-    with open(os.path.join(run, "data.bin"), "wb") as f:  # a file of the script's own
-        f.write(os.urandom(storage.MIB))
+    for run_id in (1, 2):  # two kept runs, each with 0.5 MB of results
+        client.post("/scripts/1/run", data={"images": "none"})
+        alices_files(newest_run_folder(quota_app, 1), ["output.txt", "results/old.pickle"],
+                     b"previous run")
+        with open(os.path.join(newest_run_folder(quota_app, 1), "data.bin"), "wb") as f:
+            f.write(os.urandom(500 * storage.KIB))
+        quota_app.extensions["runner"].started.clear()
+        apply_run_update(quota_app, run_update(run_id, "finished", exit_code=0))
     before = storage_listing(quota_app)
     used = storage.disk_usage(os.path.join(quota_app.config["STORAGE_DIR"], "1"))
+    assert used > storage.MIB  # both runs count
     response = client.post("/scripts/1/run", data={"images": "new", "image": (
         io.BytesIO(png_bytes((200, 200))), "digit.png")}, content_type="multipart/form-data",
         follow_redirects=True)
-    assert ("Your storage is full: your files use %s of your 1 MB, and a run needs room for its "
-            "results." % storage.format_bytes(used)) in response.get_data(as_text=True)
+    assert ("Your storage is full: your files and their runs use %s of your 1 MB, and a run needs "
+            "room for its results." % storage.format_bytes(used)) in response.get_data(
+        as_text=True)
     assert storage_listing(quota_app) == before
     assert quota_app.extensions["runner"].started == []
     from visualizer.models import Run
     with quota_app.app_context():
-        assert Run.query.count() == 0
+        assert Run.query.count() == 2
+    client.post("/scripts/1/runs/1/delete")  # deleting a run makes room again
+    client.post("/scripts/1/run", data={"images": "none"})
+    assert [run[0] for run in quota_app.extensions["runner"].started] == [3]
 
 
 def test_a_run_is_given_the_storage_left_to_its_user(app, client, auth):
     auth.register_and_login("mallory")
     upload_script(client, "a.py")
     upload_script(client, "b.py")
-    with open(os.path.join(script_folder(app, 2), "data.bin"), "wb") as f:
-        f.write(os.urandom(3 * storage.MIB))
-    others = (storage.disk_usage(os.path.join(app.config["STORAGE_DIR"], "1"))
-              - storage.disk_usage(script_folder(app, 1)))
+    with open(os.path.join(newest_run_folder(app, 2), "data.bin"), "wb") as f:
+        f.write(os.urandom(3 * storage.MIB))  # a run of another script counts
     client.post("/scripts/1/run", data={"images": "none"})
+    others = (storage.disk_usage(os.path.join(app.config["STORAGE_DIR"], "1"))
+              - storage.disk_usage(newest_run_folder(app, 1)))
+    assert others > 3 * storage.MIB
     assert app.extensions["runner"].disk_limits_mb == {
-        1: app.config["USER_STORAGE_MB"] - others / storage.MIB}
+        2: app.config["USER_STORAGE_MB"] - others / storage.MIB}
 
 
 def test_quota_settings_come_from_the_environment():

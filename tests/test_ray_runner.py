@@ -15,7 +15,7 @@ import pytest
 from custom_keras import storage
 from visualizer import config
 from visualizer.ray_runner import RUN_ID_KEY, RayRunner
-from visualizer.runner import GONE_MESSAGE, RunnerUnavailable
+from visualizer.runner import GONE_MESSAGE
 
 
 class FakeJobClient:

@@ -23,19 +23,23 @@ def test_the_web_app_and_the_bokeh_server_use_the_same_storage_folder(monkeypatc
     assert parse_args([]).storage_dir == settings_from_env()["STORAGE_DIR"] == str(tmp_path)
 
 
-def test_a_scripts_run_folder_is_named_after_it_in_its_users_folder(tmp_path):
-    rel_dir = storage.run_rel_dir(3, "mnist_digits.py")
+def test_a_runs_folder_is_named_by_its_id_below_its_scripts_folder_in_its_users_folder(tmp_path):
+    rel_dir = storage.run_rel_dir(3, "mnist_digits.py", 17)
 
-    assert rel_dir == "3/mnist_digits"
+    assert rel_dir == "3/mnist_digits/runs/17"
+    assert storage.script_rel_dir(3, "mnist_digits.py") == "3/mnist_digits"
     storage.check_run_rel_dir(3, rel_dir)
     assert storage.run_dir_in(str(tmp_path), rel_dir) == os.path.join(
-        storage.user_dir(str(tmp_path), 3), "mnist_digits")
+        storage.user_dir(str(tmp_path), 3), "mnist_digits", "runs", "17")
 
 
-@pytest.mark.parametrize("rel_dir", ["4/mnist_digits", "3", "3/a/b", "3/..", "3/.", "3/",
-                                     "3/a\\b", None])
-def test_a_run_folder_that_is_not_one_level_below_the_users_folder_is_refused(rel_dir):
-    with pytest.raises(ValueError, match="<user_id>/<script>"):
+@pytest.mark.parametrize("rel_dir", ["4/mnist_digits/runs/1", "3/mnist_digits", "3",
+                                     "3/../runs/1", "3/./runs/1", "3//runs/1",
+                                     "3/a/other/1", "3/a/runs/", "3/a/runs/x", "3/a/runs/-1",
+                                     "3/a/runs/\u0661", "3/a/runs/1/results", "3/a\\b/runs/1",
+                                     None])
+def test_a_run_folder_that_is_not_a_run_of_the_users_own_scripts_is_refused(rel_dir):
+    with pytest.raises(ValueError, match="<user_id>/<script>/runs/<run_id>"):
         storage.check_run_rel_dir(3, rel_dir)
 
 

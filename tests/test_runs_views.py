@@ -1,14 +1,16 @@
-"""Run and stop (with a fake runner), the Output tab and its JSON, images, technique tabs,
-the ended-run banner and reconciling runs at start."""
+"""Run and stop (with a fake runner), every run kept with its own folder, the run list and
+the ?run= choice on every tab, the Output tab and its JSON, images, technique tabs, the
+ended-run banner and reconciling runs at start."""
 import datetime
-import errno
+import hashlib
 import io
+import json
 import os
 import time
 
 import pytest
-from conftest import (DiskFullWhileWriting, FakeRunner, make_test_config, png_bytes, run_update,
-                      script_folder, upload_script)
+from conftest import (DiskFullWhileWriting, FakeRunner, make_test_config, newest_run_folder,
+                      png_bytes, run_update, script_folder, upload_script)
 from markupsafe import escape
 from PIL import Image
 
@@ -22,16 +24,22 @@ from visualizer.runs import tail_lines
 
 @pytest.fixture
 def script(app, client, auth):
-    """Alice is logged in and has uploaded mnist_keras.py (script id 1)."""
+    """Alice is logged in and has uploaded mnist_keras.py (script id 1); its folder."""
     auth.register_and_login()
     upload_script(client, "mnist_keras.py")
     return script_folder(app, 1)
 
 
-def post_run(client, images=(), choice="new"):
+@pytest.fixture
+def run_dir(app, script):
+    """The folder of a finished run 1 of Alice's mnist_keras.py, for tests to write into."""
+    return newest_run_folder(app, 1)
+
+
+def post_run(client, images=(), choice="new", script_id=1):
     data = {"images": choice, "image": [(io.BytesIO(d), n) for n, d in images]}
-    return client.post("/scripts/1/run", data=data, content_type="multipart/form-data",
-                       follow_redirects=True)
+    return client.post("/scripts/%d/run" % script_id, data=data,
+                       content_type="multipart/form-data", follow_redirects=True)
 
 
 def runs(app):
@@ -39,36 +47,197 @@ def runs(app):
         return [(r.id, r.state) for r in Run.query.order_by(Run.id)]
 
 
-def test_run_saves_image_creates_run_and_calls_runner(app, client, script):
+def run_path(script, run_id, *names):
+    """A path in the folder of run ``run_id`` of the script whose folder is ``script``."""
+    return os.path.join(script, storage.RUNS_DIR, str(run_id), *names)
+
+
+def finish(app, run_id, **fields):
+    apply_run_update(app, run_update(run_id, "finished", exit_code=0, started_at=time.time() - 65,
+                                     ended_at=time.time(), **fields))
+
+
+def write_file(path, data):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "wb" if isinstance(data, bytes) else "w") as f:
+        f.write(data)
+
+
+def test_run_makes_a_folder_with_the_script_and_image_and_calls_runner(app, client, script):
     response = post_run(client, [("digit.png", png_bytes())])
     assert "mnist_keras.py was queued to run." in response.get_data(as_text=True)
     assert runs(app) == [(1, "queued")]
+    folder = run_path(script, 1)
     assert app.extensions["runner"].started == [
-        (1, script, os.path.join(script, "mnist_keras.py"))]
-    assert os.listdir(os.path.join(script, "images")) == ["digit.png"]
+        (1, folder, os.path.join(folder, "mnist_keras.py"))]
+    with open(os.path.join(folder, "mnist_keras.py")) as f:
+        assert f.read() == "print('hello')\n"  # the script's copy, where __file__ points
+    assert os.listdir(os.path.join(folder, "images")) == ["digit.png"]
     assert client.get("/scripts/1/images/digit.png").data == png_bytes()
+    with app.app_context():
+        run = db.session.get(Run, 1)
+        assert run.number == 1 and run.images == ["digit.png"]
+        assert run.script_sha256 == hashlib.sha256(b"print('hello')\n").hexdigest()
 
 
-def test_run_again_clears_results_and_keeps_images(app, client, script):
+def test_two_runs_of_one_script_keep_two_folders_and_both_results(app, client, script):
     post_run(client, [("a.png", png_bytes()), ("b.png", png_bytes(color=9))])
-    apply_run_update(app, run_update(1, "finished", exit_code=0, ended_at=time.time()))
-    for sub in ("results", "networks"):
-        os.makedirs(os.path.join(script, sub))
-    for name in ("output.txt", "status.json"):
-        with open(os.path.join(script, name), "w") as f:
-            f.write("old")
+    write_file(run_path(script, 1, "output.txt"), "first run\n")
+    write_file(run_path(script, 1, "networks", "mnist_keras.keras"), b"network 1")
+    finish(app, 1)
     page = client.get("/scripts/1").get_data(as_text=True)
-    assert "Running again deletes the previous results" in page
-    assert 'value="keep" checked' in page and "/scripts/1/images/b.png" in page
-    post_run(client, choice="keep")
-    assert runs(app) == [(1, "finished"), (2, "queued")]
-    assert sorted(os.listdir(script)) == ["images", "mnist_keras.py"]
-    assert sorted(os.listdir(os.path.join(script, "images"))) == ["a.png", "b.png"]
+    assert 'value="keep" checked' in page and "/scripts/1/images/b.png?run=1" in page
+    post_run(client, choice="keep")  # run 2 starts with run 1's images
+    write_file(run_path(script, 2, "output.txt"), "second run\n")
+    finish(app, 2)
+    assert runs(app) == [(1, "finished"), (2, "finished")]
+    assert storage.list_images(run_path(script, 2)) == ["a.png", "b.png"]
+    assert sorted(os.listdir(os.path.join(script, "runs"))) == ["1", "2"]
+    assert client.get("/scripts/1/output.json").get_json()["lines"] == ["second run"]
+    assert client.get("/scripts/1/output.json?run=1").get_json()["lines"] == ["first run"]
+    assert client.get("/scripts/1/network?run=1").data == b"network 1"
+    response = client.get("/scripts/1/network", follow_redirects=True)  # run 2 saved none
+    assert "mnist_keras.py has no saved network yet" in response.get_data(as_text=True)
+
+
+def test_the_run_list_shows_every_run_newest_first_with_its_hash_and_results(app, client, script):
+    post_run(client, choice="none")
+    write_file(run_path(script, 1, "results", storage.TRAINING_PROGRESS_TABLE),
+               "progress\tepoch\tbatch\tloss\tloss_avg\n1.0\t0\t10\t0.75\t0.8\n")
+    write_file(run_path(script, 1, "results", storage.ALERTS_FILE),
+               json.dumps({"kind": "nan_loss", "message": "NaN"}) + "\n")
+    finish(app, 1)
+    post_run(client, choice="none")
+    with app.app_context():
+        first = db.session.get(Run, 1)
+        assert first.final_metrics == {"loss": 0.75} and first.alert_count == 1
+        assert (first.ended_at - first.started_at).total_seconds() == pytest.approx(65, abs=1)
+    page = client.get("/scripts/1").get_data(as_text=True)
+    rows = page.split('<table class="runs-table">')[1].split("</table>")[0].split("<tr")[2:]
+    assert 'href="/scripts/1?run=2">2</a>' in rows[0] and "Queued" in rows[0]
+    assert 'href="/scripts/1?run=1">1</a>' in rows[1] and "Finished" in rows[1]
+    short = hashlib.sha256(b"print('hello')\n").hexdigest()[:10]
+    assert rows[0].count(">%s</code>" % short) == rows[1].count(">%s</code>" % short) == 1
+    assert "hash-changed" not in page
+    assert '<span class="metric">loss 0.75</span>' in rows[1] and "1 min 05 s" in rows[1]
+    assert 'href="/scripts/1?run=1#alerts">1</a>' in rows[1]
+    assert "/scripts/1/runs/1/delete" in rows[1]
+    assert "/scripts/1/runs/2/delete" not in rows[0]  # an active run cannot be deleted
+
+
+def test_a_changed_script_shows_a_different_hash(app, client, script):
+    post_run(client, choice="none")
+    finish(app, 1)
+    response = client.post("/scripts/1/source", data={"file": (io.BytesIO(
+        b"print('changed')\n"), "mnist_keras_v2.py")}, content_type="multipart/form-data",
+        follow_redirects=True)
+    assert "mnist_keras.py was replaced by the new version; its next run runs it." in (
+        response.get_data(as_text=True))
+    post_run(client, choice="none")
+    page = client.get("/scripts/1").get_data(as_text=True)
+    new_hash = hashlib.sha256(b"print('changed')\n").hexdigest()
+    assert 'class="hash hash-changed" title="sha256 %s' % new_hash in page
+    assert page.count("hash-changed") == 1  # only run 2 differs from the run before it
+    with open(run_path(script, 1, "mnist_keras.py")) as f:
+        assert f.read() == "print('hello')\n"  # run 1 keeps the script it ran
+    code = '<span class="s1">\'changed\'</span>'  # as the Overview highlights it
+    assert code in client.get("/scripts/1").get_data(as_text=True)
+    assert code not in client.get("/scripts/1?run=1").get_data(as_text=True)
+
+
+def test_the_chosen_run_is_shown_on_every_tab_and_kept_in_the_tab_links(app, client, script):
+    post_run(client, [("one.png", png_bytes())])
+    write_file(run_path(script, 1, "output.txt"), "output of run 1\n")
+    finish(app, 1)
+    post_run(client, [("two.png", png_bytes())])
+    assert "output of run 1" in client.get("/scripts/1/output?run=1").get_data(as_text=True)
+    assert "output of run 1" not in client.get("/scripts/1/output").get_data(as_text=True)
+    assert client.get("/scripts/1/status.json?run=1").get_json()["state"] == "finished"
+    assert client.get("/scripts/1/status.json").get_json()["state"] == "queued"
+    assert client.get("/scripts/1/images/one.png?run=1").status_code == 200
+    assert client.get("/scripts/1/images/one.png").status_code == 404
+    page = client.get("/scripts/1/techniques/saliency_maps?run=1").get_data(as_text=True)
+    for tab in ["/scripts/1?run=1", "/scripts/1/output?run=1"] + [
+            "/scripts/1/techniques/%s?run=1" % t.key for t in registry.TECHNIQUES]:
+        assert 'href="%s"' % tab in page
+    assert 'data-status-url="/scripts/1/status.json?run=1"' in page
+    overview = client.get("/scripts/1?run=1").get_data(as_text=True)
+    assert "run 1</span>" in overview and 'class="chosen"' in overview
+    assert 'href="/scripts/1/output?run=1"' in overview
+
+
+def test_a_dashboard_token_names_the_chosen_runs_folder(app, client, script, monkeypatch):
+    made = []
+    monkeypatch.setattr(runs_module, "embed_script", lambda *args: made.append(args) or "")
+    post_run(client, choice="none")
+    finish(app, 1)
+    post_run(client, choice="none")
+    client.get("/scripts/1/techniques/saliency_maps?run=1")
+    client.get("/scripts/1/techniques/saliency_maps")
+    assert [args[-2:] for args in made] == [(1, "1/mnist_keras/runs/1"),
+                                            (1, "1/mnist_keras/runs/2")]
+
+
+def test_a_run_of_another_users_or_another_script_is_404(app, client, auth, script):
+    post_run(client, choice="none")
+    upload_script(client, "other.py")
+    auth.logout()
+    auth.register_and_login("bobby_2")
+    upload_script(client, "bobs.py")  # script 3
+    for url in ["/scripts/3?run=1", "/scripts/3/output?run=1", "/scripts/3/status.json?run=1",
+                "/scripts/3/output.json?run=1", "/scripts/3/alerts.json?run=1",
+                "/scripts/3/network?run=1", "/scripts/3/techniques/saliency_maps?run=1",
+                "/scripts/1?run=1", "/scripts/3?run=x", "/scripts/3?run=%D9%A1"]:
+        assert client.get(url).status_code == 404, url
+    assert client.post("/scripts/1/runs/1/delete").status_code == 404
+    assert client.post("/scripts/3/runs/1/delete").status_code == 404
+    assert os.path.isdir(run_path(script, 1))
+    auth.logout()
+    auth.login()
+    assert client.get("/scripts/2?run=1").status_code == 404  # Alice's, of her other script
+
+
+def test_deleting_a_run_removes_its_folder_and_row_and_refuses_an_active_one(app, client, script):
+    post_run(client, choice="none")
+    finish(app, 1)
+    post_run(client, choice="none")
+    response = client.post("/scripts/1/runs/2/delete", follow_redirects=True)
+    assert "Run 2 of mnist_keras.py is queued; stop it before deleting it." in (
+        response.get_data(as_text=True))
+    assert os.path.isdir(run_path(script, 2))
+    response = client.post("/scripts/1/runs/1/delete", follow_redirects=True)
+    assert "Run 1 of mnist_keras.py and all its results were deleted." in (
+        response.get_data(as_text=True))
+    assert runs(app) == [(2, "queued")] and not os.path.exists(run_path(script, 1))
+    assert client.get("/scripts/1?run=1").status_code == 404
+
+
+def test_the_overview_alert_list_is_filled_live_from_alerts_json(app, client, script):
+    post_run(client, choice="none")
+    apply_run_update(app, run_update(1, "running", pid=5, started_at=time.time()))
+    page = client.get("/scripts/1").get_data(as_text=True)
+    # an empty, hidden list while the run is active, which app.js fills as alerts come
+    assert 'data-alerts-url="/scripts/1/alerts.json"' in page and 'data-count="0"' in page
+    alert = {"kind": "nan_loss", "epoch": 0, "batch": 3, "step": 3, "message": "<b>NaN</b>"}
+    write_file(run_path(script, 1, "results", storage.ALERTS_FILE), json.dumps(alert) + "\n")
+    assert client.get("/scripts/1/status.json").get_json()["alert_count"] == 1
+    alerts = client.get("/scripts/1/alerts.json").get_json()
+    assert alerts["problem"] == "" and [a["message"] for a in alerts["alerts"]] == ["<b>NaN</b>"]
+
+
+def test_a_new_version_that_is_not_python_is_refused_and_the_script_kept(app, client, script):
+    response = client.post("/scripts/1/source", data={"file": (io.BytesIO(b"\xff\xfe"),
+                                                               "new.py")},
+                           content_type="multipart/form-data", follow_redirects=True)
+    assert "new.py is not a UTF-8 text file" in response.get_data(as_text=True)
+    with open(os.path.join(script, "mnist_keras.py")) as f:
+        assert f.read() == "print('hello')\n"
 
 
 def test_run_without_image(app, client, script):
     post_run(client, choice="none")
     assert runs(app) == [(1, "queued")]
+    assert os.listdir(run_path(script, 1, "images")) == []
 
 
 def make_bomb():
@@ -93,72 +262,28 @@ def test_run_refuses_bad_images_and_writes_nothing(app, client, script, images, 
     assert os.listdir(script) == ["mnist_keras.py"]
 
 
-def previous_run(app, client, folder):
-    """A finished run that left results, a network, output, status and two images.
-
-    Returns:
-        {relative path: bytes} of every file in the run folder.
-    """
-    post_run(client, [("a.png", png_bytes()), ("b.png", png_bytes(color=9))])
-    apply_run_update(app, run_update(1, "finished", exit_code=0, ended_at=time.time()))
-    for name in ("results/history/saliency_maps/index.jsonl", "results/training_progress.tsv",
-                 "networks/mnist_keras.keras", "output.txt", "status.json"):
-        os.makedirs(os.path.dirname(os.path.join(folder, name)), exist_ok=True)
-        with open(os.path.join(folder, name), "w") as f:
-            f.write("previous " + name)
-    return folder_contents(folder)
+def test_keeping_images_that_a_run_replaced_with_something_else_is_refused(app, client, script):
+    post_run(client, [("digit.png", png_bytes())])
+    finish(app, 1)
+    write_file(run_path(script, 1, "images", "digit.png"), b"not an image any more")
+    response = post_run(client, choice="keep")
+    assert "digit.png is not a readable image" in response.get_data(as_text=True)
+    assert runs(app) == [(1, "finished")]
 
 
-def folder_contents(folder):
-    contents = {}
-    for root, dirs, files in os.walk(folder):
-        for name in files + [d for d in dirs if not os.listdir(os.path.join(root, d))]:
-            path = os.path.join(root, name)
-            with open(path, "rb") if os.path.isfile(path) else io.BytesIO(b"<folder>") as f:
-                contents[os.path.relpath(path, folder)] = f.read()
-    return contents
-
-
-def test_new_images_replace_the_previous_run_in_one_step(app, client, script):
-    previous_run(app, client, script)
-    post_run(client, [("c.png", png_bytes(color=1)), ("d.png", png_bytes(color=2))])
-    assert runs(app) == [(1, "finished"), (2, "queued")]
-    assert sorted(os.listdir(script)) == ["images", "mnist_keras.py"]  # nothing left over
-    assert storage.list_images(script) == ["c.png", "d.png"]  # in upload order, d the newest
-    assert client.get("/scripts/1/images/d.png").data == png_bytes(color=2)
-
-
-def test_a_full_disk_while_writing_new_images_keeps_the_previous_run(app, client, script,
-                                                                     monkeypatch):
-    before = previous_run(app, client, script)
+def test_a_full_disk_while_writing_a_runs_images_keeps_the_earlier_runs(app, client, script,
+                                                                        monkeypatch):
+    post_run(client, [("a.png", png_bytes())])
+    finish(app, 1)
     monkeypatch.setattr(runs_module, "open", DiskFullWhileWriting, raising=False)
     response = post_run(client, [("c.png", png_bytes(color=1))])
     monkeypatch.undo()
     page = response.get_data(as_text=True)
     assert response.status_code == 200  # redirected to the Overview tab, which says why
     assert ("Could not prepare the run: No space left on device. Nothing was changed; "
-            "the previous results and images are kept.") in page
-    assert folder_contents(script) == before  # no half-written image, no staging folder
+            "the earlier runs are kept.") in page
+    assert os.listdir(os.path.join(script, "runs")) == ["1"]  # no half-written run folder
     assert runs(app) == [(1, "finished")] and len(app.extensions["runner"].started) == 1
-
-
-def test_a_failure_while_swapping_in_the_new_images_puts_everything_back(app, client, script,
-                                                                         monkeypatch):
-    before = previous_run(app, client, script)
-    real_replace = os.replace
-
-    def replace(source, target):
-        if os.path.basename(source).startswith(runs_module.STAGING_PREFIX):
-            raise OSError(errno.EROFS, os.strerror(errno.EROFS))
-        return real_replace(source, target)
-
-    monkeypatch.setattr(os, "replace", replace)
-    response = post_run(client, [("c.png", png_bytes(color=1))])
-    monkeypatch.undo()
-    assert "Could not prepare the run: Read-only file system." in (
-        response.get_data(as_text=True))
-    assert folder_contents(script) == before
-    assert runs(app) == [(1, "finished")]
 
 
 def test_run_with_a_file_where_the_users_folder_should_be_says_so(app, client, script,
@@ -177,11 +302,12 @@ def test_run_with_a_file_where_the_users_folder_should_be_says_so(app, client, s
         assert f.read() == "not a folder"
 
 
-def test_staging_folders_left_by_a_killed_server_are_removed(app, client, script):
-    for name in (runs_module.STAGING_PREFIX + "x1", runs_module.TRASH_PREFIX + "x2"):
-        os.makedirs(os.path.join(script, name, "images"))
-    post_run(client, choice="none")
-    assert sorted(os.listdir(script)) == ["images", "mnist_keras.py"]
+def test_a_run_is_never_made_where_a_link_points(app, client, script, tmp_path):
+    os.makedirs(tmp_path / "elsewhere")
+    os.symlink(str(tmp_path / "elsewhere"), os.path.join(script, "runs"))
+    response = post_run(client, choice="none")
+    assert "The folder of mnist_keras.py was replaced by a link" in response.get_data(as_text=True)
+    assert runs(app) == [] and os.listdir(tmp_path / "elsewhere") == []
 
 
 def test_run_refused_while_running(app, client, script):
@@ -216,7 +342,7 @@ def test_run_update_is_written_and_shown(app, client, script):
     started = time.time()
     apply_run_update(app, run_update(1, "running", pid=4321, started_at=started))
     assert client.get("/scripts/1/status.json").get_json() == {
-        "state": "running", "exit_code": None, "message": None}
+        "run": 1, "state": "running", "exit_code": None, "message": None, "alert_count": 0}
     assert '<span class="badge badge-running">Running</span>' in client.get("/").get_data(as_text=True)
     apply_run_update(app, run_update(1, "failed", exit_code=1, started_at=started,
                                      ended_at=started + 5, message="exit code 1"))
@@ -244,9 +370,9 @@ def write_output(folder, text):
         f.write(text)
 
 
-def test_output_json_returns_last_50_lines(client, script):
+def test_output_json_returns_last_50_lines(client, run_dir):
     assert client.get("/scripts/1/output.json").get_json()["lines"] == []
-    write_output(script, "".join("line %d\n" % i for i in range(200)))
+    write_output(run_dir, "".join("line %d\n" % i for i in range(200)))
     data = client.get("/scripts/1/output.json").get_json()
     assert data["lines"] == ["line %d" % i for i in range(150, 200)]
     page = client.get("/scripts/1/output").get_data(as_text=True)
@@ -291,8 +417,8 @@ KERAS_OUTPUT = (
     + keras_progress_bar(2, 3, " - accuracy: 0.5500 - loss: 0.8000", 71))  # still training
 
 
-def test_output_tail_shows_a_keras_progress_bar_as_a_terminal_does(client, script):
-    write_output(script, KERAS_OUTPUT)
+def test_output_tail_shows_a_keras_progress_bar_as_a_terminal_does(client, run_dir):
+    write_output(run_dir, KERAS_OUTPUT)
     expected = ["Epoch 1/2",
                 "3/3 " + "\u2501" * 20 + " 0s 10ms/step - accuracy: 0.3000 - loss: 0.6667",
                 "Epoch 2/2",
@@ -322,10 +448,10 @@ def test_terminal_line(line, shown):
     assert runs_module.terminal_line(line) == shown
 
 
-def test_download_output(client, script):
+def test_download_output(client, run_dir):
     response = client.get("/scripts/1/output/download", follow_redirects=True)
     assert "mnist_keras.py has no output yet" in response.get_data(as_text=True)
-    write_output(script, "all\nof\nit\n")
+    write_output(run_dir, "all\nof\nit\n")
     response = client.get("/scripts/1/output/download")
     assert response.data == b"all\nof\nit\n"
     assert "filename=mnist_keras_output.txt" in response.headers["Content-Disposition"]
@@ -337,17 +463,17 @@ TRACEBACK_OUTPUT = ("".join("Epoch %d/9\n" % i for i in range(1, 4))
                     + "ValueError: Input 0 of layer <dense> is incompatible\n")
 
 
-def fail_run(app, script_dir, output=TRACEBACK_OUTPUT):
-    write_output(script_dir, output)
+def fail_run(app, output=TRACEBACK_OUTPUT):
+    write_output(newest_run_folder(app, 1), output)
     with app.app_context():
-        db.session.add(Run(script_id=1, state="failed", exit_code=1,
-                           message="exited with code 1"))
+        run = db.session.get(Run, 1)
+        run.state, run.exit_code, run.message = "failed", 1, "exited with code 1"
         db.session.commit()
 
 
 def test_a_failed_runs_overview_shows_the_exception_and_links_to_its_traceback(app, client,
                                                                                script):
-    fail_run(app, script)
+    fail_run(app)
     page = client.get("/scripts/1").get_data(as_text=True)
     assert str(escape("ValueError: Input 0 of layer <dense> is incompatible")) in page
     assert "The traceback starts at line 4 of the output" in page
@@ -359,16 +485,13 @@ def test_a_failed_runs_overview_shows_the_exception_and_links_to_its_traceback(a
 
 
 def test_a_failed_run_without_a_traceback_shows_no_error_line(app, client, script):
-    fail_run(app, script, output="Killed\n")
+    fail_run(app, output="Killed\n")
     page = client.get("/scripts/1").get_data(as_text=True)
     assert "exited with code 1" in page and "The traceback starts" not in page
 
 
-def test_a_finished_run_shows_no_error_even_with_a_traceback_in_its_output(app, client, script):
-    write_output(script, TRACEBACK_OUTPUT)  # e.g. a caught exception the script printed
-    with app.app_context():
-        db.session.add(Run(script_id=1, state="finished", exit_code=0))
-        db.session.commit()
+def test_a_finished_run_shows_no_error_even_with_a_traceback_in_its_output(app, client, run_dir):
+    write_output(run_dir, TRACEBACK_OUTPUT)  # e.g. a caught exception the script printed
     assert "The traceback starts" not in client.get("/scripts/1").get_data(as_text=True)
 
 
@@ -383,7 +506,7 @@ def test_image_route_serves_only_listed_images(client, script):
     assert client.get("/scripts/1/images/..%2Fmnist_keras.py").status_code == 404
 
 
-def test_every_technique_has_a_tab_with_an_embedded_session(client, script):
+def test_every_technique_has_a_tab_with_an_embedded_session(client, run_dir):
     page = client.get("/scripts/1").get_data(as_text=True)
     for technique in registry.TECHNIQUES:
         tab_link = 'href="/scripts/1/techniques/%s"' % technique.key
@@ -420,9 +543,10 @@ def test_create_app_reconciles_open_runs(tmp_path):
         db.session.commit()
     runner = FakeRunner([run_update(1, "failed", message="the process vanished")])
     app = create_app(dict(config, RUNNER=runner))
-    folder = os.path.join(config["STORAGE_DIR"], "1", "train")
-    assert runner.reconciled == [[(1, "running", 77, folder, os.path.join(folder, "train.py")),
-                                  (3, "queued", None, folder, os.path.join(folder, "train.py"))]]
+    folder = os.path.join(config["STORAGE_DIR"], "1", "train", "runs")
+    assert runner.reconciled == [
+        [(1, "running", 77, os.path.join(folder, "1"), os.path.join(folder, "1", "train.py")),
+         (3, "queued", None, os.path.join(folder, "3"), os.path.join(folder, "3", "train.py"))]]
     assert runs(app) == [(1, "failed"), (2, "finished"), (3, "queued")]
 
 

@@ -3,7 +3,7 @@ storage write errors, and the favicon."""
 import os
 
 import pytest
-from conftest import DiskFullWhileWriting, script_folder, upload_script
+from conftest import DiskFullWhileWriting, newest_run_folder, script_folder, upload_script
 
 from visualizer import scripts
 from visualizer.models import Run, Script, Tag, db, utcnow
@@ -203,13 +203,16 @@ def test_tags_add_and_remove(app, client, user):
     assert "Type one or more tags" in response.get_data(as_text=True)
 
 
-def test_delete_removes_folder_rows_and_tags(app, client, user):
+def test_deleting_a_script_deletes_all_its_runs_rows_and_tags(app, client, user):
     upload_script(client, "gone.py", tags="temp")
     folder = script_folder(app, 1)
-    os.makedirs(os.path.join(folder, "results"))
-    with app.app_context():
-        db.session.add(Run(script_id=1, state="finished"))
-        db.session.commit()
+    for _ in range(2):
+        client.post("/scripts/1/run", data={"images": "none"})
+        os.makedirs(os.path.join(newest_run_folder(app, 1), "results"))
+        with app.app_context():
+            Run.query.order_by(Run.id.desc()).first().state = "finished"
+            db.session.commit()
+    assert sorted(os.listdir(os.path.join(folder, "runs"))) == ["1", "2"]
     response = client.post("/scripts/1/delete", follow_redirects=True)
     assert "gone.py and all its data were deleted." in response.get_data(as_text=True)
     assert not os.path.exists(folder)
@@ -233,7 +236,7 @@ def test_download_network_only_when_saved(app, client, user):
     assert "Download network" not in page
     response = client.get("/scripts/1/network", follow_redirects=True)
     assert "net.py has no saved network yet" in response.get_data(as_text=True)
-    networks = os.path.join(script_folder(app, 1), "networks")
+    networks = os.path.join(newest_run_folder(app, 1), "networks")
     os.makedirs(networks)
     with open(os.path.join(networks, "net.keras"), "wb") as f:
         f.write(b"keras-zip")

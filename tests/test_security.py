@@ -5,7 +5,7 @@ import re
 import stat
 
 import pytest
-from conftest import make_test_config, png_bytes, upload_script
+from conftest import make_test_config, newest_run_folder, png_bytes, upload_script
 
 from visualizer import config, create_app
 from visualizer.models import Run, Script, Tag, User, db
@@ -160,9 +160,10 @@ def test_every_response_carries_the_security_headers(client, auth):
         assert policy["connect-src"] == "'self' http://bokeh.test:5006 ws://bokeh.test:5006"
 
 
-def test_the_dashboards_inline_script_carries_this_responses_nonce(client, auth):
+def test_the_dashboards_inline_script_carries_this_responses_nonce(app, client, auth):
     auth.register_and_login()
     upload_script(client, "plotted.py")
+    newest_run_folder(app, 1)  # a run whose dashboard the tab embeds
     nonces = []
     for _ in range(2):
         response = client.get("/scripts/1/techniques/saliency_maps")

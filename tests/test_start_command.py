@@ -240,7 +240,7 @@ def seed_queued_run(env, code):
     Returns the run folder.
     """
     from visualizer import create_app
-    from visualizer.run_store import run_dir, script_path
+    from visualizer.run_store import run_folder, run_script_path
     from visualizer.models import Run, Script, User, db
 
     class NoRunner:  # the test process must not run anything itself
@@ -253,11 +253,12 @@ def seed_queued_run(env, code):
         user = User(username="ada")
         user.set_password("a long password")
         script = Script(user=user, filename="train.py")
-        db.session.add_all([user, script, Run(script=script, state="queued")])
+        run = Run(script=script, state="queued", number=1)
+        db.session.add_all([user, script, run])
         db.session.commit()
-        folder = run_dir(app, script)
+        folder = run_folder(app, run)
         os.makedirs(folder)
-        with open(script_path(app, script), "w") as f:
+        with open(run_script_path(app, run), "w") as f:
             f.write(textwrap.dedent(code))
     return folder
 

@@ -15,7 +15,7 @@ from markupsafe import Markup
 
 from visualizer import auth, compare, config, runs, scripts
 from visualizer.models import ACTIVE_STATES, Run, db
-from visualizer.run_store import apply_run_update, run_dir, script_path, technique_tabs
+from visualizer.run_store import apply_run_update, run_folder, run_script_path, technique_tabs
 
 # Pages an anonymous visitor may open; every other page sends them to the login page.
 PUBLIC_ENDPOINTS = {"auth.login", "auth.register", "static", "favicon"}
@@ -67,6 +67,7 @@ def create_app(test_config=None):
     app.register_blueprint(runs.bp)
     app.register_blueprint(compare.bp)
     app.jinja_env.filters["localtime"] = format_local_time
+    app.jinja_env.filters["duration"] = format_duration
     app.jinja_env.filters["with_csp_nonce"] = with_csp_nonce
     # Browsers ask for /favicon.ico on their own (e.g. for a JSON page or a download).
     app.add_url_rule("/favicon.ico", "favicon", lambda: app.send_static_file("favicon.ico"))
@@ -122,8 +123,8 @@ def _start_runner(app):
     app.extensions["runner"] = runner
     with app.app_context():
         open_runs = Run.query.filter(Run.state.in_(ACTIVE_STATES)).order_by(Run.id).all()
-        records = [(run.id, run.state, run.pid, run_dir(app, run.script),
-                    script_path(app, run.script)) for run in open_runs]
+        records = [(run.id, run.state, run.pid, run_folder(app, run),
+                    run_script_path(app, run)) for run in open_runs]
     for update in runner.reconcile(records) if records else []:
         apply_run_update(app, update)
 
@@ -156,6 +157,18 @@ def format_local_time(value, with_date=True):
         return ""
     local = value.replace(tzinfo=datetime.timezone.utc).astimezone()
     return local.strftime("%Y-%m-%d %H:%M" if with_date else "%H:%M:%S")
+
+
+def format_duration(value):
+    """A timedelta as people say it, e.g. "42 s", "3 min 05 s", "2 h 07 min"; "" for None."""
+    if value is None:
+        return ""
+    seconds = max(0, int(value.total_seconds()))
+    if seconds < 60:
+        return "%d s" % seconds
+    if seconds < 3600:
+        return "%d min %02d s" % divmod(seconds, 60)
+    return "%d h %02d min" % (seconds // 3600, seconds % 3600 // 60)
 
 
 def csp_nonce():
@@ -218,7 +231,8 @@ def _register_handlers(app):
 
     @app.context_processor
     def tabs_of_a_script():
-        return {"technique_tabs": lambda script: technique_tabs(app, script)}
+        # a page without a run (before the first) passes jinja's Undefined, which is falsy
+        return {"technique_tabs": lambda run=None: technique_tabs(app, run or None)}
 
     @app.context_processor
     def sandbox_banner():

@@ -7,7 +7,6 @@ a comparison token over exactly these run folders), a table of final metrics,
 and the diff of two of the runs' scripts. Another user's run is a 404.
 """
 import difflib
-import os
 
 from flask import Blueprint, abort, current_app, render_template, request
 from flask_login import current_user
@@ -15,8 +14,8 @@ from flask_login import current_user
 from custom_bokeh.auth import (COMPARE_CURVES_APP, COMPARE_IMAGES_APP, MAX_COMPARED_RUNS,
                                MIN_COMPARED_RUNS, RUN_COLORS, embed_compare_script)
 from custom_keras import registry, storage
-from visualizer.models import Run, Script, db, utcnow
-from visualizer.run_store import run_folder
+from visualizer.models import Run, Script, db
+from visualizer.run_store import alert_count, run_folder, run_rel_dir
 from visualizer.scripts import run_summary, storage_error_text
 
 bp = Blueprint("compare", __name__)
@@ -33,18 +32,17 @@ class BadChoice(ValueError):
 def compare():
     chosen_text = ",".join(request.args.getlist("runs"))
     if not chosen_text.strip():
-        return render_template("compare/pick.html", runs=user_runs(), chosen=[],
-                               run_number=run_number)
+        return render_template("compare/pick.html", runs=user_runs(), chosen=[])
     run_ids = []
     try:
         run_ids = parse_run_ids(chosen_text)
         check_count(run_ids)  # before the runs are looked up: a long list costs nothing
     except BadChoice as error:  # the picker again, with what was picked still ticked
         return render_template("compare/pick.html", runs=user_runs(), chosen=run_ids,
-                               run_number=run_number, error=str(error)), 400
+                               error=str(error)), 400
     runs = [owned_run(run_id) for run_id in run_ids]
     labels = [run_label(run) for run in runs]
-    token_runs = [(rel_run_folder(run), label) for run, label in zip(runs, labels)]
+    token_runs = [(run_rel_dir(run), label) for run, label in zip(runs, labels)]
     techniques = snapshot_techniques(runs)
     technique = registry.get(request.args.get("technique", ""))
     if technique not in techniques:
@@ -105,22 +103,11 @@ def owned_run(run_id):
     return run
 
 
-def run_number(run):
-    """The run's number among its script's runs, counted from 1."""
-    return run.script.runs.index(run) + 1
-
-
 def run_label(run):
     """E.g. "mnist_digits.py · run 2 · 2026-11-30 04:12" (the server's local time)."""
-    return "%s \u00b7 run %d \u00b7 %s" % (run.script.filename, run_number(run),
+    return "%s \u00b7 run %d \u00b7 %s" % (run.script.filename, run.number,
                                          current_app.jinja_env.filters["localtime"](
                                              run.started_at or run.created_at))
-
-
-def rel_run_folder(run):
-    """The run's folder relative to the storage folder, as the comparison token carries it."""
-    folder = os.path.relpath(run_folder(current_app, run), current_app.config["STORAGE_DIR"])
-    return folder.replace(os.sep, "/")
 
 
 def snapshot_techniques(runs):
@@ -138,28 +125,19 @@ def snapshot_techniques(runs):
 def metrics_table(runs):
     """The final-metrics table: {"metrics": names, "rows": one dict per run}.
 
-    Each row: state, duration (seconds or None), final {metric: value}, best
+    Each row: state, duration (a timedelta or None), final {metric: value}, best
     validation (epoch, val_loss) or None, alert count, and what could not be read.
     """
     rows, metrics = [], []
     for run in runs:
-        folder = run_folder(current_app, run)
-        summary = run_summary(folder)
-        alerts, alerts_problem = storage.read_alerts(folder)
+        summary = run_summary(current_app, run)
         final = summary["final"] or {}
         ordered = sorted(final, key=lambda name: (name != "loss", name))
         metrics += [name for name in ordered if name not in metrics]
-        rows.append({"state": run.state, "duration_s": duration_s(run), "final": final,
-                     "best_epoch": summary["best_epoch"], "alerts": len(alerts),
-                     "problem": " ".join(p for p in (summary["problem"], alerts_problem) if p)})
+        rows.append({"state": run.state, "duration": run.duration, "final": final,
+                     "best_epoch": summary["best_epoch"],
+                     "alerts": alert_count(current_app, run), "problem": summary["problem"]})
     return {"metrics": metrics, "rows": rows}
-
-
-def duration_s(run):
-    """Seconds the run took, or has taken so far; None before it started."""
-    if run.started_at is None:
-        return None
-    return ((run.ended_at or utcnow()) - run.started_at).total_seconds()
 
 
 def diff_pair(runs, first_id, second_id):

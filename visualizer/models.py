@@ -17,6 +17,7 @@ db = SQLAlchemy()
 ACTIVE_STATES = storage.RUN_ACTIVE_STATES
 FAILED = storage.RUN_FAILED
 ENDED_STATES = storage.RUN_ENDED_STATES
+SHORT_HASH_DIGITS = 10
 
 
 def utcnow():
@@ -86,7 +87,8 @@ class Tag(db.Model):
 
 
 class Script(db.Model):
-    """An uploaded training script; its run folder is ``<STORAGE_DIR>/<user_id>/<stem>``."""
+    """An uploaded training script; its folder is ``<STORAGE_DIR>/<user_id>/<stem>`` and each
+    of its runs has one below it (``visualizer.run_store.run_folder``)."""
     __table_args__ = (db.UniqueConstraint("user_id", "filename"),)
     id = db.Column(db.Integer, primary_key=True)
     user_id = db.Column(db.Integer, db.ForeignKey("user.id"), nullable=False, index=True)
@@ -106,8 +108,8 @@ class Script(db.Model):
 
     @property
     def rel_dir(self):
-        """The run folder relative to STORAGE_DIR, e.g. ``"3/mnist_digits"``."""
-        return storage.run_rel_dir(self.user_id, self.filename)
+        """The script's folder relative to STORAGE_DIR, e.g. ``"3/mnist_digits"``."""
+        return storage.script_rel_dir(self.user_id, self.filename)
 
     @property
     def last_run(self):
@@ -119,6 +121,13 @@ class Script(db.Model):
 
 
 class Run(db.Model):
+    """One run of a script, kept with its own folder (``visualizer.run_store.run_folder``).
+
+    ``number`` counts the script's runs from 1; ``script_sha256`` is the hash of the
+    script copy the run started with; ``images`` the names of the visualization images
+    it used; ``final_metrics`` ({metric: value}) and ``alert_count`` are read from its
+    folder when it ends, so the run list needs no file.
+    """
     id = db.Column(db.Integer, primary_key=True)
     script_id = db.Column(db.Integer, db.ForeignKey("script.id"), nullable=False, index=True)
     state = db.Column(db.String(10), nullable=False, default=storage.RUN_QUEUED)
@@ -128,6 +137,11 @@ class Run(db.Model):
     created_at = db.Column(db.DateTime, nullable=False, default=utcnow)
     started_at = db.Column(db.DateTime)
     ended_at = db.Column(db.DateTime)
+    number = db.Column(db.Integer)
+    script_sha256 = db.Column(db.String(64))
+    images = db.Column(db.JSON)
+    final_metrics = db.Column(db.JSON)
+    alert_count = db.Column(db.Integer)
     script = db.relationship("Script", back_populates="runs")
 
     @property
@@ -137,3 +151,15 @@ class Run(db.Model):
     @property
     def last_change(self):
         return self.ended_at or self.started_at or self.created_at
+
+    @property
+    def duration(self):
+        """The run's time from start to end (to now while it runs) as a timedelta, or None."""
+        if self.started_at is None:
+            return None
+        return (self.ended_at or utcnow()) - self.started_at
+
+    @property
+    def short_hash(self):
+        """The first hex digits of ``script_sha256`` that people compare, or ""."""
+        return (self.script_sha256 or "")[:SHORT_HASH_DIGITS]

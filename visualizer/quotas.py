@@ -1,11 +1,11 @@
-"""Per-user quotas: how many files a user keeps and how much storage all their run folders take.
+"""Per-user quotas: how many files a user keeps and how much storage all their runs take.
 
 Storage is measured by walking the user's folder with lstat (``storage.disk_usage``),
 never following a link, so a run cannot hide its files behind links or count
-another user's. Checked before an upload and before a run writes anything; a run
-is given the room that is left (``run_disk_limit_mb``), which the runner enforces.
+another user's. The user's folder holds every script and every kept run of each, so
+all runs count. Checked before an upload and before a run writes anything; a run is
+given the room that is left (``run_disk_limit_mb``), which the runner enforces.
 """
-import os
 
 from flask import current_app
 
@@ -38,6 +38,12 @@ def check_upload(user_id, new_bytes):
     if count >= app.config["USER_MAX_SCRIPTS"]:
         raise QuotaExceeded("You have %d files, the most one account may keep. Delete a file "
                             "before uploading another." % count)
+    check_storage(user_id, new_bytes)
+
+
+def check_storage(user_id, new_bytes):
+    """Raises ``QuotaExceeded`` when ``new_bytes`` more would put the user over their storage."""
+    app = current_app
     used, limit = storage.disk_usage(user_dir(app, user_id)), storage_limit_bytes(app)
     if used + new_bytes > limit:
         raise QuotaExceeded("Your storage is full: your files use %s of your %s. Delete files "
@@ -45,31 +51,20 @@ def check_upload(user_id, new_bytes):
                                 storage.format_bytes(used), storage.format_bytes(limit)))
 
 
-def run_disk_limit_mb(script, folder, replaced_names, new_bytes):
-    """The storage, in MB, that a new run of ``script`` may fill in its run folder.
-
-    The run folder may grow to the user's storage limit less what the user's
-    other run folders take; the previous run's files (``replaced_names``) are
-    counted as gone and the new images (``new_bytes``) as written.
-
-    Args:
-        script: the script to run.
-        folder: its run folder.
-        replaced_names: entries of the run folder that preparing the run deletes.
-        new_bytes: bytes of the new visualization images.
-
-    Raises:
-        QuotaExceeded: the run folder would be over that limit before the run starts.
-    """
+def check_new_run(user_id, new_bytes):
+    """Raises ``QuotaExceeded`` when a new run's folder, ``new_bytes`` to begin with (the
+    script's copy and the images), leaves no room for its results."""
     app = current_app
-    limit = storage_limit_bytes(app)
-    folder_bytes = storage.disk_usage(folder)
-    others = storage.disk_usage(user_dir(app, script.user_id)) - folder_bytes
-    replaced = sum(storage.disk_usage(os.path.join(folder, name)) for name in replaced_names)
-    allowed = limit - others
-    if folder_bytes - replaced + new_bytes >= allowed:
-        raise QuotaExceeded("Your storage is full: your files use %s of your %s, and a run needs "
-                            "room for its results. Delete files or their results to make room."
-                            % (storage.format_bytes(others + folder_bytes),
-                               storage.format_bytes(limit)))
-    return allowed / storage.MIB
+    used, limit = storage.disk_usage(user_dir(app, user_id)), storage_limit_bytes(app)
+    if used + new_bytes >= limit:
+        raise QuotaExceeded("Your storage is full: your files and their runs use %s of your %s, "
+                            "and a run needs room for its results. Delete runs or files to make "
+                            "room." % (storage.format_bytes(used), storage.format_bytes(limit)))
+
+
+def run_disk_limit_mb(user_id, folder):
+    """The storage, in MB, that a new run may fill in its ``folder``: the user's storage
+    limit less what the user's other scripts and runs take."""
+    app = current_app
+    others = storage.disk_usage(user_dir(app, user_id)) - storage.disk_usage(folder)
+    return (storage_limit_bytes(app) - others) / storage.MIB

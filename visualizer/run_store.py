@@ -1,41 +1,75 @@
-"""Where a script's run lives and how the runner's reports reach the database.
+"""Where a script and its runs live and how the runner's reports reach the database.
 
-The blueprints and the app factory import these; they import no blueprint.
+The blueprints and the app factory import these; they import no blueprint. Code that
+needs a run's folder gets it from ``run_folder(app, run)``, a function of the run row
+alone, whatever made the run.
 """
 import os
 
 from custom_keras import registry, storage
-from visualizer.models import Run, db, utc_from_timestamp
+from visualizer.models import ENDED_STATES, Run, db, utc_from_timestamp
 
 
-def run_dir(app, script):
-    """The run folder of a script: ``<STORAGE_DIR>/<user_id>/<stem>``."""
+def script_dir(app, script):
+    """The script's folder ``<STORAGE_DIR>/<user_id>/<stem>``: its upload and its runs."""
     return storage.run_dir_in(app.config["STORAGE_DIR"], script.rel_dir)
 
 
-def technique_tabs(app, script):
-    """The techniques whose tabs a script's pages show: every one, except those shown only
-    when the run registered one of their techniques (the attribution methods' comparison)."""
+def technique_tabs(app, run):
+    """The techniques whose tabs a run's pages show: every one, except those shown only when
+    the run registered one of their techniques (the attribution methods)."""
     try:
-        registered = storage.read_techniques(run_dir(app, script))
+        registered = storage.read_techniques(run_folder(app, run)) if run else None
     except OSError:  # unreadable: the tabs that need none
         registered = None
     return [technique for technique in registry.TECHNIQUES if technique.shows_tab(registered)]
 
 
-def run_folder(app, run):
-    """The folder of one run (``visualizer.models.Run``): where its results and output are."""
-    return run_dir(app, run.script)
-
-
 def script_path(app, script):
-    return os.path.join(run_dir(app, script), script.filename)
+    """The script as uploaded, in its folder."""
+    return os.path.join(script_dir(app, script), script.filename)
+
+
+def run_rel_dir(run):
+    """The run's folder relative to STORAGE_DIR (``storage.run_rel_dir``), e.g. for a token."""
+    return storage.run_rel_dir(run.script.user_id, run.script.filename, run.id)
+
+
+def run_folder(app, run):
+    """THE folder of a run: ``<STORAGE_DIR>/<user_id>/<stem>/runs/<run_id>``."""
+    return storage.run_dir_in(app.config["STORAGE_DIR"], run_rel_dir(run))
+
+
+def run_script_path(app, run):
+    """The copy of the script that the run runs, in the run's folder."""
+    return os.path.join(run_folder(app, run), run.script.filename)
+
+
+def final_metrics(app, run):
+    """{metric: value} of the run's last training and validation rows, or None.
+
+    Stored in the row when the run ended; read from its folder while it runs (or
+    when the row has none)."""
+    if run.final_metrics is not None:
+        return run.final_metrics
+    try:
+        return storage.read_final_metrics(run_folder(app, run))
+    except (OSError, ValueError):  # a link, a pipe, a huge or malformed line
+        return None
+
+
+def alert_count(app, run):
+    """How many alerts the run's health checks raised: stored when it ended, else read."""
+    if run.alert_count is not None:
+        return run.alert_count
+    return len(storage.read_alerts(run_folder(app, run))[0])
 
 
 def apply_run_update(app, update):
     """Write a runner's state change (a ``RunUpdate``) into the database.
 
-    Called from the runner's monitor thread, hence the app context of its own.
+    When the run has ended, its final metrics and alert count are read from its folder
+    into the row. Called from the runner's monitor thread, hence the app context of its own.
     """
     with app.app_context():
         run = db.session.get(Run, update.run_id)
@@ -49,4 +83,16 @@ def apply_run_update(app, update):
             run.started_at = utc_from_timestamp(update.started_at)
         if update.ended_at is not None:
             run.ended_at = utc_from_timestamp(update.ended_at)
+        if run.state in ENDED_STATES:
+            record_results(app, run)
         db.session.commit()
+
+
+def record_results(app, run):
+    """Reads the ended run's final metrics and alert count from its folder into its row."""
+    folder = run_folder(app, run)
+    try:
+        run.final_metrics = storage.read_final_metrics(folder)
+    except (OSError, ValueError):
+        run.final_metrics = None
+    run.alert_count = len(storage.read_alerts(folder)[0])

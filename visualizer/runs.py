@@ -1,10 +1,10 @@
 """Runs: run and stop a script, its live output, its images and the technique tabs."""
+import hashlib
 import io
 import mimetypes
 import os
 import re
 import shutil
-import tempfile
 import warnings
 
 from flask import (Blueprint, abort, current_app, flash, jsonify, redirect, render_template,
@@ -17,8 +17,10 @@ from custom_bokeh.auth import embed_script
 from custom_keras import registry, storage
 from visualizer import quotas
 from visualizer.models import Run, db
-from visualizer.run_store import run_dir, script_path
-from visualizer.scripts import mark_seen, owned_script, send_run_file, storage_error_text
+from visualizer.run_store import (alert_count, run_folder, run_rel_dir, run_script_path,
+                                  script_path)
+from visualizer.scripts import (chosen_run, mark_seen, owned_run, owned_script, send_run_file,
+                                storage_error_text)
 
 bp = Blueprint("runs", __name__, url_prefix="/scripts/<int:script_id>")
 
@@ -50,101 +52,112 @@ def check_images(uploads):
             raise ValueError("%s is not an image file name; use one of %s."
                              % (upload.filename, ", ".join(storage.IMAGE_EXTENSIONS)))
         data = upload.read()
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("error", Image.DecompressionBombWarning)
-                with Image.open(io.BytesIO(data)) as image:
-                    image.verify()
-                # verify() leaves the image unusable: open again and decode every pixel.
-                with Image.open(io.BytesIO(data)) as image:
-                    image.load()
-        except (Image.DecompressionBombWarning, Image.DecompressionBombError):
-            raise ValueError("%s has too many pixels (more than %d); use a smaller image."
-                             % (name, Image.MAX_IMAGE_PIXELS)) from None
-        except Exception as error:  # Pillow raises many types for broken files
-            raise ValueError("%s is not a readable image (%s)." % (name, error)) from None
+        verify_image(name, data)
         if name in (n for n, _ in images):
             raise ValueError("Two images are named %s; give them different names." % name)
         images.append((name, data))
     return images
 
 
-# Folders inside a run folder that exist only while a new run's inputs are put in place:
-# the new images being written, and the previous run's files on their way out.
-STAGING_PREFIX = ".new-images-"
-TRASH_PREFIX = ".previous-run-"
+def verify_image(name, data):
+    """Raises ValueError unless ``data`` is an image Pillow reads whole, and not a bomb."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as image:
+                image.verify()
+            # verify() leaves the image unusable: open again and decode every pixel.
+            with Image.open(io.BytesIO(data)) as image:
+                image.load()
+    except (Image.DecompressionBombWarning, Image.DecompressionBombError):
+        raise ValueError("%s has too many pixels (more than %d); use a smaller image."
+                         % (name, Image.MAX_IMAGE_PIXELS)) from None
+    except Exception as error:  # Pillow raises many types for broken files
+        raise ValueError("%s is not a readable image (%s)." % (name, error)) from None
 
 
-def clear_previous_results(folder, new_images):
-    """Replace what an earlier run left (results, networks, output, status, images).
+def previous_images(run):
+    """The images of an earlier run, read back from its folder (hostile input) and verified.
 
-    All or nothing: the new images are first written into a staging folder inside
-    the run folder; only once they are complete are the previous run's files moved
-    aside (``os.replace``, which needs no space) and the new images renamed into
-    place. If anything fails, everything moved is moved back, so the previous
-    run's data are kept; the moved-aside files are deleted only at the end.
-
-    Args:
-        folder: the run folder.
-        new_images: list of (name, bytes) that replace the images, or None to keep them.
+    Returns:
+        list of (name, bytes), oldest first; [] when there is no such run or it had none.
 
     Raises:
-        OSError: the run folder could not be written (full disk, read-only, a file
-            where a folder should be); the folder is then as it was.
+        ValueError: an image was replaced by something that is not an image or cannot be read.
     """
-    _remove_leftovers(folder)
-    staging = None
-    if new_images is not None:
-        staging = tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=folder)
+    if run is None:
+        return []
+    folder = run_folder(current_app, run)
+    images = []
+    for name in storage.list_images(folder):
         try:
-            # Written in order, so the last one is the newest (see storage.list_images).
-            for index, (name, data) in enumerate(new_images):
-                path = os.path.join(staging, name)
-                with open(path, "wb") as f:
-                    f.write(data)
-                os.utime(path, ns=(index, index))
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
-    old_names = replaced_by_run(staging is not None)
-    moved = []
+            data = storage.read_run_file(folder, os.path.join(storage.IMAGES_DIR, name),
+                                         storage.MAX_IMAGE_BYTES)
+        except (FileNotFoundError, storage.UnsafeFileError) as error:
+            raise ValueError("The previous image %s cannot be read (%s); upload the images "
+                             "again." % (name, error)) from None
+        verify_image(name, data)
+        images.append((name, data))
+    return images
+
+
+def create_run(script, source, images):
+    """A new run of ``script``: its row and its own folder with the script and the images.
+
+    All or nothing: when writing fails, the half-written folder is removed and the
+    row is not added.
+
+    Args:
+        script: the script to run.
+        source: the bytes of the script as it is now, copied into the run's folder.
+        images: list of (name, bytes) of the visualization images, oldest first.
+
+    Raises:
+        OSError: the storage folder could not be written (full disk, read-only, a file
+            where a folder should be); nothing is left behind.
+        ValueError: a folder on the way was replaced by a link.
+    """
+    numbers = [r.number for r in script.runs if r.number is not None]
+    run = Run(script=script, state=storage.RUN_QUEUED, number=max(numbers, default=0) + 1,
+              script_sha256=hashlib.sha256(source).hexdigest(), images=[n for n, _ in images])
+    db.session.add(run)
+    folder, created = None, False
     try:
-        trash = tempfile.mkdtemp(prefix=TRASH_PREFIX, dir=folder)
-        try:
-            for name in old_names:
-                try:
-                    os.replace(os.path.join(folder, name), os.path.join(trash, name))
-                except FileNotFoundError:
-                    continue
-                moved.append(name)
-            if staging:
-                os.replace(staging, storage.images_dir(folder))
-        except BaseException:
-            for name in reversed(moved):  # put the previous run's files back
-                os.replace(os.path.join(trash, name), os.path.join(folder, name))
-            os.rmdir(trash)
-            raise
-    finally:
-        if staging:
-            shutil.rmtree(staging, ignore_errors=True)  # gone already when it was put in place
-    shutil.rmtree(trash, ignore_errors=True)
+        db.session.flush()  # the run's id names its folder
+        folder = run_folder(current_app, run)
+        check_no_links(current_app.config["STORAGE_DIR"], os.path.dirname(folder), script)
+        # The database is the truth: a folder without its run row is left over.
+        shutil.rmtree(folder, ignore_errors=True)
+        os.makedirs(folder)
+        created = True
+        with open(os.path.join(folder, script.filename), "wb") as f:
+            f.write(source)
+        # Written in order, so the last one is the newest (see storage.list_images).
+        os.mkdir(storage.images_dir(folder))
+        for index, (name, data) in enumerate(images):
+            path = os.path.join(storage.images_dir(folder), name)
+            with open(path, "wb") as f:
+                f.write(data)
+            os.utime(path, ns=(index, index))
+        db.session.commit()
+    except BaseException:
+        db.session.rollback()
+        if created:
+            shutil.rmtree(folder, ignore_errors=True)
+        raise
+    return run, folder
 
 
-def replaced_by_run(new_images):
-    """The entries of a run folder that a new run replaces (the images only when new ones come)."""
-    return [storage.RESULTS_DIR, storage.NETWORKS_DIR, storage.OUTPUT_FILE,
-            storage.STATUS_FILE] + ([storage.IMAGES_DIR] if new_images else [])
-
-
-def _remove_leftovers(folder):
-    """Deletes staging and moved-aside folders that a killed server left in the run folder."""
-    try:
-        names = os.listdir(folder)
-    except (FileNotFoundError, NotADirectoryError):
-        return
-    for name in names:
-        if name.startswith((STAGING_PREFIX, TRASH_PREFIX)):
-            shutil.rmtree(os.path.join(folder, name), ignore_errors=True)
+def check_no_links(storage_dir, folder, script):
+    """Raises ValueError when ``folder`` or a folder between it and ``storage_dir`` is a link:
+    a run's folder is made and later deleted there, never where a link points."""
+    relative = os.path.relpath(folder, storage_dir)
+    path = storage_dir
+    for part in relative.split(os.sep):
+        path = os.path.join(path, part)
+        if os.path.islink(path):
+            raise ValueError("The folder of %s was replaced by a link; delete the file and "
+                             "upload it again." % script.filename)
 
 
 @bp.route("/run", methods=("POST",))
@@ -154,44 +167,64 @@ def run(script_id):
     if script.is_active:
         flash("%s is already %s." % (script.filename, script.last_run.state), "error")
         return redirect(overview)
-    folder = run_dir(current_app, script)
     choice = request.form.get("images", "new")
     try:
-        if os.path.islink(folder) or os.path.islink(os.path.dirname(folder)):
-            # preparing a run moves and deletes files: never in a folder a link points to
-            raise ValueError("The run folder of %s was replaced by a link; delete the file and "
-                             "upload it again." % script.filename)
         if choice not in ("new", "keep", "none"):
             raise ValueError("Choose new image(s), the previous image(s) or no image.")
-        new_images = check_images(request.files.getlist("image")) if choice == "new" else []
-        if choice == "new" and not new_images:
-            raise ValueError("Choose a visualization image to upload, or keep the previous one.")
-        if choice == "keep" and not storage.list_images(folder):
-            raise ValueError("There is no previous image to keep; upload one.")
-        disk_limit_mb = quotas.run_disk_limit_mb(
-            script, folder, replaced_by_run(choice != "keep"), sum(len(d) for _, d in new_images))
+        if choice == "new":
+            images = check_images(request.files.getlist("image"))
+            if not images:
+                raise ValueError("Choose a visualization image to upload, or keep the previous "
+                                 "one.")
+        elif choice == "keep":
+            images = previous_images(script.last_run)
+            if not images:
+                raise ValueError("There is no previous image to keep; upload one.")
+        else:
+            images = []
+        with open(script_path(current_app, script), "rb") as f:
+            source = f.read()
+        quotas.check_new_run(script.user_id, len(source) + sum(len(d) for _, d in images))
+        new_run, folder = create_run(script, source, images)
     except ValueError as error:
         flash(str(error), "error")
         return redirect(overview)
-    try:
-        clear_previous_results(folder, None if choice == "keep" else new_images)
     except OSError as error:
-        flash("Could not prepare the run: %s. Nothing was changed; the previous results and "
-              "images are kept. The storage folder of the server needs attention (free space, "
-              "permissions)." % storage_error_text(error), "error")
+        flash("Could not prepare the run: %s. Nothing was changed; the earlier runs are kept. "
+              "The storage folder of the server needs attention (free space, permissions)."
+              % storage_error_text(error), "error")
         return redirect(overview)
-    run = Run(script=script, state=storage.RUN_QUEUED)
-    db.session.add(run)
-    db.session.commit()
     try:
-        current_app.extensions["runner"].start(run.id, folder, script_path(current_app, script),
-                                               disk_limit_mb=disk_limit_mb)
+        current_app.extensions["runner"].start(
+            new_run.id, folder, run_script_path(current_app, new_run),
+            disk_limit_mb=quotas.run_disk_limit_mb(script.user_id, folder))
     except Exception as error:
-        run.state, run.message = storage.RUN_FAILED, "could not start: %s" % error
+        new_run.state, new_run.message = storage.RUN_FAILED, "could not start: %s" % error
         db.session.commit()
         flash("%s could not be started: %s" % (script.filename, error), "error")
         return redirect(overview)
     flash("%s was queued to run." % script.filename, "success")
+    return redirect(overview)
+
+
+@bp.route("/runs/<int:run_id>/delete", methods=("POST",))
+def delete_run(script_id, run_id):
+    """Deletes one run: its folder and its row; refused while the run is active."""
+    script = owned_script(script_id)
+    run = owned_run(script, run_id)
+    overview = url_for("scripts.overview", script_id=script.id)
+    if run.is_active:
+        flash("Run %s of %s is %s; stop it before deleting it." % (
+            run.number, script.filename, run.state), "error")
+        return redirect(overview)
+    folder, number = run_folder(current_app, run), run.number
+    db.session.delete(run)
+    db.session.commit()
+    if os.path.islink(folder):  # a run replaced its folder by a link: only the link goes
+        os.unlink(folder)
+    shutil.rmtree(folder, ignore_errors=True)
+    flash("Run %s of %s and all its results were deleted." % (number, script.filename),
+          "success")
     return redirect(overview)
 
 
@@ -210,51 +243,70 @@ def stop(script_id):
 def output(script_id):
     """The live end of the output, or with ``?from=N`` the lines from line N on (not live)."""
     script = owned_script(script_id)
+    run = chosen_run(script)
     mark_seen(script)
-    folder = run_dir(current_app, script)
+    folder = run and run_folder(current_app, run)
     first_line = request.args.get("from", type=int)
     if first_line is not None and first_line >= 1:
-        lines = lines_from(folder, first_line)
+        lines = lines_from(folder, first_line) if folder else []
     else:
-        first_line, lines = None, tail_lines(folder)
-    return render_template("scripts/output.html", script=script, lines=lines,
+        first_line, lines = None, tail_lines(folder) if folder else []
+    return render_template("scripts/output.html", script=script, run=run, lines=lines,
                            first_line=first_line, window=OUTPUT_WINDOW_LINES,
-                           has_output=storage.is_run_file(folder, storage.OUTPUT_FILE))
+                           has_output=bool(folder) and storage.is_run_file(folder,
+                                                                           storage.OUTPUT_FILE))
 
 
 @bp.route("/output.json")
 def output_json(script_id):
     script = owned_script(script_id)
-    return jsonify(lines=tail_lines(run_dir(current_app, script)), **_status(script))
+    run = chosen_run(script)
+    return jsonify(lines=tail_lines(run_folder(current_app, run)) if run else [], **_status(run))
 
 
 @bp.route("/status.json")
 def status_json(script_id):
-    """The run state, polled by the script's pages; polling counts as looking at the script."""
+    """The chosen run's state and alert count, polled by the script's pages; polling counts
+    as looking at the script."""
     script = owned_script(script_id)
+    run = chosen_run(script)
     mark_seen(script)
-    return jsonify(**_status(script))
+    return jsonify(**_status(run))
 
 
-def _status(script):
-    run = script.last_run
-    return {"state": run.state if run else None,
+def _status(run):
+    return {"run": run.id if run else None,
+            "state": run.state if run else None,
             "exit_code": run.exit_code if run else None,
-            "message": run.message if run else None}
+            "message": run.message if run else None,
+            "alert_count": alert_count(current_app, run) if run else 0}
+
+
+@bp.route("/alerts.json")
+def alerts_json(script_id):
+    """The chosen run's alerts, oldest first, for the Overview's live list."""
+    script = owned_script(script_id)
+    run = chosen_run(script)
+    alerts, problem = storage.read_alerts(run_folder(current_app, run)) if run else ([], "")
+    return jsonify(alerts=alerts, problem=problem)
 
 
 @bp.route("/output/download")
 def download_output(script_id):
     script = owned_script(script_id)
+    run = chosen_run(script)
+    back = url_for("runs.output", script_id=script.id, run=request.args.get("run"))
     try:
-        output_file = storage.open_run_file(run_dir(current_app, script), storage.OUTPUT_FILE,
+        if run is None:
+            raise FileNotFoundError
+        output_file = storage.open_run_file(run_folder(current_app, run), storage.OUTPUT_FILE,
                                             storage.MAX_DOWNLOAD_BYTES)
     except FileNotFoundError:
         flash("%s has no output yet; run it first." % script.filename, "error")
-        return redirect(url_for("runs.output", script_id=script.id))
+        return redirect(back)
     except storage.UnsafeFileError as error:
         flash("The output of %s cannot be downloaded: %s." % (script.filename, error), "error")
-        return redirect(url_for("runs.output", script_id=script.id))
+        return redirect(back)
     if request.args.get("clean") == "1":
         return send_clean_text(output_file, script.stem + "_output_clean.txt")
     return send_run_file(output_file, script.stem + "_output.txt", "text/plain")
@@ -281,8 +333,9 @@ def send_clean_text(output_file, download_name):
 @bp.route("/images/<name>")
 def image(script_id, name):
     script = owned_script(script_id)
-    folder = run_dir(current_app, script)
-    if name not in storage.list_images(folder):
+    run = chosen_run(script)
+    folder = run and run_folder(current_app, run)
+    if not folder or name not in storage.list_images(folder):
         abort(404)
     try:
         data = storage.read_run_file(folder, os.path.join(storage.IMAGES_DIR, name),
@@ -296,13 +349,15 @@ def image(script_id, name):
 @bp.route("/techniques/<key>")
 def technique(script_id, key):
     script = owned_script(script_id)
+    run = chosen_run(script)
     selected = registry.get(key)
     if selected is None:
         abort(404)
     mark_seen(script)
-    bokeh_script = embed_script(current_app.config["BOKEH_URL"], current_app.config["SECRET_KEY"],
-                                selected.key, script.user_id, script.rel_dir)
-    return render_template("scripts/technique.html", script=script, technique=selected,
+    bokeh_script = run and embed_script(current_app.config["BOKEH_URL"],
+                                        current_app.config["SECRET_KEY"], selected.key,
+                                        script.user_id, run_rel_dir(run))
+    return render_template("scripts/technique.html", script=script, run=run, technique=selected,
                            bokeh_script=bokeh_script)
 
 

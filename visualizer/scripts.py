@@ -14,8 +14,9 @@ from werkzeug.utils import secure_filename
 
 from custom_keras import storage
 from visualizer import quotas
-from visualizer.models import ENDED_STATES, FAILED, Script, Tag, db, script_tags, utcnow
-from visualizer.run_store import run_dir, script_path
+from visualizer.models import ENDED_STATES, FAILED, Run, Script, Tag, db, script_tags, utcnow
+from visualizer.run_store import (alert_count, final_metrics, run_folder, script_dir,
+                                  script_path)
 
 bp = Blueprint("scripts", __name__)
 
@@ -35,6 +36,25 @@ def owned_script(script_id):
     if script is None or script.user_id != current_user.id:
         abort(404)
     return script
+
+
+def owned_run(script, run_id):
+    """The run of this (owned) script with this id; 404 for a run of any other script."""
+    run = db.session.get(Run, run_id)
+    if run is None or run.script_id != script.id:
+        abort(404)
+    return run
+
+
+def chosen_run(script):
+    """The run a tab shows: ``?run=<run_id>`` of this script (404 for another's), else the
+    newest, or None before the first run."""
+    run_id = request.args.get("run")
+    if run_id is None:
+        return script.last_run
+    if not (run_id.isascii() and run_id.isdigit()):
+        abort(404)
+    return owned_run(script, int(run_id))
 
 
 def mark_seen(script):
@@ -137,7 +157,8 @@ def index():
     all_scripts = Script.query.filter_by(user_id=current_user.id).all()
     scripts = [s for s in all_scripts if _matches(s, query.lower())]
     scripts.sort(key=SORT_KEYS[sort], reverse=descending)
-    alert_counts = {s.id: len(storage.read_alerts(run_dir(current_app, s))[0]) for s in scripts}
+    alert_counts = {s.id: alert_count(current_app, s.last_run) if s.last_run else 0
+                    for s in scripts}
     return render_template("scripts/index.html", scripts=scripts, has_scripts=bool(all_scripts),
                            query=query, sort=sort, descending=descending,
                            alert_counts=alert_counts)
@@ -184,7 +205,7 @@ def upload():
 
 
 def save_script(script, source):
-    """Writes the script into a fresh run folder, then adds its row to the database.
+    """Writes the script into a fresh folder of its own, then adds its row to the database.
 
     All or nothing: when writing fails, the half-written folder is removed and
     the row is not added.
@@ -193,7 +214,7 @@ def save_script(script, source):
         OSError: the storage folder could not be written (full disk, read-only,
             a file where a folder should be); nothing is left behind.
     """
-    folder = run_dir(current_app, script)
+    folder = script_dir(current_app, script)
     # The database is the truth: a folder without a script row is left over and unreachable.
     shutil.rmtree(folder, ignore_errors=True)
     created = False
@@ -222,45 +243,71 @@ def storage_error_text(error):
 @bp.route("/scripts/<int:script_id>")
 def overview(script_id):
     script = owned_script(script_id)
+    run = chosen_run(script)
     mark_seen(script)
-    folder = run_dir(current_app, script)
-    try:
-        source = storage.read_run_file(folder, script.filename,
-                                       storage.MAX_SCRIPT_BYTES).decode("utf-8", "replace")
-    except FileNotFoundError:
-        source = "# The script file is missing from the storage folder."
-    except storage.UnsafeFileError as error:
-        source = "# The script file is not shown: %s." % error
-    except OSError as error:
-        source = "# The script file cannot be read from the storage folder: %s." % (
-            storage_error_text(error))
-    code = highlight(source, PythonLexer(), HtmlFormatter(linenos="table"))
-    run = script.last_run
+    folder = run and run_folder(current_app, run)
+    # the script as the chosen run ran it, else as uploaded
+    code = highlight(read_script_source(folder or script_dir(current_app, script),
+                                        script.filename),
+                     PythonLexer(), HtmlFormatter(linenos="table"))
     # a failed run: the exception and where its traceback starts in the output
     failure = storage.read_failure(folder) if run and run.state == FAILED else None
-    alerts, alerts_problem = storage.read_alerts(folder)
-    return render_template("scripts/overview.html", script=script, code=code,
-                           has_network=storage.is_run_file(folder, _network_path(script)),
-                           images=storage.list_images(folder), failure=failure,
-                           summary=run_summary(folder), alerts=alerts,
-                           alerts_problem=alerts_problem)
+    alerts, alerts_problem = storage.read_alerts(folder) if folder else ([], "")
+    previous_run = script.last_run
+    return render_template("scripts/overview.html", script=script, run=run, code=code,
+                           has_network=bool(folder) and storage.is_run_file(
+                               folder, _network_path(script)),
+                           images=previous_image_names(previous_run), previous_run=previous_run,
+                           failure=failure, summary=run_summary(current_app, run) if run else None,
+                           alerts=alerts, alerts_problem=alerts_problem,
+                           run_list=run_list(script),
+                           folder_missing=bool(folder) and not os.path.isdir(folder))
 
 
-def run_summary(folder):
-    """What the Overview says about the run's results, from its tables in ``folder``.
+def read_script_source(folder, filename):
+    """The script's text from ``folder`` (a run's folder is hostile input), or a comment
+    saying why it is not shown."""
+    try:
+        return storage.read_run_file(folder, filename,
+                                     storage.MAX_SCRIPT_BYTES).decode("utf-8", "replace")
+    except FileNotFoundError:
+        return "# The script file is missing from the storage folder."
+    except storage.UnsafeFileError as error:
+        return "# The script file is not shown: %s." % error
+    except OSError as error:
+        return "# The script file cannot be read from the storage folder: %s." % (
+            storage_error_text(error))
+
+
+def previous_image_names(run):
+    """The images of the newest run, which the Run dialog offers to keep."""
+    return storage.list_images(run_folder(current_app, run)) if run else []
+
+
+def run_list(script):
+    """The script's runs, newest first, each as {"run", "metrics", "alerts", "hash_changed"};
+    ``hash_changed`` says its script differs from the run before it."""
+    rows, previous_hash = [], None
+    for run in script.runs:  # oldest first
+        rows.append({"run": run, "metrics": final_metrics(current_app, run),
+                     "alerts": alert_count(current_app, run),
+                     "hash_changed": previous_hash is not None and run.script_sha256 is not None
+                     and run.script_sha256 != previous_hash})
+        previous_hash = run.script_sha256 or previous_hash
+    return rows[::-1]
+
+
+def run_summary(app, run):
+    """What the Overview says about a run's results.
 
     Returns:
-        {"final": {metric: value} of the last training row (positions and running
-        averages left out) or None, "best_epoch": (epoch, val_loss) of the lowest
-        validation loss or None, "problem": why a table could not be read, or ""}.
+        {"final": {metric: value} of the last training and validation rows or None,
+        "best_epoch": (epoch, val_loss) of the lowest validation loss or None,
+        "problem": why a table could not be read, or ""}.
     """
-    summary = {"final": None, "best_epoch": None, "problem": ""}
+    folder = run_folder(app, run)
+    summary = {"final": final_metrics(app, run), "best_epoch": None, "problem": ""}
     try:
-        last = storage.read_last_row(
-            folder, storage.results_path(folder, storage.TRAINING_PROGRESS_TABLE))
-        if last:
-            summary["final"] = {name: value for name, value in last.items() if name not in (
-                "progress", "epoch", "batch") and not name.endswith("_avg")}
         columns, rows, _ = storage.read_table(
             folder, storage.results_path(folder, storage.TRAINING_PROGRESS_VAL_TABLE))
         if columns and "epoch" in columns and "val_loss" in columns:
@@ -272,6 +319,32 @@ def run_summary(folder):
     except (OSError, ValueError) as error:  # a link, a pipe, a huge or malformed line
         summary["problem"] = "The training tables could not be read: %s." % error
     return summary
+
+
+@bp.route("/scripts/<int:script_id>/source", methods=("POST",))
+def replace_source(script_id):
+    """Replaces the script with a new version; the runs keep the copies they ran, and the
+    next run runs the new one (its hash in the run list shows the change)."""
+    script = owned_script(script_id)
+    overview = url_for("scripts.overview", script_id=script.id)
+    try:
+        _, source, warning = check_script_upload(request.files.get("file"))
+        data = source.encode("utf-8")
+        quotas.check_storage(current_user.id, len(data))
+        storage.atomic_write_bytes(script_path(current_app, script), data)
+    except ValueError as error:
+        flash(str(error), "error")
+        return redirect(overview)
+    except OSError as error:
+        flash("Could not save the new version: %s. The script is as it was; the storage folder "
+              "of the server needs attention (free space, permissions)."
+              % storage_error_text(error), "error")
+        return redirect(overview)
+    flash("%s was replaced by the new version; its next run runs it." % script.filename,
+          "success")
+    if warning:
+        flash(warning, "warning")
+    return redirect(overview)
 
 
 @bp.route("/scripts/<int:script_id>/tags", methods=("POST",))
@@ -309,7 +382,7 @@ def delete(script_id):
         flash("%s is %s; stop it before deleting it." % (script.filename, script.last_run.state),
               "error")
         return redirect(url_for("scripts.overview", script_id=script.id))
-    folder = run_dir(current_app, script)
+    folder = script_dir(current_app, script)  # holds every run's folder too
     filename = script.filename
     db.session.delete(script)
     delete_orphan_tags()
@@ -321,17 +394,22 @@ def delete(script_id):
 
 @bp.route("/scripts/<int:script_id>/network")
 def download_network(script_id):
+    """The network that the chosen run saved last (NetworkSaver replaces it every epoch)."""
     script = owned_script(script_id)
+    run = chosen_run(script)
+    back = url_for("scripts.overview", script_id=script.id, run=request.args.get("run"))
     try:
-        network = storage.open_run_file(run_dir(current_app, script), _network_path(script),
+        if run is None:
+            raise FileNotFoundError
+        network = storage.open_run_file(run_folder(current_app, run), _network_path(script),
                                         storage.MAX_DOWNLOAD_BYTES)
     except FileNotFoundError:
         flash("%s has no saved network yet: run it with callbacks.register_network_saver()."
               % script.filename, "error")
-        return redirect(url_for("scripts.overview", script_id=script.id))
+        return redirect(back)
     except storage.UnsafeFileError as error:
         flash("The network of %s cannot be downloaded: %s." % (script.filename, error), "error")
-        return redirect(url_for("scripts.overview", script_id=script.id))
+        return redirect(back)
     return send_run_file(network, script.stem + ".keras", "application/octet-stream")
 
 

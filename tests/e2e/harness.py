@@ -20,6 +20,8 @@ from pathlib import Path
 
 from PIL import Image
 
+from custom_keras import storage
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
 ARTIFACTS_DIR = REPO_ROOT / "test-artifacts" / "e2e"
 CHROMIUM = "/usr/bin/chromium"
@@ -299,11 +301,23 @@ class WebUser:
             what=lambda: "script %d to reach %s (server log:\n%s)" % (
                 script_id, "/".join(states), self.servers.log_tail(1500)))
 
-    def run_dir(self, script_id, stem):
-        """The run folder of one of this user's scripts, found in the storage folder."""
+    def script_dir(self, stem):
+        """The folder of one of this user's scripts (its upload and its runs), found in the
+        storage folder; ``stem`` is unique among the tests' users."""
         folders = [p for p in self.servers.storage_dir.glob("*/%s" % stem) if p.is_dir()]
         assert len(folders) == 1, folders
         return folders[0]
+
+    def run_dir(self, script_id, stem):
+        """The folder of the newest run of one of this user's scripts; a script that never
+        ran is run first, to its end, so that there is a run whose folder tests can fill."""
+        runs = self.script_dir(stem) / storage.RUNS_DIR  # found on disk: the server may be down
+        run_ids = ([int(p.name) for p in runs.iterdir() if p.name.isdigit()]
+                   if runs.is_dir() else [])
+        if not run_ids:
+            self.run(script_id)
+            run_ids = [self.wait_for_state(script_id, ENDED_STATES, 60)["run"]]
+        return runs / str(max(run_ids))
 
 
 # What the page's Bokeh documents hold: the longest "progress" column (the batch

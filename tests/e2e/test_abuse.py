@@ -66,7 +66,7 @@ def owner(playwright, servers):
     user.run(user.script_id, image=("digit.png", png_bytes()))
     assert user.wait_for_state(user.script_id, ("finished", "failed"), 60)["state"] == "finished"
     user.folder = user.run_dir(user.script_id, OWNER_STEM)
-    user.user_id = int(user.folder.parent.name)
+    user.user_id = int(user.script_dir(OWNER_STEM).parent.name)
     yield user
     user.request.dispose()
 
@@ -76,7 +76,7 @@ def intruder(playwright, servers):
     user = WebUser(playwright, servers, "intruder_user").register_and_login()
     user.script_id = user.upload_script("mine.py", "print('mine')\n")
     user.folder = user.run_dir(user.script_id, "mine")
-    user.user_id = int(user.folder.parent.name)
+    user.user_id = int(user.script_dir("mine").parent.name)
     yield user
     user.request.dispose()
 
@@ -191,8 +191,8 @@ def test_owner_token_opens_the_dashboard_and_forged_tokens_are_refused(owner, in
     owner_token = session_token(owner, owner.script_id)
     assert autoload(owner, servers, owner_token).status == 200
     key = servers.secret_key()
-    owner_run = "%d/%s" % (owner.user_id, OWNER_STEM)
-    intruder_run = "%d/mine" % intruder.user_id
+    owner_run = str(owner.folder.relative_to(servers.storage_dir))
+    intruder_run = str(intruder.folder.relative_to(servers.storage_dir))
     # The intruder's own page signs a token for the intruder's run only.
     intruder_token = session_token(intruder, intruder.script_id)
     assert get_token_payload(intruder_token)["run"] == intruder_run
@@ -310,7 +310,7 @@ def test_dot_dot_names_stay_inside_the_users_folder(intruder, servers):
         "image": {"name": "../../../escape.png", "mimeType": "image/png", "buffer": png_bytes()}})
     assert response.status == 302
     intruder.wait_for_state(script_id, ("finished", "failed"), 60)
-    images = intruder.folder.parent / "escape_e2e" / "images"
+    images = intruder.run_dir(script_id, "escape_e2e") / "images"
     assert sorted(os.listdir(images)) == ["escape.png"]
     assert not (servers.storage_dir.parent / "escape.png").exists()
     for name in ("..%2Fescape_e2e.py", "..%2F..%2F..%2Finstance%2Fsecret_key", "%2Fetc%2Fpasswd",
@@ -473,7 +473,7 @@ def alice(playwright, attack_servers):
     user.run(user.script_id, image=("digit.png", png_bytes()))
     assert user.wait_for_state(user.script_id, ENDED_STATES, 60)["state"] == "finished"
     user.folder = user.run_dir(user.script_id, ALICE_STEM)
-    user.user_id = int(user.folder.parent.name)
+    user.user_id = int(user.script_dir(ALICE_STEM).parent.name)
     user.tag_id = tag_ids(user, user.script_id)["private"]
     yield user
     user.request.dispose()
@@ -485,7 +485,7 @@ def mallory(playwright, attack_servers):
     user = WebUser(playwright, attack_servers, "mallory_attacker",
                    MALLORY_PASSWORD).register_and_login()
     user.script_id = user.upload_script("mallory_notes.py", "print('notes')\n")
-    user.user_id = int(user.run_dir(user.script_id, "mallory_notes").parent.name)
+    user.user_id = int(user.script_dir("mallory_notes").parent.name)
     yield user
     user.request.dispose()
 
@@ -560,7 +560,7 @@ def run_attack(mallory, name, known, timeout=60, stem=None):
     """Runs an attack to its end; returns (script id, run folder, what the script printed)."""
     script_id = launch_attack(mallory, name, known, stem)
     mallory.wait_for_state(script_id, ENDED_STATES, timeout)
-    folder = mallory.servers.storage_dir / str(mallory.user_id) / (stem or name)
+    folder = mallory.run_dir(script_id, stem or name)
     return script_id, folder, attack_output(folder)
 
 
@@ -808,8 +808,8 @@ def test_a_script_cannot_kill_the_servers_or_another_users_run(target, alice, ma
     bokeh_pids = target.bokeh_pids()
     known = known_facts(target, alice, mallory, alice_dir=str(running_folder),
                         alice_pids=alice_pids)
-    launch_attack(mallory, "kill_servers", known)
-    folder = target.storage_dir / str(mallory.user_id) / "kill_servers"
+    attack_id = launch_attack(mallory, "kill_servers", known)
+    folder = mallory.run_dir(attack_id, "kill_servers")
     try:
         # Watched from outside: the Flask server may not be there to report the run.
         output = wait_for(lambda: (lambda text: text if "ATTACK-END" in text else None)(
@@ -831,7 +831,7 @@ def test_a_daemonized_child_does_not_outlive_stop(target, alice, mallory):
     marker = "mallory-escapee-%s" % uuid.uuid4().hex[:12]
     script_id = launch_attack(mallory, "escape_stop", known_facts(target, alice, mallory,
                                                                   marker=marker))
-    folder = target.storage_dir / str(mallory.user_id) / "escape_stop"
+    folder = mallory.run_dir(script_id, "escape_stop")
     try:
         wait_for(lambda: "ESCAPED" in attack_output(folder), 60, what="the child to escape")
         assert named(marker), "the attack's daemon never ran"
@@ -851,7 +851,7 @@ def test_a_fork_bomb_is_bounded_and_cleaned_up(target, alice, mallory):
     marker = "mallory-fork-%s" % uuid.uuid4().hex[:12]
     script_id = launch_attack(mallory, "fork_bomb", known_facts(
         target, alice, mallory, marker=marker, attempts=FORK_ATTEMPTS))
-    folder = target.storage_dir / str(mallory.user_id) / "fork_bomb"
+    folder = mallory.run_dir(script_id, "fork_bomb")
     most, uids = 0, set()
 
     def bomb_went_off():
@@ -878,7 +878,7 @@ def test_a_fork_bomb_is_bounded_and_cleaned_up(target, alice, mallory):
 
 
 def test_a_disk_filler_is_stopped_and_marked_failed(target, alice, mallory):
-    folder = target.storage_dir / str(mallory.user_id) / "fill_disk"
+    folder = target.storage_dir / str(mallory.user_id) / "fill_disk"  # and all its runs
     try:
         script_id, _, output = run_attack(mallory, "fill_disk", known_facts(
             target, alice, mallory, megabytes=FILL_MB), timeout=180)
@@ -894,7 +894,7 @@ def test_a_disk_filler_is_stopped_and_marked_failed(target, alice, mallory):
         # before the disk is full is the bound the sandbox and fault suites assert too.
         assert used < 2 * 2 ** 30
     finally:
-        for filler in folder.glob("filler-*.bin"):
+        for filler in folder.rglob("filler-*.bin"):
             filler.unlink()
 
 
@@ -995,7 +995,7 @@ def test_a_run_folder_swapped_for_a_link_reads_and_clears_nothing_of_alice(
     try:
         assert_attack_ran(output)
         assert_serves_nothing_of_alice(target, mallory, script_id, browser)
-        # Running it again clears "its" previous results and puts the new image in place.
+        # Running it again makes a new run folder; nothing of alice is read or cleared.
         mallory.run(script_id, image=("digit.png", png_bytes()))
         mallory.wait_for_state(script_id, ENDED_STATES, 60)
         assert digests(alice.folder) == alice_before

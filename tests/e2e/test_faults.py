@@ -34,6 +34,11 @@ def snapshot_count(run_dir):
         return 0
 
 
+def outcome(status):
+    """The state, exit code and message of a status.json answer."""
+    return {key: status[key] for key in ("state", "exit_code", "message")}
+
+
 def script_pid(run_dir):
     """The pid on this machine of the fake training script (it writes its pid inside the
     sandbox), once it wrote it."""
@@ -70,8 +75,8 @@ def test_killed_run_is_failed_and_dashboards_show_its_last_snapshot(make_user, s
     os.kill(script_pid(folder), signal.SIGKILL)
 
     status = user.wait_for_state(script_id, ("finished", "failed", "stopped"), 30)
-    assert status == {"state": "failed", "exit_code": -signal.SIGKILL,
-                      "message": "killed by signal SIGKILL"}
+    assert status == {"run": int(folder.name), "state": "failed", "exit_code": -signal.SIGKILL,
+                      "message": "killed by signal SIGKILL", "alert_count": 0}
     count = snapshot_count(folder)
     rows = len(storage.read_table(str(folder), storage.results_path(
         str(folder), "training_progress.tsv"))[1])
@@ -129,8 +134,8 @@ def test_server_killed_during_runs_comes_back_with_their_true_states(playwright,
              what="the short run to end while the server is down")
 
     servers.start()  # the session cookie stays valid: the secret key is in the instance folder
-    assert user.status(ids["short"]) == {"state": "failed", "exit_code": 3,
-                                         "message": "exited with code 3"}
+    assert outcome(user.status(ids["short"])) == {"state": "failed", "exit_code": 3,
+                                                  "message": "exited with code 3"}
     assert user.status(ids["long"])["state"] == "running"
     assert user.wait_for_state(ids["queued"], ("finished", "failed"), 30)["state"] == "finished"
     assert "queued run ran" in user.get("/scripts/%d/output.json" % ids["queued"]).json()["lines"]
@@ -162,8 +167,9 @@ def test_server_stopped_with_sigterm_stops_runs_and_says_so_after_restart(playwr
 
     servers.start()
     for key in ("long", "short"):
-        assert user.status(ids[key]) == {"state": "stopped", "exit_code": -signal.SIGTERM,
-                                         "message": "stopped because the server shut down"}, key
+        assert outcome(user.status(ids[key])) == {
+            "state": "stopped", "exit_code": -signal.SIGTERM,
+            "message": "stopped because the server shut down"}, key
     assert user.wait_for_state(ids["queued"], ("finished", "failed"), 30)["state"] == "finished"
     assert "stopped because the server shut down" in user.get("/scripts/%d" % ids["long"]).text()
 
@@ -175,7 +181,7 @@ def file_instead_of_user_folder(user, script_id, stem, tmp_path):
     ``stem`` is the script's name without .py: unique among the tests' users, so that
     ``user.run_dir`` finds one folder.
     """
-    user_folder = user.run_dir(script_id, stem).parent
+    user_folder = user.script_dir(stem).parent
     shutil.move(str(user_folder), str(tmp_path / "moved"))
     user_folder.write_text("a file where the user's folder should be")
     try:
@@ -342,12 +348,12 @@ def test_ten_runs_at_once_stay_under_the_concurrency_limit_and_all_finish(make_u
     user = make_user("burst_user")
     source = "import time\nprint('start', flush=True)\ntime.sleep(1.0)\nprint('end')\n"
     ids = [user.upload_script("burst_%d.py" % n, source) for n in range(10)]
-    folders = [user.run_dir(script_id, "burst_%d" % n) for n, script_id in enumerate(ids)]
     token = user.csrf_token()
     for script_id in ids:
         response = user.post("/scripts/%d/run" % script_id,
                              multipart={"csrf_token": token, "images": "none"})
         assert response.status == 302
+    folders = [user.run_dir(script_id, "burst_%d" % n) for n, script_id in enumerate(ids)]
     most_running, most_processes, samples = 0, 0, 0
     while True:
         states = [(read_status_file(folder) or {}).get("state") for folder in folders]

@@ -46,10 +46,57 @@ if (output) {
   });
 }
 
+// The Overview's alert list of the shown run, redrawn from alerts.json when the count
+// that status.json reports changes (text only: alerts are written by the user's script).
+var alertList = document.getElementById("alerts");
+
+function showAlerts(data) {
+  var rows = alertList.querySelector("tbody");
+  rows.textContent = "";
+  data.alerts.slice().reverse().forEach(function (alert) {
+    var row = rows.insertRow();
+    var kind = row.insertCell();
+    var name = document.createElement("span");
+    name.className = "alert-kind";
+    name.textContent = alert.kind.replace(/_/g, " ");
+    kind.appendChild(name);
+    if (alert.layer !== null && alert.layer !== undefined) {
+      var layer = document.createElement("span");
+      layer.className = "muted";
+      layer.textContent = alert.layer;
+      kind.appendChild(document.createElement("br"));
+      kind.appendChild(layer);
+    }
+    var epoch = typeof alert.epoch === "number" ? alert.epoch + 1 : alert.epoch;
+    row.insertCell().textContent = epoch + ", " + alert.batch;
+    row.insertCell().textContent = alert.message;
+    row.insertCell().textContent = alert.advice;
+  });
+  var problem = document.getElementById("alerts-problem");
+  problem.textContent = data.problem;
+  problem.hidden = !data.problem;
+  document.getElementById("alerts-table").hidden = !data.alerts.length;
+  alertList.hidden = !(data.alerts.length || data.problem);
+  ["alert-count", "run-alert-count"].forEach(function (id) {
+    var count = document.getElementById(id);
+    if (count) { count.textContent = data.alerts.length; }
+  });
+}
+
+function updateAlerts(alertCount) {
+  if (!alertList || String(alertCount) === alertList.dataset.count) { return; }
+  alertList.dataset.count = String(alertCount);
+  fetch(alertList.dataset.alertsUrl, {credentials: "same-origin", cache: "no-store"})
+    .then(function (response) { return response.ok ? response.json() : null; })
+    .then(function (data) { if (data) { showAlerts(data); } })
+    .catch(function () {});
+}
+
 var header = document.querySelector("[data-status-url]");
 if (header) {
   var badge = document.getElementById("run-badge");
   poll(header.dataset.statusUrl, 2000, function (data) {
+    updateAlerts(data.alert_count);
     var state = data.state || "";
     if (state === header.dataset.state) { return; }
     if (header.hasAttribute("data-reload-on-change")) { window.location.reload(); return; }
