@@ -1,5 +1,6 @@
 """The attribution dashboards: one method's overlay, and every method side by side."""
 import os
+import pathlib
 
 import numpy as np
 import pytest
@@ -11,6 +12,7 @@ from custom_keras import storage
 from test_bokeh_saliency import SECRET, session_document
 
 IMAGE = "digit_7.png"
+RUN = "3/mnist_digits/runs/1"  # the run folder relative to the storage folder
 CLASS_NAMES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 TECHNIQUES = {t.key: t for t in attribution_methods.attribution_techniques()}
 
@@ -41,7 +43,7 @@ def write_stage(run_dir, key, step, result=None, info=None):
 
 @pytest.fixture
 def run_dir(tmp_path):
-    run = tmp_path / "3" / "mnist_digits"
+    run = tmp_path.joinpath(*RUN.split("/"))
     os.makedirs(run / "images")
     (run / "images" / IMAGE).write_bytes(b"png")
     storage.write_input_images(str(run), {IMAGE: np.full((28, 28, 1), 90, np.uint8)})
@@ -356,10 +358,10 @@ def test_a_failed_run_says_so_above_the_methods(run_dir):
 def test_the_side_by_side_app_opens_the_run_of_its_token_and_stops_polling_once_ended(run_dir):
     register(run_dir, grad_cam=("active", None))
     write_stage(run_dir, "grad_cam", 10)
-    storage_dir = os.path.dirname(os.path.dirname(run_dir))
+    storage_dir = str(pathlib.Path(run_dir).parents[3])  # <storage>/3/mnist_digits/runs/1
     application = RunApplication(attribution_methods.make_document, storage_dir, SECRET,
                                  attribution_methods.TECHNIQUE.key)
-    doc = session_document(auth.make_token(SECRET, 3, "3/mnist_digits", attribution_methods.TECHNIQUE.key),
+    doc = session_document(auth.make_token(SECRET, 3, RUN, attribution_methods.TECHNIQUE.key),
                            application)
     attribution_methods.make_document(doc)
     assert doc.title == "Attribution methods"
@@ -370,7 +372,7 @@ def test_the_side_by_side_app_opens_the_run_of_its_token_and_stops_polling_once_
         callback.callback()
     assert doc.session_callbacks == []
 
-    other = session_document(auth.make_token(SECRET, 3, "3/mnist_digits", "grad_cam"),
+    other = session_document(auth.make_token(SECRET, 3, RUN, "grad_cam"),
                              application)
     attribution_methods.make_document(other)
     assert [root.text[:16] for root in other.roots] == ["Access refused: "]

@@ -16,6 +16,7 @@ import pytest
 
 from custom_bokeh import attribution_methods, auth
 from custom_keras import storage
+from test_bokeh_attribution import RUN
 from test_bokeh_auth import REPO, SECRET, free_port, stop_server
 from test_bokeh_live import ARTIFACTS, CHROMIUM, PageHandler
 
@@ -71,11 +72,11 @@ def write_stage(run_dir, key, step, signed):
 
 @pytest.fixture(scope="module")
 def open_page(tmp_path_factory):
-    """open_page(app) -> a browser page with the app embedded for run 3/mnist_digits."""
+    """open_page(app) -> a browser page with the app embedded for run RUN."""
     if not os.path.exists(CHROMIUM):
         pytest.skip("needs Debian's chromium at %s" % CHROMIUM)
     storage_dir = str(tmp_path_factory.mktemp("storage"))
-    run_dir = os.path.join(storage_dir, "3", "mnist_digits")
+    run_dir = os.path.join(storage_dir, *RUN.split("/"))
     os.makedirs(os.path.join(run_dir, "images"))
     storage.write_input_images(run_dir, {"digit.png": np.full((28, 28, 1), 90, np.uint8)})
     storage.write_techniques(run_dir, {key: {"state": "active", "interval": 10}
@@ -100,7 +101,7 @@ def open_page(tmp_path_factory):
     def open_app(app):
         page = browser.new_page(viewport={"width": 1200, "height": 900})
         script = auth.embed_script("http://127.0.0.1:%d" % bokeh_port, SECRET, app, 3,
-                                   "3/mnist_digits")
+                                   RUN)
         page_content["html"] = "<!doctype html><html><body>%s</body></html>" % script
         page.goto("http://127.0.0.1:%d/" % page_port)
         return page

@@ -17,33 +17,39 @@ SALIENCY = registry.get("saliency_maps")
 CURVES, IMAGES = auth.COMPARE_CURVES_APP, auth.COMPARE_IMAGES_APP
 
 
+RUN_A, RUN_B, FOREIGN_RUN = "3/adam_3/runs/1", "3/adam_2/runs/2", "4/other_script/runs/4"
+RUN_NUMBERS = {"adam_3": 1, "adam_2": 2, "third": 3}
+
+
 @pytest.fixture
 def storage_dir(tmp_path):
-    for run in ("3/adam_3", "3/adam_2", "3/third", "4/other_script"):
+    for run in (RUN_A, RUN_B, "3/third/runs/3", FOREIGN_RUN):
         os.makedirs(tmp_path / run)
     return str(tmp_path)
 
 
 def runs_of(storage_dir, *names):
-    return [(os.path.join(storage_dir, "3", name), label) for name, label in zip(names, LABELS)]
+    return [(os.path.join(storage_dir, "3", name, "runs", str(RUN_NUMBERS[name])), label)
+            for name, label in zip(names, LABELS)]
 
 
 # --- tokens --------------------------------------------------------------------
 
 def test_a_comparison_token_grants_its_runs_in_order_with_their_labels(storage_dir):
-    token = auth.make_compare_token(SECRET, 3, [("3/adam_2", LABELS[1]), ("3/adam_3", LABELS[0])],
-                                    IMAGES, technique_key="saliency_maps")
+    token = auth.make_compare_token(
+        SECRET, 3, [(RUN_B, LABELS[1]), (RUN_A, LABELS[0])], IMAGES,
+        technique_key="saliency_maps")
     grant = auth.verify_compare_token(token, SECRET, storage_dir, IMAGES)
-    assert grant.run_dirs == (os.path.join(os.path.realpath(storage_dir), "3", "adam_2"),
-                              os.path.join(os.path.realpath(storage_dir), "3", "adam_3"))
+    assert grant.run_dirs == (os.path.join(os.path.realpath(storage_dir), *RUN_B.split("/")),
+                              os.path.join(os.path.realpath(storage_dir), *RUN_A.split("/")))
     assert grant.labels == (LABELS[1], LABELS[0])
     assert grant.technique_key == "saliency_maps"
 
 
 @pytest.mark.parametrize("runs", [
-    [("3/adam_3", "a"), ("4/other_script", "b")],
-    [("3/adam_3", "a"), ("3/..", "b")],
-    [("4/other_script", "a"), ("4/other_script", "b")],
+    [(RUN_A, "a"), (FOREIGN_RUN, "b")],
+    [(RUN_A, "a"), (RUN_A.rsplit("/", 1)[0] + "/..", "b")],
+    [(FOREIGN_RUN, "a"), (FOREIGN_RUN, "b")],
 ])
 def test_a_comparison_token_cannot_be_made_for_a_foreign_folder(runs):
     with pytest.raises(ValueError, match="of user 3"):
@@ -53,29 +59,31 @@ def test_a_comparison_token_cannot_be_made_for_a_foreign_folder(runs):
 @pytest.mark.parametrize("count", [0, 1, 5])
 def test_a_comparison_token_needs_two_to_four_runs(count):
     with pytest.raises(ValueError, match="a comparison shows 2 to 4 runs, got %d" % count):
-        auth.make_compare_token(SECRET, 3, [("3/run_%d" % i, "r") for i in range(count)], CURVES)
+        auth.make_compare_token(SECRET, 3, [("3/script_%d/runs/%d" % (i, i), "r")
+                                            for i in range(count)], CURVES)
 
 
 def bad_compare_tokens():
-    valid = auth.make_compare_token(SECRET, 3, [("3/adam_3", "a"), ("3/adam_2", "b")], CURVES)
+    valid = auth.make_compare_token(SECRET, 3, [(RUN_A, "a"), (RUN_B, "b")], CURVES)
     return {
-        "foreign run slipped in": tampered(valid, runs=["3/adam_3", "4/other_script"]),
-        "forged": auth.make_compare_token("another key", 3, [("3/adam_3", "a"), ("3/adam_2", "b")],
+        "foreign run slipped in": tampered(valid, runs=[RUN_A, FOREIGN_RUN]),
+        "forged": auth.make_compare_token("another key", 3, [(RUN_A, "a"), (RUN_B, "b")],
                                           CURVES),
-        "expired": auth.make_compare_token(SECRET, 3, [("3/adam_3", "a"), ("3/adam_2", "b")],
+        "expired": auth.make_compare_token(SECRET, 3, [(RUN_A, "a"), (RUN_B, "b")],
                                            CURVES, expiration_s=-1),
         "other comparison app": auth.make_compare_token(
-            SECRET, 3, [("3/adam_3", "a"), ("3/adam_2", "b")], IMAGES, "saliency_maps"),
-        "one-run token": auth.make_token(SECRET, 3, "3/adam_3", "training_progress"),
+            SECRET, 3, [(RUN_A, "a"), (RUN_B, "b")], IMAGES, "saliency_maps"),
+        "one-run token": auth.make_token(SECRET, 3, RUN_A, "training_progress"),
         "foreign run, signed": signed_token(SECRET, {
-            "user_id": 3, "compare": CURVES, "runs": ["3/adam_3", "4/other_script"],
+            "user_id": 3, "compare": CURVES, "runs": [RUN_A, FOREIGN_RUN],
             "labels": ["a", "b"]}),
         "run outside storage, signed": signed_token(SECRET, {
-            "user_id": 3, "compare": CURVES, "runs": ["3/adam_3", "3/.."], "labels": ["a", "b"]}),
+            "user_id": 3, "compare": CURVES, "runs": [RUN_A, RUN_A.rsplit("/", 1)[0] + "/.."],
+            "labels": ["a", "b"]}),
         "five runs, signed": signed_token(SECRET, {
-            "user_id": 3, "compare": CURVES, "runs": ["3/adam_3"] * 5, "labels": ["a"] * 5}),
+            "user_id": 3, "compare": CURVES, "runs": [RUN_A] * 5, "labels": ["a"] * 5}),
         "runs without labels, signed": signed_token(SECRET, {
-            "user_id": 3, "compare": CURVES, "runs": ["3/adam_3", "3/adam_2"]}),
+            "user_id": 3, "compare": CURVES, "runs": [RUN_A, RUN_B]}),
     }
 
 
@@ -86,7 +94,7 @@ def test_bad_comparison_tokens_are_refused(storage_dir, name):
 
 
 def test_a_comparison_token_opens_no_one_run_dashboard(storage_dir):
-    token = auth.make_compare_token(SECRET, 3, [("3/adam_3", "a"), ("3/adam_2", "b")], IMAGES,
+    token = auth.make_compare_token(SECRET, 3, [(RUN_A, "a"), (RUN_B, "b")], IMAGES,
                                     technique_key="training_progress")
     with pytest.raises(auth.InvalidToken, match="another dashboard"):
         auth.verify_token(token, SECRET, storage_dir, "training_progress")
@@ -95,7 +103,7 @@ def test_a_comparison_token_opens_no_one_run_dashboard(storage_dir):
 def test_the_images_app_needs_a_snapshot_technique(storage_dir):
     application = compare.CompareApplication(lambda doc: None, storage_dir, SECRET, IMAGES)
     for technique_key in ("training_progress", "no_such_technique", None):
-        token = auth.make_compare_token(SECRET, 3, [("3/adam_3", "a"), ("3/adam_2", "b")], IMAGES,
+        token = auth.make_compare_token(SECRET, 3, [(RUN_A, "a"), (RUN_B, "b")], IMAGES,
                                         technique_key=technique_key)
         doc = session_document(token, application)
         assert open_run(doc) is None
@@ -104,16 +112,17 @@ def test_the_images_app_needs_a_snapshot_technique(storage_dir):
 
 def test_the_server_serves_the_comparison_apps_only_with_comparison_tokens(tmp_path):
     storage_dir = str(tmp_path)
-    for run in ("3/adam_3", "3/adam_2"):
+    for run in (RUN_A, RUN_B):
         os.makedirs(os.path.join(storage_dir, run))
     process, url = start_server(storage_dir)
     try:
-        runs = [("3/adam_3", "a"), ("3/adam_2", "b")]
+        runs = [(RUN_A, "a"), (RUN_B, "b")]
         assert autoload(url, CURVES, auth.make_compare_token(SECRET, 3, runs, CURVES))[0] == 200
         assert autoload(url, IMAGES, auth.make_compare_token(SECRET, 3, runs, IMAGES,
                                                              "layer_activations"))[0] == 200
         assert autoload(url, IMAGES, auth.make_compare_token(SECRET, 3, runs, CURVES))[0] == 403
-        assert autoload(url, CURVES, auth.make_token(SECRET, 3, "3/adam_3", CURVES))[0] == 403
+        assert autoload(url, CURVES,
+                        auth.make_token(SECRET, 3, RUN_A, CURVES))[0] == 403
         assert autoload(url, "saliency_maps", auth.make_compare_token(
             SECRET, 3, runs, IMAGES, "saliency_maps"))[0] == 403
         assert autoload(url, CURVES)[0] == 403

@@ -8,7 +8,7 @@ from conftest import run_update, upload_script
 from custom_bokeh import auth as bokeh_auth
 from custom_keras import registry, storage
 from visualizer.models import Run, db
-from visualizer.run_store import apply_run_update, run_folder
+from visualizer.run_store import apply_run_update, run_folder, run_rel_dir
 
 SOURCE = ("import keras\nEPOCHS = 2\nmodel.compile(optimizer=keras.optimizers.Adam(1e-3))\n"
           "print('done')\n")
@@ -103,9 +103,7 @@ def test_the_page_embeds_both_comparison_apps_with_tokens_for_exactly_these_runs
     curves = next(s for s in scripts if "/compare_training_progress/autoload.js" in s)
     images = next(s for s in scripts if "/compare_images/autoload.js" in s)
     with app.app_context():
-        expected = [storage.run_rel_dir(db.session.get(Run, run_id).script.user_id,
-                                        db.session.get(Run, run_id).script.filename)
-                    for run_id in (1, 2)]
+        expected = [run_rel_dir(db.session.get(Run, run_id)) for run_id in (1, 2)]
     for script_html, technique in ((curves, None), (images, "saliency_maps")):
         payload = token_payload(script_html)
         assert payload["runs"] == expected  # oldest run first
@@ -144,6 +142,9 @@ def test_the_metrics_table_shows_final_metrics_best_validation_duration_state_an
         for _ in range(alerts):
             storage.write_alert(folder, {"kind": "nan_loss", "epoch": 0, "batch": 3, "step": 3,
                                          "message": "NaN"})
+        # the runner reports the end after the run wrote its files: the row keeps the counts
+        apply_run_update(app, run_update(run_id, "finished", exit_code=0,
+                                         started_at=1_700_000_000.0, ended_at=1_700_000_095.0))
     page = client.get("/compare?runs=1,2").get_data(as_text=True)
     table = page[page.index('class="files metrics-table"'):page.index("</table>",
                                                                       page.index("metrics-table"))]
