@@ -35,6 +35,7 @@ DEFAULT_IDLE_S = 600
 REQUEST_POLL_S = 0.02
 TOP_PREDICTIONS = 5
 MAX_SAMPLES = 64
+FIRST_PASS_BATCH = 8
 # The outputs of every layer for every input are kept in memory up to this size; above it,
 # one input's outputs are computed when a layer of it is asked for (and kept for the next).
 KEEP_OUTPUTS_BYTES = 256 * storage.MIB
@@ -502,20 +503,6 @@ def predictions(outputs, names, class_names):
     return {"images": entries}
 
 
-def filter_stats(outputs):
-    """Per filter (last axis) or unit: mean activation and fraction of zeros over all inputs.
-
-    Args:
-        outputs: a layer's outputs for all inputs, (N, ..., channels) or (N, units).
-    """
-    outputs = np.asarray(outputs, dtype=np.float64)
-    flat = outputs.reshape(-1, outputs.shape[-1]) if outputs.ndim > 1 else outputs[:, None]
-    means = flat.mean(axis=0)
-    zeros = (flat == 0).mean(axis=0)
-    return [{"index": index, "mean": float(mean), "zero_fraction": float(zero)}
-            for index, (mean, zero) in enumerate(zip(means, zeros))]
-
-
 def scale_maps(maps):
     """uint8 maps, each scaled on its own: from 0 (or its minimum, when negative) to its max."""
     maps = np.asarray(maps, dtype=np.float64)
@@ -535,7 +522,7 @@ def layer_result(node_id, image_name, output, stats, layer, first_on_input):
 
     Args:
         output: the layer's output for this input, (H, W, C), (T, C) or (units,).
-        stats: ``filter_stats`` over all inputs.
+        stats: per filter or unit, its mean and fraction of zeros over all inputs.
         layer: the Keras layer (for its filters), or None.
         first_on_input: whether the layer reads the model's input (colour filters).
     """
@@ -641,7 +628,7 @@ class Explorer:
         self.names, self.class_names, self.notices = list(names), class_names, list(notices)
         self.layers = {}      # node id: layer
         self.first_on_input = set()  # node ids of layers that read the model's input
-        self.stats = {}       # node id: filter_stats over all inputs
+        self.stats = {}       # node id: [{index, mean, zero_fraction}] over all inputs
         self.outputs = None   # {node id: outputs of all inputs} when they fit in memory
         self._one = (None, None)  # (input index, {node id: output}) of the last one computed
         self._graph = None
@@ -664,7 +651,7 @@ class Explorer:
         self._graph = architecture(self.model)
         self._write(storage.EXPLORE_ARCHITECTURE_FILE, self._graph)
         self._index_layers(self.model, "")
-        final, per_layer_sizes = self._first_pass()
+        final = self._first_pass()
         if class_count(self.model) is not None:
             probs, applied = probabilities(final)
             if applied:
@@ -703,22 +690,30 @@ class Explorer:
                 self.first_on_input.add(prefix + node.operation.name)
 
     def _first_pass(self):
-        """Forward passes over all inputs in batches: the outputs, every layer's statistics, and
-        every layer's outputs kept when they fit in memory."""
-        batches, final = [], []
-        for start in range(0, len(self.inputs), 8):
-            out, per_layer = forward_all(self.model, self.inputs[start:start + 8])
+        """Forward passes over all inputs in batches: the model's outputs, every layer's
+        statistics (summed batch by batch), and every layer's outputs while they fit in memory."""
+        final, kept, kept_bytes = [], [], 0
+        sums, zeros, counts = {}, {}, {}
+        for start in range(0, len(self.inputs), FIRST_PASS_BATCH):
+            out, per_layer = forward_all(self.model, self.inputs[start:start + FIRST_PASS_BATCH])
             final.append(out)
-            batches.append(per_layer)
-        per_layer = {key: np.concatenate([batch[key] for batch in batches])
-                     for key in batches[0]}
-        for key, value in per_layer.items():
-            if value.ndim >= 2:
-                self.stats[key] = filter_stats(value)
-        sizes = {key: value.nbytes for key, value in per_layer.items()}
-        if sum(sizes.values()) <= KEEP_OUTPUTS_BYTES:
-            self.outputs = per_layer
-        return np.concatenate(final), sizes
+            for key, value in per_layer.items():
+                if value.ndim < 2:
+                    continue
+                flat = value.reshape(-1, value.shape[-1]).astype(np.float64)
+                sums[key] = sums.get(key, 0) + flat.sum(axis=0)
+                zeros[key] = zeros.get(key, 0) + (flat == 0).sum(axis=0)
+                counts[key] = counts.get(key, 0) + len(flat)
+            if kept is not None:
+                kept_bytes += sum(value.nbytes for value in per_layer.values())
+                kept = kept + [per_layer] if kept_bytes <= KEEP_OUTPUTS_BYTES else None
+        for key in sums:
+            self.stats[key] = [{"index": index, "mean": float(total / counts[key]),
+                                "zero_fraction": float(zero / counts[key])}
+                               for index, (total, zero) in enumerate(zip(sums[key], zeros[key]))]
+        if kept is not None:
+            self.outputs = {key: np.concatenate([batch[key] for batch in kept]) for key in kept[0]}
+        return np.concatenate(final)
 
     def _output_of(self, node_id, index):
         if self.outputs is not None:

@@ -293,7 +293,12 @@ def known_conv_model():
     return model
 
 
-def test_a_layer_has_its_maps_range_and_per_filter_statistics_over_all_inputs(tmp_path):
+@pytest.mark.parametrize("keep_outputs_bytes", [explore.KEEP_OUTPUTS_BYTES, 0],
+                         ids=["outputs kept", "computed on request"])
+def test_a_layer_has_its_maps_range_and_per_filter_statistics_over_all_inputs(
+        tmp_path, monkeypatch, keep_outputs_bytes):
+    monkeypatch.setattr(explore, "KEEP_OUTPUTS_BYTES", keep_outputs_bytes)
+    monkeypatch.setattr(explore, "FIRST_PASS_BATCH", 1)  # statistics summed over batches
     first = np.arange(16, dtype=np.float32).reshape(4, 4, 1)
     second = np.zeros((4, 4, 1), np.float32)
     folder = make_folder(tmp_path, known_conv_model(), array=np.stack([first, second]))
