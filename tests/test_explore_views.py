@@ -315,6 +315,9 @@ def test_a_request_to_an_ended_job_starts_it_again(app, client, user, monkeypatc
     monkeypatch.setattr(explore, "LAYER_WAIT_S", 0.05)
     client.get("/explore/1/layers/conv2d.json?image=one.png")
     assert [run_id for run_id, _, _ in app.config["RUNNER"].started] == [1, 2]
+    # while the job loads again, the earlier results still name the layers and images
+    assert client.get("/explore/1/layers/inner/conv.json?image=one.png").status_code == 202
+    assert client.get("/explore/1/state.json").get_json()["state"] == "ready"
     with app.app_context():
         assert [r.state for r in db.session.get(Exploration, 1).runs] == ["finished", "queued"]
 
@@ -495,3 +498,25 @@ def test_the_explorer_page_gets_the_json_endpoints(app, client, user):
             urls = explore.explore_urls(db.session.get(Exploration, 1))
     assert urls["state"] == "/explore/1/state.json" and urls["layers"] == "/explore/1/layers"
     assert urls["compute"] == "/explore/1/compute" and urls["marks"] == "/explore/1/marks.json"
+
+
+def test_json_posts_need_the_csrf_token_which_the_page_sends_as_a_header(tmp_path):
+    import re
+
+    from conftest import AuthActions
+    app = create_app(make_test_config(tmp_path, WTF_CSRF_ENABLED=True))
+    client = app.test_client()
+    token = re.search(r'name="csrf_token" value="([^"]+)"',
+                      client.get("/auth/register").get_data(as_text=True)).group(1)
+    client.post("/auth/register", data={"username": "alice_1", "password": "password123",
+                                        "confirm": "password123", "csrf_token": token})
+    page = client.get("/explore/").get_data(as_text=True)
+    token = re.search(r'name="csrf_token" value="([^"]+)"', page).group(1)
+    response = client.post("/explore/new", content_type="multipart/form-data", data={
+        "csrf_token": token, "model": (io.BytesIO(keras_bytes()), "net.keras"),
+        "inputs": [(io.BytesIO(png_bytes()), "one.png")]})
+    assert response.status_code == 302
+    mark = {"node": "conv2d", "filter": 0, "mark": "good"}
+    assert client.post("/explore/1/marks", json=mark).status_code == 400
+    assert client.post("/explore/1/marks", json=mark, headers={"X-CSRFToken": token}
+                       ).get_json() == {"conv2d": {"0": "good"}}

@@ -334,8 +334,10 @@ def start_job(exploration):
                                    JOB_SCRIPT.encode("utf-8"))
         storage.atomic_write_json(os.path.join(folder, storage.EXPLORE_SETTINGS_FILE),
                                   {"idle_s": app.config["EXPLORE_IDLE_S"]})
-        for marker in (storage.EXPLORE_READY_FILE, storage.EXPLORE_FAILURE_FILE):
-            storage.remove_run_file(folder, storage.results_path(folder, marker))
+        # An earlier run's results stay (the page keeps showing them while the job loads
+        # again); only its failure goes.
+        storage.remove_run_file(folder, storage.results_path(folder,
+                                                             storage.EXPLORE_FAILURE_FILE))
         disk_limit_mb = quotas.exploration_disk_limit_mb(exploration.user_id, folder)
     except (OSError, ValueError) as error:
         return "could not prepare the job: %s" % (
