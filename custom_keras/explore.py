@@ -675,19 +675,22 @@ class Explorer:
                             for name in self.names if node["id"] in self.stats]
         self._write(storage.EXPLORE_READY_FILE, {"notices": self.notices, "images": images})
 
-    def _index_layers(self, model, prefix):
-        import keras
-        for layer in _graph(model).layers:
-            node_id = prefix + layer.name
-            self.layers[node_id] = layer
-            if _is_model(layer):
-                self._index_layers(layer, node_id + "/")
+    def _index_layers(self, model, prefix, reads_input=True):
+        """Finds every node's layer, and the layers that read the model's input (the input of
+        a nested model that reads it counts too)."""
         graph = _graph(model)
         inputs = {id(tensor) for tensor in graph.inputs}
         for node in _graph_nodes(graph):
-            if not node.is_input and any(id(t) in inputs for t in node.input_tensors) \
-                    and not isinstance(node.operation, keras.layers.InputLayer) and not prefix:
-                self.first_on_input.add(prefix + node.operation.name)
+            layer = node.operation
+            node_id = prefix + layer.name
+            if node_id in self.layers:
+                continue
+            self.layers[node_id] = layer
+            if reads_input and not node.is_input and any(id(t) in inputs
+                                                         for t in node.input_tensors):
+                self.first_on_input.add(node_id)
+            if _is_model(layer):
+                self._index_layers(layer, node_id + "/", node_id in self.first_on_input)
 
     def _first_pass(self):
         """Forward passes over all inputs in batches: the model's outputs, every layer's

@@ -409,3 +409,17 @@ def test_the_job_answers_requests_written_into_its_folder_and_exits_when_idle(tm
     assert 5 < now[0] < 6
     assert len(os.listdir(storage.results_path(folder, storage.EXPLORE_LAYERS_DIR))) == len(
         explorer.stats)
+
+
+def test_the_first_layer_of_a_nested_base_model_shows_colour_filters(tmp_path):
+    base = keras.Sequential([keras.Input((16, 16, 3)), keras.layers.Conv2D(4, 3, name="b1"),
+                             keras.layers.Conv2D(4, 3, name="b2")], name="base")
+    inputs = keras.Input((16, 16, 3))
+    outputs = keras.layers.Dense(2, activation="softmax")(
+        keras.layers.GlobalAveragePooling2D()(base(inputs)))
+    folder = make_folder(tmp_path, keras.Model(inputs, outputs),
+                         {"a.png": Image.new("RGB", (16, 16))})
+    explorer = explore.Explorer.load(folder)
+    explorer.analyse()
+    assert explorer.layer("base/b1", "a.png")["filters"]["rgb"] is True
+    assert explorer.layer("base/b2", "a.png")["filters"]["rgb"] is False
