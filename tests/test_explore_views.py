@@ -503,7 +503,6 @@ def test_the_explorer_page_gets_the_json_endpoints(app, client, user):
 def test_json_posts_need_the_csrf_token_which_the_page_sends_as_a_header(tmp_path):
     import re
 
-    from conftest import AuthActions
     app = create_app(make_test_config(tmp_path, WTF_CSRF_ENABLED=True))
     client = app.test_client()
     token = re.search(r'name="csrf_token" value="([^"]+)"',
@@ -520,3 +519,18 @@ def test_json_posts_need_the_csrf_token_which_the_page_sends_as_a_header(tmp_pat
     assert client.post("/explore/1/marks", json=mark).status_code == 400
     assert client.post("/explore/1/marks", json=mark, headers={"X-CSRFToken": token}
                        ).get_json() == {"conv2d": {"0": "good"}}
+
+
+def test_the_explore_settings_come_from_the_environment():
+    from visualizer import config
+    settings = config.settings_from_env({"VISUALIZER_EXPLORE_IDLE_S": "30",
+                                         "VISUALIZER_EXPLORE_MODEL_MB": "50",
+                                         "VISUALIZER_DEMO_DIR": "/srv/demo",
+                                         "VISUALIZER_INSTANCE": "/srv/instance"})
+    assert (settings["EXPLORE_IDLE_S"], settings["EXPLORE_MODEL_MB"]) == (30, 50)
+    assert config.demo_dir(settings) == "/srv/demo"
+    defaults = config.settings_from_env({"VISUALIZER_INSTANCE": "/srv/instance"})
+    assert (defaults["EXPLORE_IDLE_S"], defaults["EXPLORE_MODEL_MB"]) == (600, 200)
+    assert config.demo_dir(defaults) == "/srv/instance/demo"
+    with pytest.raises(ValueError, match="VISUALIZER_EXPLORE_IDLE_S must be positive"):
+        config.settings_from_env({"VISUALIZER_EXPLORE_IDLE_S": "0"})
