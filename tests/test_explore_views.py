@@ -534,3 +534,33 @@ def test_the_explore_settings_come_from_the_environment():
     assert config.demo_dir(defaults) == "/srv/instance/demo"
     with pytest.raises(ValueError, match="VISUALIZER_EXPLORE_IDLE_S must be positive"):
         config.settings_from_env({"VISUALIZER_EXPLORE_IDLE_S": "0"})
+
+
+def test_a_model_larger_than_other_uploads_passes_the_csrf_check_up_to_its_own_cap(tmp_path):
+    import re
+    app = create_app(make_test_config(tmp_path, WTF_CSRF_ENABLED=True, MAX_CONTENT_LENGTH=4096,
+                                      EXPLORE_MODEL_MB=0.02))
+    client = app.test_client()
+    token = re.search(r'name="csrf_token" value="([^"]+)"',
+                      client.get("/auth/register").get_data(as_text=True)).group(1)
+    client.post("/auth/register", data={"username": "alice_1", "password": "password123",
+                                        "confirm": "password123", "csrf_token": token})
+    token = re.search(r'name="csrf_token" value="([^"]+)"',
+                      client.get("/explore/").get_data(as_text=True)).group(1)
+
+    def upload(padding):
+        buffer = io.BytesIO()
+        with zipfile.ZipFile(buffer, "w") as archive:
+            archive.writestr("config.json", "{}")
+            archive.writestr("metadata.json", "{}")
+            archive.writestr("model.weights.h5", os.urandom(padding))  # not compressible
+        return client.post("/explore/new", content_type="multipart/form-data", data={
+            "csrf_token": token, "model": (io.BytesIO(buffer.getvalue()), "net.keras"),
+            "inputs": [(io.BytesIO(png_bytes()), "one.png")]})
+
+    assert upload(10000).status_code == 302  # over MAX_CONTENT_LENGTH, under the model's cap
+    response = upload(40000)
+    assert response.status_code == 413
+    assert "The upload is larger than the limit of 0.0239058 MB; nothing was saved" in \
+        response.get_data(as_text=True)
+    assert count(app) == 1

@@ -20,7 +20,6 @@ import zipfile
 from flask import (Blueprint, Response, abort, current_app, flash, jsonify, redirect,
                    render_template, request, url_for)
 from flask_login import current_user
-from werkzeug.exceptions import RequestEntityTooLarge
 from werkzeug.http import dump_options_header
 from werkzeug.utils import secure_filename
 
@@ -383,19 +382,21 @@ def _index_page(status=200):
                            model_limit=storage.format_bytes(model_limit_bytes())), status
 
 
+def allow_model_upload():
+    """A new exploration's request may be larger than other uploads by the model's cap.
+
+    Registered on the app before the CSRF check, which reads the form (and so the body).
+    """
+    if request.endpoint == "explore.new":
+        request.max_content_length = (model_limit_bytes()
+                                      + current_app.config["MAX_CONTENT_LENGTH"])
+
+
 @bp.route("/new", methods=("POST",))
 def new():
-    # A model may be larger than other uploads: this request's own body limit.
-    request.max_content_length = model_limit_bytes() + current_app.config["MAX_CONTENT_LENGTH"]
+    # a body over the limit never gets here: the app's 413 page says the limit
+    files, form = request.files, request.form
     try:
-        try:
-            files, form = request.files, request.form
-        except RequestEntityTooLarge:
-            raise UploadError("The upload is larger than the limit of %s (a model up to %s and "
-                              "images up to %s); nothing was saved." % (
-                                  storage.format_bytes(request.max_content_length),
-                                  storage.format_bytes(model_limit_bytes()),
-                                  storage.format_bytes(current_app.config["MAX_CONTENT_LENGTH"])))
         model_upload = files.get("model")
         if model_upload is not None and model_upload.filename:
             model_name = secure_filename(model_upload.filename) or "model.keras"
