@@ -41,8 +41,9 @@ MAX_CLASS_NAME_LENGTH = 200
 MAX_NAME_LENGTH = 255
 MAX_CLASS_NAMES_BYTES = 4 * storage.MIB
 MAX_PNG_BYTES = 16 * storage.MIB
-# How long a layer request waits for the job before the page is told to ask again.
-LAYER_WAIT_S = 8.0
+# How long a layer request waits for the job before the page is told to ask again (a
+# server thread waits meanwhile; the job answers within a second once it has loaded).
+LAYER_WAIT_S = 3.0
 LAYER_POLL_S = 0.02
 REQUEST_ID = re.compile(r"[0-9a-f]{32}")
 RESULT_FILE = re.compile(r"[A-Za-z0-9_-]{1,80}\.png")
@@ -619,6 +620,8 @@ def layer(exploration_id, node_id):
             if problem:
                 return jsonify({"message": problem}), 503
             requested = True
+            if exploration.last_run.state == storage.RUN_QUEUED:
+                return _pending("The analysis job waits for a free run slot; ask again.")
         if time.monotonic() > deadline:
             return _pending("The analysis job is computing this layer; ask again.")
         time.sleep(LAYER_POLL_S)
