@@ -564,3 +564,17 @@ def test_a_model_larger_than_other_uploads_passes_the_csrf_check_up_to_its_own_c
     assert "The upload is larger than the limit of 0.0239058 MB; nothing was saved" in \
         response.get_data(as_text=True)
     assert count(app) == 1
+
+
+def test_a_requests_folder_the_job_replaced_by_a_link_gets_no_request(app, client, user,
+                                                                      tmp_path):
+    folder = ready_with_layer(app, client)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    os.rmdir(os.path.join(folder, "requests"))
+    os.symlink(elsewhere, os.path.join(folder, "requests"))
+    response = client.post("/explore/1/compute", json={"technique": "all", "node": None,
+                                                       "image": "one.png"})
+    assert response.status_code == 503
+    assert "The request could not be written" in response.get_json()["message"]
+    assert os.listdir(elsewhere) == []
