@@ -39,6 +39,8 @@ FIRST_PASS_BATCH = 8
 # The outputs of every layer for every input are kept in memory up to this size; above it,
 # one input's outputs are computed when a layer of it is asked for (and kept for the next).
 KEEP_OUTPUTS_BYTES = 256 * storage.MIB
+# Layer files written before anyone asks for them, at most (the rest on request).
+PRECOMPUTE_BYTES = 64 * storage.MIB
 # Filters larger than this (values) are not sent: no one reads 512 x 3 x 3 x 512 weights.
 MAX_FILTER_VALUES = 4 * 1000 * 1000
 MAX_CONFIG_CHARS = 400
@@ -633,7 +635,8 @@ class Explorer:
         self._one = (None, None)  # (input index, {node id: output}) of the last one computed
         self._graph = None
         self._cache = {}      # technique objects built once: deconvolution and saliency models
-        self._precompute = []
+        self._precompute = []  # (node id, input name) of the layer files to write when idle
+        self._precompute_bytes = 0
 
     @classmethod
     def load(cls, folder):
@@ -671,8 +674,9 @@ class Explorer:
                     storage.EXPLORE_INPUT_PNG_DIR, "%d.png" % index)),
                     png_bytes(input_picture(sample)))
             images.append({"name": self.names[index], "png": drawable})
-        self._precompute = [(node["id"], name) for node in self._graph["nodes"]
-                            for name in self.names if node["id"] in self.stats]
+        # the first input's layers first: the page shows it first
+        self._precompute = [(node["id"], name) for name in self.names
+                            for node in self._graph["nodes"] if node["id"] in self.stats]
         self._write(storage.EXPLORE_READY_FILE, {"notices": self.notices, "images": images})
 
     def _index_layers(self, model, prefix, reads_input=True):
@@ -925,9 +929,15 @@ class Explorer:
                              request.get("image"), request.get("unit"))
 
     def _precompute_next(self):
+        """Writes the next layer file no one asked for, until PRECOMPUTE_BYTES are written (a
+        large model's layers are computed when asked for, not all onto the disk)."""
         node_id, image_name = self._precompute.pop(0)
-        if not os.path.exists(storage.layer_path(self.folder, node_id, image_name)):
+        path = storage.layer_path(self.folder, node_id, image_name)
+        if not os.path.exists(path):
             self.layer(node_id, image_name)
+            self._precompute_bytes += os.path.getsize(path)
+            if self._precompute_bytes >= PRECOMPUTE_BYTES:
+                self._precompute = []
 
 
 def _one_line(error):

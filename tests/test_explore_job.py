@@ -423,3 +423,14 @@ def test_the_first_layer_of_a_nested_base_model_shows_colour_filters(tmp_path):
     explorer.analyse()
     assert explorer.layer("base/b1", "a.png")["filters"]["rgb"] is True
     assert explorer.layer("base/b2", "a.png")["filters"]["rgb"] is False
+
+
+def test_layers_no_one_asked_for_are_written_only_up_to_the_precompute_budget(
+        tmp_path, reference_model, monkeypatch):
+    monkeypatch.setattr(explore, "PRECOMPUTE_BYTES", 1)  # one file, then only on request
+    folder = make_folder(tmp_path, reference_model, {"three.png": digit()})
+    explorer = explore.Explorer.load(folder)
+    explorer.analyse()
+    explorer.serve(idle_s=0, clock=iter(range(100)).__next__, sleep=lambda seconds: None)
+    written = os.listdir(storage.results_path(folder, storage.EXPLORE_LAYERS_DIR))
+    assert written == [storage.layer_file_name("input_layer", "three.png")]
