@@ -411,7 +411,7 @@ def architecture(model):
             rank = len(shape) - 1
             nodes.append({
                 "id": node_id, "name": layer.name, "type": type(layer).__name__,
-                "output_shape": str(tuple(shape)).replace("None", "None"),
+                "output_shape": str(tuple(shape)),
                 "params": _params(layer), "config": _config(layer), "parent": parent,
                 "is_model": _is_model(layer), "kind": _kind(layer),
                 "has_maps": rank in (2, 3) and not _is_model(layer),
