@@ -13,7 +13,7 @@ from flask_migrate import Migrate
 from flask_wtf.csrf import CSRFError, CSRFProtect
 from markupsafe import Markup
 
-from visualizer import auth, compare, config, runs, scripts
+from visualizer import auth, compare, config, explore, runs, scripts
 from visualizer.models import ACTIVE_STATES, Run, db
 from visualizer.run_store import apply_run_update, run_folder, run_script_path, technique_tabs
 
@@ -58,6 +58,8 @@ def create_app(test_config=None):
 
     db.init_app(app)
     migrate.init_app(app, db)
+    # before the CSRF check, which reads the form: a model upload's own body limit
+    app.before_request(explore.allow_model_upload)
     csrf.init_app(app)
     auth.login_manager.init_app(app)
     auth.login_manager.login_view = "auth.login"
@@ -66,6 +68,7 @@ def create_app(test_config=None):
     app.register_blueprint(scripts.bp)
     app.register_blueprint(runs.bp)
     app.register_blueprint(compare.bp)
+    app.register_blueprint(explore.bp)
     app.jinja_env.filters["localtime"] = format_local_time
     app.jinja_env.filters["duration"] = format_duration
     app.jinja_env.filters["with_csp_nonce"] = with_csp_nonce
@@ -252,7 +255,8 @@ def _register_handlers(app):
 
     @app.errorhandler(413)
     def too_large(error):
-        limit_mb = app.config["MAX_CONTENT_LENGTH"] / (1024 * 1024)
+        # this request's limit: a new exploration's is larger (explore.allow_model_upload)
+        limit_mb = (request.max_content_length or app.config["MAX_CONTENT_LENGTH"]) / (1024 * 1024)
         return render_template(
             "error.html", title="Upload too large",
             message="The upload is larger than the limit of %g MB; nothing was saved. "

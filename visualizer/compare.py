@@ -98,8 +98,8 @@ def check_count(run_ids):
 def owned_run(run_id):
     """The current user's run with this id; 404 for another user's or a missing one."""
     run = db.session.get(Run, run_id)
-    if run is None or run.script.user_id != current_user.id:
-        abort(404)
+    if run is None or run.script is None or run.script.user_id != current_user.id:
+        abort(404)  # an exploration's job is not a training run to compare
     return run
 
 

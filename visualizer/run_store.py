@@ -1,4 +1,5 @@
-"""Where a script and its runs live and how the runner's reports reach the database.
+"""Where a run lives (a script's or an exploration's) and how the runner's reports reach the
+database.
 
 The blueprints and the app factory import these; they import no blueprint. Code that
 needs a run's folder gets it from ``run_folder(app, run)``, a function of the run row
@@ -31,18 +32,24 @@ def script_path(app, script):
 
 
 def run_rel_dir(run):
-    """The run's folder relative to STORAGE_DIR (``storage.run_rel_dir``), e.g. for a token."""
+    """The run's folder relative to STORAGE_DIR, e.g. for a token: a script run's own folder
+    (``storage.run_rel_dir``), or for an exploration's job the exploration's folder."""
+    if run.exploration_id is not None:
+        return run.exploration.rel_dir
     return storage.run_rel_dir(run.script.user_id, run.script.filename, run.id)
 
 
 def run_folder(app, run):
-    """THE folder of a run: ``<STORAGE_DIR>/<user_id>/<stem>/runs/<run_id>``."""
+    """THE folder of a run: ``<STORAGE_DIR>/<user_id>/<stem>/runs/<run_id>`` for a script's,
+    ``<STORAGE_DIR>/<user_id>/explore@<id>`` for an exploration's."""
     return storage.run_dir_in(app.config["STORAGE_DIR"], run_rel_dir(run))
 
 
 def run_script_path(app, run):
-    """The copy of the script that the run runs, in the run's folder."""
-    return os.path.join(run_folder(app, run), run.script.filename)
+    """The program a run runs: the copy of the script in the run's folder, or the
+    exploration's job script."""
+    name = storage.EXPLORE_SCRIPT_FILE if run.exploration_id is not None else run.script.filename
+    return os.path.join(run_folder(app, run), name)
 
 
 def final_metrics(app, run):
@@ -63,6 +70,11 @@ def alert_count(app, run):
     if run.alert_count is not None:
         return run.alert_count
     return len(storage.read_alerts(run_folder(app, run))[0])
+
+
+def exploration_dir(app, exploration):
+    """The folder of an exploration: ``<STORAGE_DIR>/<user_id>/explore@<id>``."""
+    return storage.run_dir_in(app.config["STORAGE_DIR"], exploration.rel_dir)
 
 
 def apply_run_update(app, update):
