@@ -29,7 +29,7 @@ import zipfile
 
 import numpy as np
 
-from custom_keras import storage
+from custom_keras import registry, storage
 
 DEFAULT_IDLE_S = 600
 REQUEST_POLL_S = 0.02
@@ -64,81 +64,21 @@ KINDS = (
 )
 # The plain-language texts of the techniques the explorer computes: what it shows, how to
 # read it, one way it misleads.
-EXPLANATIONS = {
-    "saliency": (
-        "Saliency map",
-        "Which input pixels most change the score of the predicted class (the gradient).",
-        "Bright pixels are those where a small change moves the score most.",
-        "It shows sensitivity, not evidence: a pixel can matter to the gradient without being "
-        "what the network 'looked at', and maps are often noisy."),
-    "deconvolution": (
-        "Deconvolution",
-        "The pattern in the input that caused one feature map's strongest activation (Zeiler & "
-        "Fergus), mapped back to pixels.",
-        "The visible strokes are what that map responds to at its most active position.",
-        "It shows one position of one map only, and mostly edges: it looks similar for many "
-        "classes, so it says little about the decision."),
-    "deep_visualization": (
-        "Deep visualization",
-        "A synthetic input grown from noise that a chosen unit responds to strongly (Yosinski "
-        "et al.).",
-        "Repeated shapes hint at what the unit detects; for an output unit, what the network "
-        "thinks the class looks like.",
-        "The regularisers shape the picture as much as the network does; an unreadable image "
-        "does not mean the unit is useless."),
-    "grad_cam": (
-        "Grad-CAM",
-        "Where in the image the evidence for the class lies, from a layer's feature maps "
-        "weighted by their gradients (Selvaraju et al.).",
-        "Warm regions raised the class score; the map is coarse, at the layer's resolution.",
-        "A late layer's low resolution blurs the map over neighbouring objects; an early "
-        "layer's map is sharp but says little about the class."),
-    "grad_cam_plus_plus": (
-        "Grad-CAM++",
-        "Like Grad-CAM, with weights that favour positive gradients (Chattopadhyay et al.).",
-        "Warm regions raised the class score; several instances of a class show up better.",
-        "Same coarse resolution as Grad-CAM; brighter does not mean more certain."),
-    "score_cam": (
-        "Score-CAM",
-        "Feature maps weighted by how much masking the input with each raises the class "
-        "probability (Wang et al.).",
-        "Warm regions are those that alone keep the class probable.",
-        "Needs one forward pass per map, and the masked inputs are unlike real images."),
-    "guided_backprop": (
-        "Guided backpropagation",
-        "The gradient passed back through ReLUs only where both the activation and the "
-        "gradient are positive.",
-        "Sharp, edge-like detail of the input that raised the score.",
-        "It looks much the same for every class: it reconstructs the image more than it "
-        "explains the decision."),
-    "guided_grad_cam": (
-        "Guided Grad-CAM",
-        "Guided backpropagation multiplied by Grad-CAM: fine detail inside the class's region.",
-        "Detail that is both sharp and inside the region that raised the class score.",
-        "Inherits guided backpropagation's class-insensitivity within the region."),
-    "smooth_grad": (
-        "SmoothGrad",
-        "The gradient averaged over many noisy copies of the input (Smilkov et al.).",
-        "Bright pixels matter to the score consistently, not by chance.",
-        "The noise level changes the picture; too much noise blurs it into the object's shape."),
-    "integrated_gradients": (
-        "Integrated gradients",
-        "Gradients summed along a path from a black image to the input (Sundararajan et al.).",
-        "Each pixel's share of the score difference between the black image and the input.",
-        "Depends on the baseline: features that are black in the input get no credit."),
-    "occlusion": (
-        "Occlusion",
-        "How much the class score drops when a patch of the input is covered (Zeiler & Fergus).",
-        "Warm regions are those whose covering hurts the prediction most.",
-        "The patch size sets what can be found; covering with grey creates edges of its own."),
-    "lrp": (
-        "Layer-wise relevance propagation",
-        "The class score passed back layer by layer as relevance of each pixel (Bach et al.).",
-        "Bright pixels carry a large share of the score.",
-        "The rule chosen (epsilon, alpha-beta) changes the map markedly."),
-}
+# The job's techniques and the registry entries that explain them in plain language (guided
+# Grad-CAM is explained beside guided backpropagation, whose companion it is).
+REGISTRY_KEYS = {"saliency": "saliency_maps", "deconvolution": "deconvolutional_network",
+                 "deep_visualization": "deep_visualization", "guided_grad_cam": "guided_backprop"}
 ATTRIBUTION_METHODS = ("grad_cam", "grad_cam_plus_plus", "score_cam", "guided_backprop",
                        "guided_grad_cam", "smooth_grad", "integrated_gradients", "occlusion", "lrp")
+TITLES = {"guided_grad_cam": "Guided Grad-CAM"}
+
+
+def technique_text(key):
+    """{"title", "what", "how", "misleads"} of one of the job's techniques, from the registry."""
+    technique = registry.get(REGISTRY_KEYS.get(key, key))
+    explanation = technique.explanation
+    return {"title": TITLES.get(key, technique.title), "what": explanation.shows,
+            "how": explanation.reading, "misleads": explanation.misleads}
 
 
 class ExploreError(Exception):
@@ -769,7 +709,7 @@ class Explorer:
             except Exception as error:  # a technique that cannot handle this model says why
                 if technique != "all":
                     return self._respond(request_id, "failed", "%s: %s" % (
-                        EXPLANATIONS[key][0], _one_line(error)))
+                        technique_text(key)["title"], _one_line(error)))
                 pixels, caption = None, "Not available for this model: %s" % _one_line(error)
                 problems.append(key)
             file_name = None
@@ -777,9 +717,7 @@ class Explorer:
                 file_name = "%s-%s.png" % (request_id, key)
                 storage.atomic_write_bytes(storage.compute_path(self.folder, file_name),
                                            png_bytes(pixels))
-            title, what, how, misleads = EXPLANATIONS[key]
-            results.append({"key": key, "title": title, "what": what, "how": how,
-                            "misleads": misleads, "image": file_name, "caption": caption})
+            results.append(dict(technique_text(key), key=key, image=file_name, caption=caption))
         return self._respond(request_id, "done", None, results)
 
     def _respond(self, request_id, state, message, results=()):

@@ -13,7 +13,7 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from custom_keras import explore, storage  # noqa: E402
+from custom_keras import explore, registry, storage  # noqa: E402
 from custom_keras.reference import build_reference_model  # noqa: E402
 
 EXAMPLE_IMAGES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
@@ -367,7 +367,9 @@ def test_a_compute_request_writes_a_picture_and_the_technique_s_explanation(
     assert response["state"] == "done" and response["message"] is None
     (result,) = response["results"]
     assert result["key"] == technique and caption in result["caption"]
-    assert result["title"] == explore.EXPLANATIONS[technique][0] and result["misleads"]
+    explanation = registry.get(explore.REGISTRY_KEYS.get(technique, technique)).explanation
+    assert (result["what"], result["how"], result["misleads"]) == (
+        explanation.shows, explanation.reading, explanation.misleads)
     folder = reference_explorer.folder
     with Image.open(storage.compute_path(folder, result["image"])) as picture:
         assert picture.size == (28, 28)
@@ -384,7 +386,7 @@ def test_all_techniques_for_one_image_come_side_by_side(reference_explorer):
 
 def test_a_technique_that_cannot_handle_the_layer_fails_with_its_reason(reference_explorer):
     response = reference_explorer.compute("c" * 32, "deconvolution", "dense", "three.png", 0)
-    assert response["state"] == "failed" and response["message"].startswith("Deconvolution: ")
+    assert response["state"] == "failed" and response["message"].startswith("Deconvolutional network: ")
 
 
 def test_the_job_answers_requests_written_into_its_folder_and_exits_when_idle(tmp_path,
