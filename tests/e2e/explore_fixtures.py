@@ -207,7 +207,7 @@ ALL_TECHNIQUES = [("saliency", "Saliency"), ("deconvolution", "Deconvolution"),
 def fixture_blueprint():
     """The fake ``/explore-fixture/<scenario>`` pages and their JSON endpoints."""
     bp = Blueprint("explore_fixture", __name__, url_prefix="/explore-fixture/<scenario>")
-    calls = {"state": {}, "compute": {}, "marks": {}, "requests": []}
+    calls = {"state": {}, "compute": {}, "marks": {}, "requests": [], "layers": {}}
 
     def architecture(scenario):
         if scenario not in SCENARIOS:
@@ -217,10 +217,10 @@ def fixture_blueprint():
     @bp.route("/")
     def page(scenario):
         architecture(scenario)
-        names = ["index", "state", "predictions", "architecture", "compute", "marks", "mark",
+        names = ["index", "state", "predictions", "architecture", "compute", "marks", "set_mark",
                  "marks_download"]
         urls = {name: url_for("explore_fixture." + name, scenario=scenario) for name in names}
-        urls["layer"] = url_for("explore_fixture.layer", scenario=scenario, node_id="__node__")
+        urls["layers"] = url_for("explore_fixture.page", scenario=scenario) + "layers"
         return render_template("explore/view.html", urls=urls,
                                exploration={"id": 1, "name": "Fixture " + scenario})
 
@@ -270,6 +270,9 @@ def fixture_blueprint():
         nodes = {node["id"]: node for node in architecture(scenario)["nodes"]}
         if node_id not in nodes:
             abort(404)
+        asked = calls["layers"][scenario, node_id] = calls["layers"].get((scenario, node_id), 0) + 1
+        if scenario == "starting" and asked == 1:
+            return jsonify({"pending": True, "message": "The analysis job is computing this layer"}), 202
         return jsonify(layer_answer(nodes[node_id], request.args.get("image", IMAGE_NAMES[0])))
 
     @bp.route("/compute", methods=["POST"])
@@ -313,7 +316,7 @@ def fixture_blueprint():
         return jsonify(calls["marks"].setdefault(scenario, {}))
 
     @bp.route("/marks", methods=["POST"])
-    def mark(scenario):
+    def set_mark(scenario):
         body = request.get_json()
         marks = calls["marks"].setdefault(scenario, {})
         node_marks = marks.setdefault(body["node"], {})

@@ -233,6 +233,10 @@ def test_a_starting_exploration_says_so_then_shows_its_notices_and_content(page,
     page.wait_for_selector("#architecture svg .node")
     assert status.is_hidden()
     assert "converted to 28×28 grey" in page.locator("#explore-notices").text_content()
+    node(page, "conv2d").click()  # its first answer is "pending": the page asks again
+    page.locator("#layer-status").get_by_text("computing this layer").wait_for()
+    page.wait_for_selector("#maps canvas")
+    assert page.locator("#layer-status").text_content() == ""
 
 
 def test_a_failed_exploration_shows_its_message_and_what_to_do(page, fixtures):

@@ -13,6 +13,7 @@
   var STATE_POLL_MS = 1000;
   var STATE_POLL_READY_MS = 5000;
   var COMPUTE_POLL_MS = 250;
+  var PENDING_RETRY_MS = 500;
   var CLICK_DELAY_MS = 250;  // a double click starts with a click: wait before marking "good"
   var TOOLTIP_CONFIG_LINES = 40;
   var NODE_W = 210, NODE_H = 64, DUMMY_W = 14, GAP_X = 26, RANK_H = 100, MARGIN = 30;
@@ -80,6 +81,16 @@
 
   function getJSON(url) {
     return fetch(url, {credentials: "same-origin", cache: "no-store"}).then(answer);
+  }
+
+  // Results the job has not written yet answer 202 {"pending": true}: ask again.
+  function getReady(url, onPending) {
+    return getJSON(url).then(function (data) {
+      if (!data || !data.pending) { return data; }
+      if (onPending) { onPending(data.message); }
+      return new Promise(function (resolve) { setTimeout(resolve, PENDING_RETRY_MS); })
+        .then(function () { return getReady(url, onPending); });
+    });
   }
 
   function postJSON(url, body) {
@@ -204,11 +215,14 @@
   }
 
   function loadExploration() {
-    Promise.all([getJSON(urls.predictions), getJSON(urls.architecture), getJSON(urls.marks)])
+    var waiting = function (message) { showStatus("starting", message || "Analysing…"); };
+    Promise.all([getReady(urls.predictions, waiting), getReady(urls.architecture, waiting),
+                 getJSON(urls.marks)])
       .then(function (answers) {
         view.predictions = answers[0];
         setArchitecture(answers[1]);
         view.marks = answers[2] || {};
+        showStatus("ready", null);
         byId("explore-content").hidden = false;
         drawPredictions();
         drawArchitecture();
@@ -231,7 +245,8 @@
     view.images.forEach(function (image) {
       var button = el("button", {type: "button", "class": "image-choice", title: image.name,
                                  "aria-pressed": String(image.name === view.image)},
-                      [el("img", {src: image.url, alt: ""}), el("span", {text: image.name})]);
+                      [image.url ? el("img", {src: image.url, alt: ""}) : null,
+                       el("span", {text: image.name})]);
       button.addEventListener("click", function () { selectImage(image.name); });
       picker.appendChild(button);
     });
@@ -254,7 +269,8 @@
       return image.name === view.image;
     })[0];
     var figure = el("figure", {"class": "prediction-image"},
-                    [el("img", {src: imageUrl(view.image), alt: "The image " + view.image}),
+                    [imageUrl(view.image) ? el("img", {src: imageUrl(view.image),
+                                                       alt: "The image " + view.image}) : null,
                      el("figcaption", {text: view.image})]);
     var list = el("ol", {"class": "bars", "aria-label": "Top predictions for " + view.image});
     var top = entry ? entry.top.slice().sort(function (a, b) { return b.probability - a.probability; }) : [];
@@ -635,7 +651,7 @@
   }
 
   function setMark(id, index, mark) {
-    postJSON(urls.mark, {node: id, filter: index, mark: mark}).then(function (marks) {
+    postJSON(urls.set_mark, {node: id, filter: index, mark: mark}).then(function (marks) {
       view.marks = marks || {};
       showMarks(id);
     }).catch(function (error) {
@@ -676,7 +692,7 @@
 
   function layerUrl(id) {
     var path = id.split("/").map(encodeURIComponent).join("/");
-    return urls.layer.replace("__node__", path) + "?image=" + encodeURIComponent(view.image);
+    return urls.layers + "/" + path + ".json?image=" + encodeURIComponent(view.image);
   }
 
   function selectNode(id) {
@@ -710,7 +726,9 @@
   function loadLayer(id) {
     var request = ++view.layerRequest;
     layerMessage("Loading the activations of " + view.byId[id].name + "…");
-    getJSON(layerUrl(id)).then(function (layer) {
+    getReady(layerUrl(id), function (message) {
+      if (request === view.layerRequest) { layerMessage(message || "Computing this layer…"); }
+    }).then(function (layer) {
       if (request !== view.layerRequest) { return; }  // a later click won
       view.layer = layer;
       layerMessage(null);
