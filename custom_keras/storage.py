@@ -946,3 +946,124 @@ def disk_usage(path):
 
 def _bytes_taken(info):
     return max(info.st_size, info.st_blocks * 512)
+
+
+# --- explorations (an uploaded model analysed by a job: custom_keras.explore) -----------
+#
+#   <storage>/<user_id>/explore@<id>/
+#       explore.py                   the job's script (written by the server at every start)
+#       model.keras                  the model to explore
+#       images/ | inputs.npy         the inputs: image files, or one array of samples
+#       class_names.json             optional: a list of names, one per output unit
+#       explore_settings.json        {"idle_s": seconds idle before the job exits}
+#       requests/<id>.json           requests of the server (written atomically, never changed)
+#       results/explore_ready.json   {"notices": [str], "images": [{"name", "png"}]}: analysed
+#       results/explore_failure.json {"message": str}: why the job could not explore the model
+#       results/architecture.json, results/predictions.json
+#       results/layers/<layer_file_name(node, image)>   one layer's activations for one image
+#       results/compute/<request id>.json (+ its PNGs)   a compute request's response
+#
+# '@' is never in a script stem (uploads are sanitised to [A-Za-z0-9_.-]), so no script's
+# run folder can be an exploration's.
+EXPLORE_FOLDER_PREFIX = "explore@"
+EXPLORE_SCRIPT_FILE = "explore.py"
+EXPLORE_MODEL_FILE = "model.keras"
+EXPLORE_INPUTS_FILE = "inputs.npy"
+EXPLORE_CLASS_NAMES_FILE = "class_names.json"
+EXPLORE_SETTINGS_FILE = "explore_settings.json"
+EXPLORE_REQUESTS_DIR = "requests"
+EXPLORE_READY_FILE = "explore_ready.json"
+EXPLORE_FAILURE_FILE = "explore_failure.json"
+EXPLORE_ARCHITECTURE_FILE = "architecture.json"
+EXPLORE_PREDICTIONS_FILE = "predictions.json"
+EXPLORE_LAYERS_DIR = "layers"
+EXPLORE_COMPUTE_DIR = "compute"
+EXPLORE_INPUT_PNG_DIR = "inputs"
+MAX_EXPLORE_JSON_BYTES = 64 * MIB    # one JSON file the job wrote (a layer's maps, the graph)
+MAX_REQUEST_BYTES = 64 * KIB
+
+
+def exploration_rel_dir(user_id, exploration_id):
+    """An exploration's folder relative to the storage folder, e.g. ``"3/explore@12"``."""
+    return "%d/%s%d" % (user_id, EXPLORE_FOLDER_PREFIX, exploration_id)
+
+
+def layer_file_name(node_id, image_name):
+    """The file of one layer's activations for one image in ``results/layers/``.
+
+    A hash: node ids hold '/' (nested models) and image names are the user's.
+    """
+    import hashlib
+    key = hashlib.sha256(("%s\0%s" % (node_id, image_name)).encode("utf-8")).hexdigest()
+    return key[:40] + ".json"
+
+
+def layer_path(run_dir, node_id, image_name):
+    return results_path(run_dir, os.path.join(EXPLORE_LAYERS_DIR, layer_file_name(
+        node_id, image_name)))
+
+
+def compute_path(run_dir, file_name):
+    return results_path(run_dir, os.path.join(EXPLORE_COMPUTE_DIR, file_name))
+
+
+def write_request(run_dir, request_id, request):
+    """Writes a request of the server into ``requests/`` of a folder a job controls.
+
+    No link is followed (the folder and ``requests/`` are opened with O_NOFOLLOW), the
+    file is created new (O_EXCL) and renamed into place, so a reader sees all of it.
+
+    Args:
+        run_dir: the exploration's folder.
+        request_id: a name of letters, digits, '-' and '_'.
+        request: a JSON-serialisable dict.
+
+    Raises:
+        UnsafeFileError: ``requests`` is a link or not a folder.
+        OSError: it could not be written.
+    """
+    try:
+        os.mkdir(os.path.join(run_dir, EXPLORE_REQUESTS_DIR), 0o755)
+    except FileExistsError:
+        pass
+    fd = _open_folder_fd(run_dir, [EXPLORE_REQUESTS_DIR])
+    temporary = ".tmp-%s.json" % request_id
+    try:
+        file_fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+                          | os.O_CLOEXEC, 0o644, dir_fd=fd)
+        with os.fdopen(file_fd, "wb") as f:
+            f.write(json.dumps(request).encode("utf-8"))
+        os.rename(temporary, request_id + ".json", src_dir_fd=fd, dst_dir_fd=fd)
+    finally:
+        os.close(fd)
+
+
+def read_json(run_dir, path, max_bytes=MAX_EXPLORE_JSON_BYTES):
+    """A JSON file of a folder a job controls, read like ``read_run_file``.
+
+    Raises:
+        FileNotFoundError, UnsafeFileError, FileTooLargeError: as ``open_run_file``.
+        ValueError: the file is not JSON.
+    """
+    try:
+        return json.loads(read_run_file(run_dir, path, max_bytes))
+    except RecursionError:
+        raise ValueError("%s is nested too deeply" % os.path.basename(path)) from None
+
+
+def remove_run_file(run_dir, path):
+    """Removes a file (or a link: never what it points to) of a run folder, if it is there.
+
+    The folders on the way are opened without following links.
+    """
+    parts = _parts_inside(run_dir, path)
+    try:
+        fd = _open_folder_fd(run_dir, parts[:-1])
+    except (FileNotFoundError, UnsafeFileError):
+        return
+    try:
+        os.unlink(parts[-1], dir_fd=fd)
+    except FileNotFoundError:
+        pass
+    finally:
+        os.close(fd)

@@ -14,9 +14,9 @@ from flask_wtf.csrf import CSRFError, CSRFProtect
 from markupsafe import Markup
 
 from custom_keras import registry
-from visualizer import auth, config, runs, scripts
+from visualizer import auth, config, explore, runs, scripts
 from visualizer.models import ACTIVE_STATES, Run, db
-from visualizer.run_store import apply_run_update, run_dir, script_path
+from visualizer.run_store import apply_run_update, run_folder, run_script_path
 
 # Pages an anonymous visitor may open; every other page sends them to the login page.
 PUBLIC_ENDPOINTS = {"auth.login", "auth.register", "static", "favicon"}
@@ -66,6 +66,7 @@ def create_app(test_config=None):
     app.register_blueprint(auth.bp)
     app.register_blueprint(scripts.bp)
     app.register_blueprint(runs.bp)
+    app.register_blueprint(explore.bp)
     app.jinja_env.filters["localtime"] = format_local_time
     app.jinja_env.filters["with_csp_nonce"] = with_csp_nonce
     # Browsers ask for /favicon.ico on their own (e.g. for a JSON page or a download).
@@ -122,8 +123,8 @@ def _start_runner(app):
     app.extensions["runner"] = runner
     with app.app_context():
         open_runs = Run.query.filter(Run.state.in_(ACTIVE_STATES)).order_by(Run.id).all()
-        records = [(run.id, run.state, run.pid, run_dir(app, run.script),
-                    script_path(app, run.script)) for run in open_runs]
+        records = [(run.id, run.state, run.pid, run_folder(app, run), run_script_path(app, run))
+                   for run in open_runs]
     for update in runner.reconcile(records) if records else []:
         apply_run_update(app, update)
 

@@ -26,6 +26,9 @@ VISUALIZER_MAX_UPLOAD_MB       20                                          MAX_C
 VISUALIZER_HTTPS               0 (1: browsers reach the app over HTTPS)    HTTPS
 VISUALIZER_USER_MAX_SCRIPTS    100 (files one user may keep)               USER_MAX_SCRIPTS
 VISUALIZER_USER_STORAGE_MB     10240 (storage of one user, runs included)  USER_STORAGE_MB
+VISUALIZER_EXPLORE_IDLE_S      600 (an exploration's job exits when idle)  EXPLORE_IDLE_S
+VISUALIZER_EXPLORE_MODEL_MB    200 (largest .keras file to explore)        EXPLORE_MODEL_MB
+VISUALIZER_DEMO_DIR            <INSTANCE_DIR>/demo (the demo model+images)  DEMO_DIR
 =============================  ==========================================  =====================
 """
 import os
@@ -44,7 +47,7 @@ def settings_from_env(environ=None):
     """The settings given by environment variables, with defaults.
 
     Settings that depend on others (BOKEH_URL, SQLALCHEMY_DATABASE_URI,
-    SECRET_KEY) are None unless set; ``complete_settings`` fills them in once
+    SECRET_KEY, DEMO_DIR) are None unless set; ``complete_settings`` fills them in once
     overrides (such as a test configuration) are applied.
 
     Args:
@@ -85,6 +88,9 @@ def settings_from_env(environ=None):
         "HTTPS": _choice(env, "VISUALIZER_HTTPS", {"0": False, "1": True}, "0"),
         "USER_MAX_SCRIPTS": _number(env, "VISUALIZER_USER_MAX_SCRIPTS", 100),
         "USER_STORAGE_MB": _number(env, "VISUALIZER_USER_STORAGE_MB", 10240),
+        "EXPLORE_IDLE_S": _number(env, "VISUALIZER_EXPLORE_IDLE_S", 600),
+        "EXPLORE_MODEL_MB": _number(env, "VISUALIZER_EXPLORE_MODEL_MB", 200),
+        "DEMO_DIR": env.get("VISUALIZER_DEMO_DIR"),
     }
 
 
@@ -95,9 +101,10 @@ def complete_settings(settings):
         settings: dict from ``settings_from_env``, possibly with overrides.
 
     Returns:
-        the same dict, with BOKEH_URL, SQLALCHEMY_DATABASE_URI and SECRET_KEY set.
+        the same dict, with BOKEH_URL, SQLALCHEMY_DATABASE_URI, SECRET_KEY and DEMO_DIR set.
     """
     os.makedirs(settings["INSTANCE_DIR"], exist_ok=True)
+    settings["DEMO_DIR"] = demo_dir(settings)
     if not settings.get("BOKEH_URL"):
         settings["BOKEH_URL"] = "http://%s:%d" % (settings["HOST"], settings["BOKEH_PORT"])
     if not settings.get("SQLALCHEMY_DATABASE_URI"):
@@ -106,6 +113,12 @@ def complete_settings(settings):
     if not settings.get("SECRET_KEY"):
         settings["SECRET_KEY"] = load_or_create_secret_key(settings["INSTANCE_DIR"])
     return settings
+
+
+def demo_dir(settings):
+    """The folder of the demo model and images (trained by scripts/setup.sh): DEMO_DIR, else
+    ``<INSTANCE_DIR>/demo``."""
+    return os.path.abspath(settings.get("DEMO_DIR") or os.path.join(settings["INSTANCE_DIR"], "demo"))
 
 
 def load_or_create_secret_key(instance_dir):

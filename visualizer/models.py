@@ -1,4 +1,5 @@
-"""Database models: users, their login sessions, scripts, tags and runs (Flask-SQLAlchemy).
+"""Database models: users, their login sessions, scripts, tags, runs, explorations and filter
+marks (Flask-SQLAlchemy).
 
 A change here needs a migration in ``visualizer/migrations/versions`` (see
 ``visualizer/migrations/README``): the start path upgrades existing databases with it.
@@ -120,7 +121,9 @@ class Script(db.Model):
 
 class Run(db.Model):
     id = db.Column(db.Integer, primary_key=True)
-    script_id = db.Column(db.Integer, db.ForeignKey("script.id"), nullable=False, index=True)
+    # A run is of a script or of an exploration (its analysis job): exactly one is set.
+    script_id = db.Column(db.Integer, db.ForeignKey("script.id"), index=True)
+    exploration_id = db.Column(db.Integer, db.ForeignKey("exploration.id"), index=True)
     state = db.Column(db.String(10), nullable=False, default=storage.RUN_QUEUED)
     exit_code = db.Column(db.Integer)
     pid = db.Column(db.Integer)
@@ -129,6 +132,7 @@ class Run(db.Model):
     started_at = db.Column(db.DateTime)
     ended_at = db.Column(db.DateTime)
     script = db.relationship("Script", back_populates="runs")
+    exploration = db.relationship("Exploration", back_populates="runs")
 
     @property
     def is_active(self):
@@ -137,3 +141,51 @@ class Run(db.Model):
     @property
     def last_change(self):
         return self.ended_at or self.started_at or self.created_at
+
+
+EXPLORATION_SOURCES = ("upload", "run", "demo")
+
+
+class Exploration(db.Model):
+    """A trained model and inputs that a job analyses (``custom_keras.explore``).
+
+    Its folder is ``<STORAGE_DIR>/<user_id>/explore@<id>`` (``storage.exploration_rel_dir``).
+    ``class_names`` and ``notices`` are JSON text: a list of str, or None for no class names.
+    """
+    id = db.Column(db.Integer, primary_key=True)
+    user_id = db.Column(db.Integer, db.ForeignKey("user.id"), nullable=False, index=True)
+    name = db.Column(db.String(255), nullable=False)
+    source = db.Column(db.String(10), nullable=False)
+    model_sha256 = db.Column(db.String(64), nullable=False)
+    created_at = db.Column(db.DateTime, nullable=False, default=utcnow)
+    class_names = db.Column(db.Text)
+    notices = db.Column(db.Text, nullable=False, default="[]")
+    runs = db.relationship("Run", back_populates="exploration", order_by="Run.id",
+                           cascade="all, delete-orphan")
+
+    @property
+    def rel_dir(self):
+        return storage.exploration_rel_dir(self.user_id, self.id)
+
+    @property
+    def last_run(self):
+        return self.runs[-1] if self.runs else None
+
+    @property
+    def is_active(self):
+        return self.last_run is not None and self.last_run.state in ACTIVE_STATES
+
+
+FILTER_MARKS = ("good", "bad")
+
+
+class FilterMark(db.Model):
+    """A user's mark on one filter of one layer of a model (named by the model file's sha256),
+    so the marks follow the model into every exploration of it."""
+    __table_args__ = (db.UniqueConstraint("user_id", "model_sha256", "node", "filter_index"),)
+    id = db.Column(db.Integer, primary_key=True)
+    user_id = db.Column(db.Integer, db.ForeignKey("user.id"), nullable=False, index=True)
+    model_sha256 = db.Column(db.String(64), nullable=False)
+    node = db.Column(db.String(255), nullable=False)
+    filter_index = db.Column(db.Integer, nullable=False)
+    mark = db.Column(db.String(4), nullable=False)

@@ -10,7 +10,7 @@ import os
 from flask import current_app
 
 from custom_keras import storage
-from visualizer.models import Script
+from visualizer.models import Exploration, Script
 
 
 class QuotaExceeded(ValueError):
@@ -72,4 +72,40 @@ def run_disk_limit_mb(script, folder, replaced_names, new_bytes):
                             "room for its results. Delete files or their results to make room."
                             % (storage.format_bytes(others + folder_bytes),
                                storage.format_bytes(limit)))
+    return allowed / storage.MIB
+
+
+def check_exploration_upload(user_id, new_bytes):
+    """Raises ``QuotaExceeded`` when the user may not add an exploration of ``new_bytes``
+    (its model and inputs). Explorations count apart from files, up to the same number;
+    their folders count in the user's storage like run folders.
+    """
+    app = current_app
+    count = Exploration.query.filter_by(user_id=user_id).count()
+    if count >= app.config["USER_MAX_SCRIPTS"]:
+        raise QuotaExceeded("You have %d explorations, the most one account may keep. Delete "
+                            "one before starting another." % count)
+    used, limit = storage.disk_usage(user_dir(app, user_id)), storage_limit_bytes(app)
+    if used + new_bytes > limit:
+        raise QuotaExceeded("Your storage is full: your files and explorations use %s of your "
+                            "%s, and this exploration needs %s. Delete files or explorations "
+                            "to make room." % (storage.format_bytes(used),
+                                               storage.format_bytes(limit),
+                                               storage.format_bytes(new_bytes)))
+
+
+def exploration_disk_limit_mb(user_id, folder):
+    """The storage, in MB, that an exploration's job may fill in its folder: the user's
+    storage limit less what the user's other folders take.
+
+    Raises:
+        QuotaExceeded: nothing is left for the job's results.
+    """
+    app = current_app
+    limit = storage_limit_bytes(app)
+    folder_bytes = storage.disk_usage(folder)
+    allowed = limit - (storage.disk_usage(user_dir(app, user_id)) - folder_bytes)
+    if folder_bytes >= allowed:
+        raise QuotaExceeded("Your storage is full (%s); delete files or explorations to make "
+                            "room for the analysis." % storage.format_bytes(limit))
     return allowed / storage.MIB

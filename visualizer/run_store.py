@@ -1,4 +1,5 @@
-"""Where a script's run lives and how the runner's reports reach the database.
+"""Where a run lives (a script's or an exploration's) and how the runner's reports reach the
+database.
 
 The blueprints and the app factory import these; they import no blueprint.
 """
@@ -15,6 +16,25 @@ def run_dir(app, script):
 
 def script_path(app, script):
     return os.path.join(run_dir(app, script), script.filename)
+
+
+def exploration_dir(app, exploration):
+    """The folder of an exploration: ``<STORAGE_DIR>/<user_id>/explore@<id>``."""
+    return storage.run_dir_in(app.config["STORAGE_DIR"], exploration.rel_dir)
+
+
+def run_folder(app, run):
+    """The folder a run works in: its exploration's, or its script's run folder."""
+    if run.exploration_id is not None:
+        return exploration_dir(app, run.exploration)
+    return run_dir(app, run.script)
+
+
+def run_script_path(app, run):
+    """The program a run runs: the exploration's job script, or the script."""
+    if run.exploration_id is not None:
+        return os.path.join(run_folder(app, run), storage.EXPLORE_SCRIPT_FILE)
+    return script_path(app, run.script)
 
 
 def apply_run_update(app, update):

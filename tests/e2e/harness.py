@@ -22,6 +22,7 @@ from PIL import Image
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 ARTIFACTS_DIR = REPO_ROOT / "test-artifacts" / "e2e"
+SHARED_DEMO_DIR = REPO_ROOT / "test-artifacts" / "demo"
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"]
 START_TIMEOUT_S = 120
@@ -34,6 +35,8 @@ INHERITED_SETTINGS = ("VISUALIZER_SECRET_KEY", "VISUALIZER_DATABASE_URL", "VISUA
                       "VISUALIZER_RUN_DISK_MB", "VISUALIZER_RUN_PROCESSES",
                       "VISUALIZER_RUN_NETWORK", "VISUALIZER_SANDBOX", "VISUALIZER_RUNNER",
                       "VISUALIZER_RAY_ADDRESS", "VISUALIZER_RUN_CPUS", "VISUALIZER_RUN_GPUS",
+                      "VISUALIZER_EXPLORE_IDLE_S", "VISUALIZER_EXPLORE_MODEL_MB",
+                      "VISUALIZER_DEMO_DIR",
                       # Ray's client prefers these to the address it is given.
                       "RAY_ADDRESS", "RAY_API_SERVER_ADDRESS")
 CSRF_PATTERN = re.compile(r'name="csrf_token" value="([^"]+)"')
@@ -90,7 +93,9 @@ class Servers:
         env.update(VISUALIZER_HOST="127.0.0.1", VISUALIZER_PORT=str(self.port),
                    VISUALIZER_BOKEH_PORT=str(self.bokeh_port),
                    VISUALIZER_STORAGE=str(self.storage_dir),
-                   VISUALIZER_INSTANCE=str(self.instance_dir), TF_CPP_MIN_LOG_LEVEL="2")
+                   VISUALIZER_INSTANCE=str(self.instance_dir), TF_CPP_MIN_LOG_LEVEL="2",
+                   # one demo model for every test server: set-up trains it once, not per server
+                   VISUALIZER_DEMO_DIR=str(SHARED_DEMO_DIR))
         env.update(settings)
         self.env = env
         self.process = None
