@@ -119,7 +119,7 @@ def _explore_an_uploaded_network(page, servers, network):
     page.goto(servers.url + "/explore/")
     page.set_input_files("input[name=model]", str(network))
     page.set_input_files("input[name=inputs]", str(SAMPLE_IMAGE))
-    page.locator('form[action$="/explore/new"] button[type=submit]').click()
+    page.locator('form#new-exploration button.primary').click()
     page.wait_for_url("**/explore/*")
     _see_the_views(page, "explore_upload", class_names=["class %d" % digit for digit in range(10)]
                    + [str(digit) for digit in range(10)])

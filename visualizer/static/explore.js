@@ -503,7 +503,7 @@
                             role: "button", "data-node": node.id,
                             "aria-label": (node.is_model ? "Nested model " : "Layer ") + node.name +
                                           " (" + node.type + ")"});
-    group.appendChild(svgEl("rect", {width: NODE_W, height: NODE_H, rx: 7}));
+    group.appendChild(svgEl("rect", {width: NODE_W, height: NODE_H, rx: 7, "class": "frame"}));
     var title = node.is_model ? "▸ " + node.name : node.name;
     group.appendChild(svgText(10, 18, shorten(title, 28), "node-name"));
     var count = node.is_model ? (view.children[node.id] || []).length + " layers, click to open" :
@@ -511,7 +511,7 @@
     group.appendChild(svgText(10, 35, shorten(node.type + " · " + count, 34), "node-type"));
     group.appendChild(svgText(10, 51, shorten(node.output_shape || "", 34), "node-shape"));
     if (node.has_filters) {
-      var bar = svgEl("g", {"class": "marks-bar", transform: "translate(6," + (NODE_H - 7) + ")"});
+      var bar = svgEl("g", {"class": "marks-bar", transform: "translate(6," + (NODE_H - 8) + ")"});
       group.appendChild(bar);
       view.nodeBars[node.id] = bar;
       drawMarksBar(node.id);
@@ -645,7 +645,7 @@
     bar.appendChild(svgEl("title", {text: good + " good, " + bad + " bad, " + unmarked + " unmarked"}));
     [["good", good], ["bad", bad], ["unmarked", unmarked]].forEach(function (part) {
       var w = total ? width * part[1] / total : (part[0] === "unmarked" ? width : 0);
-      if (w > 0) { bar.appendChild(svgEl("rect", {x: x, y: 0, width: w, height: 4, "class": "mark-" + part[0]})); }
+      if (w > 0) { bar.appendChild(svgEl("rect", {x: x, y: 0, width: w, height: 5, "class": "mark-" + part[0]})); }
       x += w;
     });
   }
