@@ -744,6 +744,14 @@
     var data = decodeBase64(layer.activations);
     var shape = layer.shape;
     if (layer.stats && layer.stats.length) { view.filterCounts[id] = layer.stats.length; }
+    if (layer.message) { layerMessage(layer.message, true); }
+    if (!shape.length) {  // nothing to draw; the message says why
+      clear(byId("maps"));
+      byId("maps-title").textContent = "Activations";
+      drawFilters(id, null);
+      drawStats(id, []);
+      return;
+    }
     byId("maps-title").textContent = (shape.length === 3 ? shape[0] + " maps of " + shape[1] + "×" +
       shape[2] : shape.length === 2 ? shape[0] + " channels of " + shape[1] + " steps" :
       shape[0] + " units") + " for " + layer.image + " (values " + layer.range[0].toPrecision(3) +
