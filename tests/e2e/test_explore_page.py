@@ -107,7 +107,8 @@ def test_hovering_a_layer_shows_its_configuration(page, fixtures):
     node(page, "conv2d").hover()
     tooltip = page.locator("#node-tooltip")
     assert tooltip.is_visible()
-    assert '"kernel_size"' in tooltip.text_content() and '"relu"' in tooltip.text_content()
+    assert "kernel_size: [3,3]" in tooltip.text_content()
+    assert 'activation: "relu"' in tooltip.text_content()
     page.mouse.move(5, 5)
     assert tooltip.is_hidden()
 

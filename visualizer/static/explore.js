@@ -15,9 +15,11 @@
   var COMPUTE_POLL_MS = 250;
   var PENDING_RETRY_MS = 500;
   var CLICK_DELAY_MS = 250;  // a double click starts with a click: wait before marking "good"
-  var TOOLTIP_CONFIG_LINES = 40;
+  var TOOLTIP_CONFIG_LINES = 30;
+  var TOOLTIP_VALUE_CHARS = 60;
   var NODE_W = 210, NODE_H = 64, DUMMY_W = 14, GAP_X = 26, RANK_H = 100, MARGIN = 30;
   var ORDERING_SWEEPS = 6;
+  var LABEL_ROOM = 200;  // right of the rightmost node: edge labels and open models' titles
   var TECHNIQUE_NAMES = {deconvolution: "Deconvolution", deep_visualization: "Deep visualization",
                          grad_cam: "Grad-CAM", all: "Every technique"};
 
@@ -440,7 +442,7 @@
       });
     });
     Object.keys(items).forEach(function (key) { items[key].x += MARGIN - minX; });
-    return {items: items, routes: routes, width: maxX - minX + 2 * MARGIN + 120,
+    return {items: items, routes: routes, width: maxX - minX + 2 * MARGIN + LABEL_ROOM,
             height: MARGIN * 2 + layers.length * RANK_H};
   }
 
@@ -581,7 +583,7 @@
     tip.appendChild(el("strong", {text: node.name}));
     tip.appendChild(el("div", {"class": "muted", text: node.type + " · output " + node.output_shape +
                                                    " · " + thousands(node.params) + " params"}));
-    var lines = JSON.stringify(node.config || {}, null, 1).split("\n");
+    var lines = configLines(node.config || {});
     if (lines.length > TOOLTIP_CONFIG_LINES) {
       lines = lines.slice(0, TOOLTIP_CONFIG_LINES).concat(["…"]);
     }
@@ -591,6 +593,22 @@
       var box = anchor.getBoundingClientRect();
       placeTooltip(box.right + 8, box.top);
     }
+  }
+
+  // One line per set option: nested Keras objects by their class name, nulls left out.
+  function configLines(config) {
+    return Object.keys(config).sort().filter(function (key) {
+      return config[key] !== null && config[key] !== undefined;
+    }).map(function (key) {
+      var value = config[key];
+      if (value && typeof value === "object" && !Array.isArray(value) && value.class_name) {
+        var inner = value.config && typeof value.config.name === "string" ? " " + value.config.name : "";
+        value = value.class_name + inner;
+      } else {
+        value = JSON.stringify(value);
+      }
+      return key + ": " + shorten(value, TOOLTIP_VALUE_CHARS);
+    });
   }
 
   function moveTooltip(event) { placeTooltip(event.clientX + 16, event.clientY + 12); }
