@@ -758,7 +758,9 @@ class Explorer:
         results, problems = [], []
         for key in keys:
             # "all" shows deep visualization of the predicted class, the others at the node
-            at_node = not (technique == "all" and key == "deep_visualization")
+            # when it has feature maps, else at the last layer with maps
+            at_node = technique != "all" or (key != "deep_visualization" and node_id is not None
+                                             and len(self.layers[node_id].output.shape) == 4)
             try:
                 pixels, caption = self._technique(key, node_id if at_node else None, index,
                                                   unit if at_node else None)
@@ -795,9 +797,12 @@ class Explorer:
                          "model" % (what, node_id))
 
     def _spatial_layer_no(self, node_id):
-        """The node's layer number if its output has maps, else the last layer with maps."""
-        if node_id is not None and len(self.layers[node_id].output.shape) == 4 \
-                and "/" not in node_id:
+        """The node's layer number (it must have feature maps), or the last layer with maps."""
+        if node_id is not None:
+            shape = self.layers[node_id].output.shape
+            if len(shape) != 4:
+                raise ValueError("it needs a layer with feature maps (height, width, channels); "
+                                 "%s has output shape %s" % (node_id, tuple(shape)))
             return self._layer_no(node_id, "This technique")
         for layer_no in range(len(self.model.layers) - 1, -1, -1):
             layer = self.model.layers[layer_no]

@@ -33,3 +33,9 @@ fi
 # The path file that earlier versions of this script wrote is replaced by the install above.
 site_packages=$(.venv/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
 rm -f "$site_packages/training_visualizer.pth"
+# The Explore page's demo network (trained offline in a few seconds, once): where the server
+# looks for it (VISUALIZER_DEMO_DIR, else <instance>/demo).
+DEMO_DIR=$(.venv/bin/python -c 'from visualizer import config; print(config.demo_dir(config.settings_from_env()))')
+if [ ! -f "$DEMO_DIR/model.keras" ]; then
+    TF_CPP_MIN_LOG_LEVEL=3 .venv/bin/python -m custom_keras.demo "$DEMO_DIR"
+fi

@@ -115,3 +115,21 @@ def test_a_downgrade_to_the_baseline_merges_tags_by_name_and_keeps_them_on_their
     assert connection.execute("SELECT * FROM script_tags ORDER BY script_id, tag_id").fetchall() \
         == [(1, 1), (1, 2), (2, 2)]
     connection.close()
+
+
+def test_explore_s_revision_keeps_script_runs_and_its_downgrade_drops_exploration_runs(tmp_path):
+    """0004 adds explorations and filter marks; a run belongs to a script or an exploration."""
+    from visualizer.models import Exploration
+    make_old_database(tmp_path / "test.sqlite")
+    app = create_app(make_test_config(tmp_path))
+    with app.app_context():
+        assert [(r.script_id, r.exploration_id) for r in Run.query] == [(1, None)]
+        exploration = Exploration(user_id=1, name="net", source="upload", model_sha256="0" * 64)
+        db.session.add(Run(exploration=exploration, state="finished"))
+        db.session.commit()
+        command.downgrade(app.extensions["migrate"].migrate.get_config(), "0002")
+    connection = sqlite3.connect(tmp_path / "test.sqlite")
+    assert connection.execute("SELECT id, script_id FROM run").fetchall() == [(1, 1)]
+    tables = {row[0] for row in connection.execute("SELECT name FROM sqlite_master")}
+    assert "exploration" not in tables and "filter_mark" not in tables
+    connection.close()
