@@ -217,16 +217,12 @@ def fixture_blueprint():
     @bp.route("/")
     def page(scenario):
         architecture(scenario)
-        names = ["index", "state", "predictions", "architecture", "compute", "marks", "set_mark",
+        names = ["state", "predictions", "architecture", "compute", "marks", "set_mark",
                  "marks_download"]
         urls = {name: url_for("explore_fixture." + name, scenario=scenario) for name in names}
         urls["layers"] = url_for("explore_fixture.page", scenario=scenario) + "layers"
         return render_template("explore/view.html", urls=urls,
                                exploration={"id": 1, "name": "Fixture " + scenario})
-
-    @bp.route("/list")
-    def index(scenario):
-        return "explorations"
 
     @bp.route("/state.json")
     def state(scenario):

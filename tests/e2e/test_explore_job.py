@@ -13,7 +13,8 @@ from e2e.harness import REPO_ROOT, screenshot, wait_for
 EXAMPLE = REPO_ROOT / "scripts" / "examples" / "mnist_digits.py"
 SAMPLE_IMAGE = REPO_ROOT / "scripts" / "examples" / "images" / "digit_3.png"
 PAGE_TIMEOUT_MS = 30000
-JOB_TIMEOUT_MS = 180000  # the job imports TensorFlow and loads the model on a shared machine
+JOB_TIMEOUT_S = 180  # the job imports TensorFlow and loads the model on a shared machine
+JOB_TIMEOUT_MS = JOB_TIMEOUT_S * 1000
 RUN_TIMEOUT_S = 300
 
 
@@ -55,7 +56,8 @@ def _explore_the_demo(page, servers):
 def _see_the_views(page, name, class_names):
     """Bars, a convolutional layer's maps, hover, two marks and a deconvolution."""
     bars = page.locator("#predictions .bar-row")
-    bars.first.wait_for(timeout=JOB_TIMEOUT_MS)
+    wait_for(lambda: bars.count(), JOB_TIMEOUT_S, interval=1, what=lambda: (
+        "the top-5 bars; the page says %r" % page.locator("#explore-status").inner_text()))
     screenshot(page, name + "_predictions")
     labels = bars.locator(".bar-label").all_text_contents()
     assert 1 <= len(labels) <= 5 and set(labels) <= set(class_names), labels

@@ -205,7 +205,7 @@
       "What to do: correct what the message names (for example save the model with ",
       el("code", {text: "model.save(\"model.keras\")"}),
       ", or provide class names one per class), then ",
-      el("a", {href: urls.index, text: "start a new exploration"}), "."]));
+      el("a", {href: root.dataset.indexUrl, text: "start a new exploration"}), "."]));
     byId("explore-content").hidden = true;
   }
 
