@@ -6,6 +6,8 @@ deconvolution of a map and see it arrive. Then train ``scripts/examples/mnist_di
 (2 epochs), download its network from the file page, upload it with a PNG as a new
 exploration, and see the same views. Screenshots go to ``test-artifacts/e2e/``.
 """
+import re
+
 import pytest
 
 from e2e.harness import REPO_ROOT, screenshot, wait_for
@@ -16,6 +18,7 @@ PAGE_TIMEOUT_MS = 30000
 JOB_TIMEOUT_S = 180  # the job imports TensorFlow and loads the model on a shared machine
 JOB_TIMEOUT_MS = JOB_TIMEOUT_S * 1000
 RUN_TIMEOUT_S = 300
+EXPLORATION_URL = re.compile(r"/explore/\d+$")
 
 
 @pytest.mark.slow
@@ -49,7 +52,7 @@ def _register(page, servers):
 def _explore_the_demo(page, servers):
     page.goto(servers.url + "/explore/")
     page.get_by_role("button", name="Open the demo").click()
-    page.wait_for_url("**/explore/*")
+    page.wait_for_url(EXPLORATION_URL)
     _see_the_views(page, "explore_demo", class_names=[str(digit) for digit in range(10)])
 
 
@@ -122,6 +125,7 @@ def _explore_an_uploaded_network(page, servers, network):
     page.set_input_files("input[name=model]", str(network))
     page.set_input_files("input[name=inputs]", str(SAMPLE_IMAGE))
     page.locator('form#new-exploration button.primary').click()
-    page.wait_for_url("**/explore/*")
+    page.wait_for_load_state()
+    assert EXPLORATION_URL.search(page.url), (page.url, page.inner_text("body")[:1000])
     _see_the_views(page, "explore_upload", class_names=["class %d" % digit for digit in range(10)]
                    + [str(digit) for digit in range(10)])
