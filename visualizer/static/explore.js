@@ -719,6 +719,7 @@
       group.classList.toggle("selected", group.dataset.node === id);
     });
     var node = view.byId[id];
+    byId("layer-placeholder").hidden = true;
     byId("layer-panel").hidden = false;
     byId("layer-title").textContent = node.name;
     byId("layer-facts").textContent = node.type + " · output " + node.output_shape + " · " +
