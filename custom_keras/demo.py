@@ -19,7 +19,11 @@ SEED = 0
 
 
 def build(folder):
-    """Trains the demo model into ``folder`` (created whole, or not at all); nothing if it is there."""
+    """Trains the demo model into ``folder`` (made whole or not at all); nothing if it is there.
+
+    Returns:
+        whether it was trained now.
+    """
     if os.path.isfile(os.path.join(folder, storage.EXPLORE_MODEL_FILE)):
         return False
     import keras

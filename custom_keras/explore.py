@@ -35,9 +35,12 @@ DEFAULT_IDLE_S = 600
 REQUEST_POLL_S = 0.02
 TOP_PREDICTIONS = 5
 MAX_SAMPLES = 64
+FIRST_PASS_BATCH = 8
 # The outputs of every layer for every input are kept in memory up to this size; above it,
 # one input's outputs are computed when a layer of it is asked for (and kept for the next).
 KEEP_OUTPUTS_BYTES = 256 * storage.MIB
+# Layer files written before anyone asks for them, at most (the rest on request).
+PRECOMPUTE_BYTES = 64 * storage.MIB
 # Filters larger than this (values) are not sent: no one reads 512 x 3 x 3 x 512 weights.
 MAX_FILTER_VALUES = 4 * 1000 * 1000
 MAX_CONFIG_CHARS = 400
@@ -408,7 +411,7 @@ def architecture(model):
             rank = len(shape) - 1
             nodes.append({
                 "id": node_id, "name": layer.name, "type": type(layer).__name__,
-                "output_shape": str(tuple(shape)).replace("None", "None"),
+                "output_shape": str(tuple(shape)),
                 "params": _params(layer), "config": _config(layer), "parent": parent,
                 "is_model": _is_model(layer), "kind": _kind(layer),
                 "has_maps": rank in (2, 3) and not _is_model(layer),
@@ -502,20 +505,6 @@ def predictions(outputs, names, class_names):
     return {"images": entries}
 
 
-def filter_stats(outputs):
-    """Per filter (last axis) or unit: mean activation and fraction of zeros over all inputs.
-
-    Args:
-        outputs: a layer's outputs for all inputs, (N, ..., channels) or (N, units).
-    """
-    outputs = np.asarray(outputs, dtype=np.float64)
-    flat = outputs.reshape(-1, outputs.shape[-1]) if outputs.ndim > 1 else outputs[:, None]
-    means = flat.mean(axis=0)
-    zeros = (flat == 0).mean(axis=0)
-    return [{"index": index, "mean": float(mean), "zero_fraction": float(zero)}
-            for index, (mean, zero) in enumerate(zip(means, zeros))]
-
-
 def scale_maps(maps):
     """uint8 maps, each scaled on its own: from 0 (or its minimum, when negative) to its max."""
     maps = np.asarray(maps, dtype=np.float64)
@@ -535,7 +524,7 @@ def layer_result(node_id, image_name, output, stats, layer, first_on_input):
 
     Args:
         output: the layer's output for this input, (H, W, C), (T, C) or (units,).
-        stats: ``filter_stats`` over all inputs.
+        stats: per filter or unit, its mean and fraction of zeros over all inputs.
         layer: the Keras layer (for its filters), or None.
         first_on_input: whether the layer reads the model's input (colour filters).
     """
@@ -641,12 +630,13 @@ class Explorer:
         self.names, self.class_names, self.notices = list(names), class_names, list(notices)
         self.layers = {}      # node id: layer
         self.first_on_input = set()  # node ids of layers that read the model's input
-        self.stats = {}       # node id: filter_stats over all inputs
+        self.stats = {}       # node id: [{index, mean, zero_fraction}] over all inputs
         self.outputs = None   # {node id: outputs of all inputs} when they fit in memory
         self._one = (None, None)  # (input index, {node id: output}) of the last one computed
         self._graph = None
         self._cache = {}      # technique objects built once: deconvolution and saliency models
-        self._precompute = []
+        self._precompute = []  # (node id, input name) of the layer files to write when idle
+        self._precompute_bytes = 0
 
     @classmethod
     def load(cls, folder):
@@ -664,7 +654,7 @@ class Explorer:
         self._graph = architecture(self.model)
         self._write(storage.EXPLORE_ARCHITECTURE_FILE, self._graph)
         self._index_layers(self.model, "")
-        final, per_layer_sizes = self._first_pass()
+        final = self._first_pass()
         if class_count(self.model) is not None:
             probs, applied = probabilities(final)
             if applied:
@@ -684,41 +674,53 @@ class Explorer:
                     storage.EXPLORE_INPUT_PNG_DIR, "%d.png" % index)),
                     png_bytes(input_picture(sample)))
             images.append({"name": self.names[index], "png": drawable})
-        self._precompute = [(node["id"], name) for node in self._graph["nodes"]
-                            for name in self.names if node["id"] in self.stats]
+        # the first input's layers first: the page shows it first
+        self._precompute = [(node["id"], name) for name in self.names
+                            for node in self._graph["nodes"] if node["id"] in self.stats]
         self._write(storage.EXPLORE_READY_FILE, {"notices": self.notices, "images": images})
 
-    def _index_layers(self, model, prefix):
-        import keras
-        for layer in _graph(model).layers:
-            node_id = prefix + layer.name
-            self.layers[node_id] = layer
-            if _is_model(layer):
-                self._index_layers(layer, node_id + "/")
+    def _index_layers(self, model, prefix, reads_input=True):
+        """Finds every node's layer, and the layers that read the model's input (the input of
+        a nested model that reads it counts too)."""
         graph = _graph(model)
         inputs = {id(tensor) for tensor in graph.inputs}
         for node in _graph_nodes(graph):
-            if not node.is_input and any(id(t) in inputs for t in node.input_tensors) \
-                    and not isinstance(node.operation, keras.layers.InputLayer) and not prefix:
-                self.first_on_input.add(prefix + node.operation.name)
+            layer = node.operation
+            node_id = prefix + layer.name
+            if node_id in self.layers:
+                continue
+            self.layers[node_id] = layer
+            if reads_input and not node.is_input and any(id(t) in inputs
+                                                         for t in node.input_tensors):
+                self.first_on_input.add(node_id)
+            if _is_model(layer):
+                self._index_layers(layer, node_id + "/", node_id in self.first_on_input)
 
     def _first_pass(self):
-        """Forward passes over all inputs in batches: the outputs, every layer's statistics, and
-        every layer's outputs kept when they fit in memory."""
-        batches, final = [], []
-        for start in range(0, len(self.inputs), 8):
-            out, per_layer = forward_all(self.model, self.inputs[start:start + 8])
+        """Forward passes over all inputs in batches: the model's outputs, every layer's
+        statistics (summed batch by batch), and every layer's outputs while they fit in memory."""
+        final, kept, kept_bytes = [], [], 0
+        sums, zeros, counts = {}, {}, {}
+        for start in range(0, len(self.inputs), FIRST_PASS_BATCH):
+            out, per_layer = forward_all(self.model, self.inputs[start:start + FIRST_PASS_BATCH])
             final.append(out)
-            batches.append(per_layer)
-        per_layer = {key: np.concatenate([batch[key] for batch in batches])
-                     for key in batches[0]}
-        for key, value in per_layer.items():
-            if value.ndim >= 2:
-                self.stats[key] = filter_stats(value)
-        sizes = {key: value.nbytes for key, value in per_layer.items()}
-        if sum(sizes.values()) <= KEEP_OUTPUTS_BYTES:
-            self.outputs = per_layer
-        return np.concatenate(final), sizes
+            for key, value in per_layer.items():
+                if value.ndim < 2:
+                    continue
+                flat = value.reshape(-1, value.shape[-1]).astype(np.float64)
+                sums[key] = sums.get(key, 0) + flat.sum(axis=0)
+                zeros[key] = zeros.get(key, 0) + (flat == 0).sum(axis=0)
+                counts[key] = counts.get(key, 0) + len(flat)
+            if kept is not None:
+                kept_bytes += sum(value.nbytes for value in per_layer.values())
+                kept = kept + [per_layer] if kept_bytes <= KEEP_OUTPUTS_BYTES else None
+        for key in sums:
+            self.stats[key] = [{"index": index, "mean": float(total / counts[key]),
+                                "zero_fraction": float(zero / counts[key])}
+                               for index, (total, zero) in enumerate(zip(sums[key], zeros[key]))]
+        if kept is not None:
+            self.outputs = {key: np.concatenate([batch[key] for batch in kept]) for key in kept[0]}
+        return np.concatenate(final)
 
     def _output_of(self, node_id, index):
         if self.outputs is not None:
@@ -927,9 +929,15 @@ class Explorer:
                              request.get("image"), request.get("unit"))
 
     def _precompute_next(self):
+        """Writes the next layer file no one asked for, until PRECOMPUTE_BYTES are written (a
+        large model's layers are computed when asked for, not all onto the disk)."""
         node_id, image_name = self._precompute.pop(0)
-        if not os.path.exists(storage.layer_path(self.folder, node_id, image_name)):
+        path = storage.layer_path(self.folder, node_id, image_name)
+        if not os.path.exists(path):
             self.layer(node_id, image_name)
+            self._precompute_bytes += os.path.getsize(path)
+            if self._precompute_bytes >= PRECOMPUTE_BYTES:
+                self._precompute = []
 
 
 def _one_line(error):

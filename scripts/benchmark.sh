@@ -18,3 +18,4 @@ export TF_CPP_MIN_LOG_LEVEL=2
 .venv/bin/python -m benchmarks.logins
 .venv/bin/python -m benchmarks.hostile_run_folder
 .venv/bin/python -m benchmarks.ray_runner
+.venv/bin/python -m benchmarks.explore

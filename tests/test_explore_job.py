@@ -293,7 +293,12 @@ def known_conv_model():
     return model
 
 
-def test_a_layer_has_its_maps_range_and_per_filter_statistics_over_all_inputs(tmp_path):
+@pytest.mark.parametrize("keep_outputs_bytes", [explore.KEEP_OUTPUTS_BYTES, 0],
+                         ids=["outputs kept", "computed on request"])
+def test_a_layer_has_its_maps_range_and_per_filter_statistics_over_all_inputs(
+        tmp_path, monkeypatch, keep_outputs_bytes):
+    monkeypatch.setattr(explore, "KEEP_OUTPUTS_BYTES", keep_outputs_bytes)
+    monkeypatch.setattr(explore, "FIRST_PASS_BATCH", 1)  # statistics summed over batches
     first = np.arange(16, dtype=np.float32).reshape(4, 4, 1)
     second = np.zeros((4, 4, 1), np.float32)
     folder = make_folder(tmp_path, known_conv_model(), array=np.stack([first, second]))
@@ -404,3 +409,28 @@ def test_the_job_answers_requests_written_into_its_folder_and_exits_when_idle(tm
     assert 5 < now[0] < 6
     assert len(os.listdir(storage.results_path(folder, storage.EXPLORE_LAYERS_DIR))) == len(
         explorer.stats)
+
+
+def test_the_first_layer_of_a_nested_base_model_shows_colour_filters(tmp_path):
+    base = keras.Sequential([keras.Input((16, 16, 3)), keras.layers.Conv2D(4, 3, name="b1"),
+                             keras.layers.Conv2D(4, 3, name="b2")], name="base")
+    inputs = keras.Input((16, 16, 3))
+    outputs = keras.layers.Dense(2, activation="softmax")(
+        keras.layers.GlobalAveragePooling2D()(base(inputs)))
+    folder = make_folder(tmp_path, keras.Model(inputs, outputs),
+                         {"a.png": Image.new("RGB", (16, 16))})
+    explorer = explore.Explorer.load(folder)
+    explorer.analyse()
+    assert explorer.layer("base/b1", "a.png")["filters"]["rgb"] is True
+    assert explorer.layer("base/b2", "a.png")["filters"]["rgb"] is False
+
+
+def test_layers_no_one_asked_for_are_written_only_up_to_the_precompute_budget(
+        tmp_path, reference_model, monkeypatch):
+    monkeypatch.setattr(explore, "PRECOMPUTE_BYTES", 1)  # one file, then only on request
+    folder = make_folder(tmp_path, reference_model, {"three.png": digit()})
+    explorer = explore.Explorer.load(folder)
+    explorer.analyse()
+    explorer.serve(idle_s=0, clock=iter(range(100)).__next__, sleep=lambda seconds: None)
+    written = os.listdir(storage.results_path(folder, storage.EXPLORE_LAYERS_DIR))
+    assert written == [storage.layer_file_name("input_layer", "three.png")]

@@ -315,6 +315,9 @@ def test_a_request_to_an_ended_job_starts_it_again(app, client, user, monkeypatc
     monkeypatch.setattr(explore, "LAYER_WAIT_S", 0.05)
     client.get("/explore/1/layers/conv2d.json?image=one.png")
     assert [run_id for run_id, _, _ in app.config["RUNNER"].started] == [1, 2]
+    # while the job loads again, the earlier results still name the layers and images
+    assert client.get("/explore/1/layers/inner/conv.json?image=one.png").status_code == 202
+    assert client.get("/explore/1/state.json").get_json()["state"] == "ready"
     with app.app_context():
         assert [r.state for r in db.session.get(Exploration, 1).runs] == ["finished", "queued"]
 
@@ -495,3 +498,83 @@ def test_the_explorer_page_gets_the_json_endpoints(app, client, user):
             urls = explore.explore_urls(db.session.get(Exploration, 1))
     assert urls["state"] == "/explore/1/state.json" and urls["layers"] == "/explore/1/layers"
     assert urls["compute"] == "/explore/1/compute" and urls["marks"] == "/explore/1/marks.json"
+
+
+def test_json_posts_need_the_csrf_token_which_the_page_sends_as_a_header(tmp_path):
+    import re
+
+    app = create_app(make_test_config(tmp_path, WTF_CSRF_ENABLED=True))
+    client = app.test_client()
+    token = re.search(r'name="csrf_token" value="([^"]+)"',
+                      client.get("/auth/register").get_data(as_text=True)).group(1)
+    client.post("/auth/register", data={"username": "alice_1", "password": "password123",
+                                        "confirm": "password123", "csrf_token": token})
+    page = client.get("/explore/").get_data(as_text=True)
+    token = re.search(r'name="csrf_token" value="([^"]+)"', page).group(1)
+    response = client.post("/explore/new", content_type="multipart/form-data", data={
+        "csrf_token": token, "model": (io.BytesIO(keras_bytes()), "net.keras"),
+        "inputs": [(io.BytesIO(png_bytes()), "one.png")]})
+    assert response.status_code == 302
+    mark = {"node": "conv2d", "filter": 0, "mark": "good"}
+    assert client.post("/explore/1/marks", json=mark).status_code == 400
+    assert client.post("/explore/1/marks", json=mark, headers={"X-CSRFToken": token}
+                       ).get_json() == {"conv2d": {"0": "good"}}
+
+
+def test_the_explore_settings_come_from_the_environment():
+    from visualizer import config
+    settings = config.settings_from_env({"VISUALIZER_EXPLORE_IDLE_S": "30",
+                                         "VISUALIZER_EXPLORE_MODEL_MB": "50",
+                                         "VISUALIZER_DEMO_DIR": "/srv/demo",
+                                         "VISUALIZER_INSTANCE": "/srv/instance"})
+    assert (settings["EXPLORE_IDLE_S"], settings["EXPLORE_MODEL_MB"]) == (30, 50)
+    assert config.demo_dir(settings) == "/srv/demo"
+    defaults = config.settings_from_env({"VISUALIZER_INSTANCE": "/srv/instance"})
+    assert (defaults["EXPLORE_IDLE_S"], defaults["EXPLORE_MODEL_MB"]) == (600, 200)
+    assert config.demo_dir(defaults) == "/srv/instance/demo"
+    with pytest.raises(ValueError, match="VISUALIZER_EXPLORE_IDLE_S must be positive"):
+        config.settings_from_env({"VISUALIZER_EXPLORE_IDLE_S": "0"})
+
+
+def test_a_model_larger_than_other_uploads_passes_the_csrf_check_up_to_its_own_cap(tmp_path):
+    import re
+    app = create_app(make_test_config(tmp_path, WTF_CSRF_ENABLED=True, MAX_CONTENT_LENGTH=4096,
+                                      EXPLORE_MODEL_MB=0.02))
+    client = app.test_client()
+    token = re.search(r'name="csrf_token" value="([^"]+)"',
+                      client.get("/auth/register").get_data(as_text=True)).group(1)
+    client.post("/auth/register", data={"username": "alice_1", "password": "password123",
+                                        "confirm": "password123", "csrf_token": token})
+    token = re.search(r'name="csrf_token" value="([^"]+)"',
+                      client.get("/explore/").get_data(as_text=True)).group(1)
+
+    def upload(padding):
+        buffer = io.BytesIO()
+        with zipfile.ZipFile(buffer, "w") as archive:
+            archive.writestr("config.json", "{}")
+            archive.writestr("metadata.json", "{}")
+            archive.writestr("model.weights.h5", os.urandom(padding))  # not compressible
+        return client.post("/explore/new", content_type="multipart/form-data", data={
+            "csrf_token": token, "model": (io.BytesIO(buffer.getvalue()), "net.keras"),
+            "inputs": [(io.BytesIO(png_bytes()), "one.png")]})
+
+    assert upload(10000).status_code == 302  # over MAX_CONTENT_LENGTH, under the model's cap
+    response = upload(40000)
+    assert response.status_code == 413
+    assert "The upload is larger than the limit of 0.0239058 MB; nothing was saved" in \
+        response.get_data(as_text=True)
+    assert count(app) == 1
+
+
+def test_a_requests_folder_the_job_replaced_by_a_link_gets_no_request(app, client, user,
+                                                                      tmp_path):
+    folder = ready_with_layer(app, client)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    os.rmdir(os.path.join(folder, "requests"))
+    os.symlink(elsewhere, os.path.join(folder, "requests"))
+    response = client.post("/explore/1/compute", json={"technique": "all", "node": None,
+                                                       "image": "one.png"})
+    assert response.status_code == 503
+    assert "The request could not be written" in response.get_json()["message"]
+    assert os.listdir(elsewhere) == []

@@ -59,6 +59,8 @@ def create_app(test_config=None):
 
     db.init_app(app)
     migrate.init_app(app, db)
+    # before the CSRF check, which reads the form: a model upload's own body limit
+    app.before_request(explore.allow_model_upload)
     csrf.init_app(app)
     auth.login_manager.init_app(app)
     auth.login_manager.login_view = "auth.login"
@@ -239,7 +241,8 @@ def _register_handlers(app):
 
     @app.errorhandler(413)
     def too_large(error):
-        limit_mb = app.config["MAX_CONTENT_LENGTH"] / (1024 * 1024)
+        # this request's limit: a new exploration's is larger (explore.allow_model_upload)
+        limit_mb = (request.max_content_length or app.config["MAX_CONTENT_LENGTH"]) / (1024 * 1024)
         return render_template(
             "error.html", title="Upload too large",
             message="The upload is larger than the limit of %g MB; nothing was saved. "

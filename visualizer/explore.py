@@ -20,7 +20,6 @@ import zipfile
 from flask import (Blueprint, Response, abort, current_app, flash, jsonify, redirect,
                    render_template, request, url_for)
 from flask_login import current_user
-from werkzeug.exceptions import RequestEntityTooLarge
 from werkzeug.http import dump_options_header
 from werkzeug.utils import secure_filename
 
@@ -42,8 +41,9 @@ MAX_CLASS_NAME_LENGTH = 200
 MAX_NAME_LENGTH = 255
 MAX_CLASS_NAMES_BYTES = 4 * storage.MIB
 MAX_PNG_BYTES = 16 * storage.MIB
-# How long a layer request waits for the job before the page is told to ask again.
-LAYER_WAIT_S = 8.0
+# How long a layer request waits for the job before the page is told to ask again (a
+# server thread waits meanwhile; the job answers within a second once it has loaded).
+LAYER_WAIT_S = 3.0
 LAYER_POLL_S = 0.02
 REQUEST_ID = re.compile(r"[0-9a-f]{32}")
 RESULT_FILE = re.compile(r"[A-Za-z0-9_-]{1,80}\.png")
@@ -334,8 +334,10 @@ def start_job(exploration):
                                    JOB_SCRIPT.encode("utf-8"))
         storage.atomic_write_json(os.path.join(folder, storage.EXPLORE_SETTINGS_FILE),
                                   {"idle_s": app.config["EXPLORE_IDLE_S"]})
-        for marker in (storage.EXPLORE_READY_FILE, storage.EXPLORE_FAILURE_FILE):
-            storage.remove_run_file(folder, storage.results_path(folder, marker))
+        # An earlier run's results stay (the page keeps showing them while the job loads
+        # again); only its failure goes.
+        storage.remove_run_file(folder, storage.results_path(folder,
+                                                             storage.EXPLORE_FAILURE_FILE))
         disk_limit_mb = quotas.exploration_disk_limit_mb(exploration.user_id, folder)
     except (OSError, ValueError) as error:
         return "could not prepare the job: %s" % (
@@ -381,19 +383,21 @@ def _index_page(status=200):
                            model_limit=storage.format_bytes(model_limit_bytes())), status
 
 
+def allow_model_upload():
+    """A new exploration's request may be larger than other uploads by the model's cap.
+
+    Registered on the app before the CSRF check, which reads the form (and so the body).
+    """
+    if request.endpoint == "explore.new":
+        request.max_content_length = (model_limit_bytes()
+                                      + current_app.config["MAX_CONTENT_LENGTH"])
+
+
 @bp.route("/new", methods=("POST",))
 def new():
-    # A model may be larger than other uploads: this request's own body limit.
-    request.max_content_length = model_limit_bytes() + current_app.config["MAX_CONTENT_LENGTH"]
+    # a body over the limit never gets here: the app's 413 page says the limit
+    files, form = request.files, request.form
     try:
-        try:
-            files, form = request.files, request.form
-        except RequestEntityTooLarge:
-            raise UploadError("The upload is larger than the limit of %s (a model up to %s and "
-                              "images up to %s); nothing was saved." % (
-                                  storage.format_bytes(request.max_content_length),
-                                  storage.format_bytes(model_limit_bytes()),
-                                  storage.format_bytes(current_app.config["MAX_CONTENT_LENGTH"])))
         model_upload = files.get("model")
         if model_upload is not None and model_upload.filename:
             model_name = secure_filename(model_upload.filename) or "model.keras"
@@ -616,6 +620,8 @@ def layer(exploration_id, node_id):
             if problem:
                 return jsonify({"message": problem}), 503
             requested = True
+            if exploration.last_run.state == storage.RUN_QUEUED:
+                return _pending("The analysis job waits for a free run slot; ask again.")
         if time.monotonic() > deadline:
             return _pending("The analysis job is computing this layer; ask again.")
         time.sleep(LAYER_POLL_S)
