@@ -19,7 +19,8 @@
   var TOOLTIP_VALUE_CHARS = 60;
   var NODE_W = 210, NODE_H = 64, DUMMY_W = 14, GAP_X = 26, RANK_H = 100, MARGIN = 30;
   var ORDERING_SWEEPS = 6;
-  var LABEL_ROOM = 200;  // right of the rightmost node: edge labels and open models' titles
+  var LABEL_ROOM = 120;  // right of the rightmost node: an edge label
+  var MODEL_TITLE_ROOM = 200;  // or an open nested model's title
   var TECHNIQUE_NAMES = {deconvolution: "Deconvolution", deep_visualization: "Deep visualization",
                          grad_cam: "Grad-CAM", all: "Every technique"};
 
@@ -442,7 +443,8 @@
       });
     });
     Object.keys(items).forEach(function (key) { items[key].x += MARGIN - minX; });
-    return {items: items, routes: routes, width: maxX - minX + 2 * MARGIN + LABEL_ROOM,
+    var room = graph.nodes.some(function (id) { return view.byId[id].parent; }) ? MODEL_TITLE_ROOM : LABEL_ROOM;
+    return {items: items, routes: routes, width: maxX - minX + 2 * MARGIN + room,
             height: MARGIN * 2 + layers.length * RANK_H};
   }
 
@@ -508,7 +510,7 @@
     group.appendChild(svgEl("rect", {width: NODE_W, height: NODE_H, rx: 7, "class": "frame"}));
     var title = node.is_model ? "▸ " + node.name : node.name;
     group.appendChild(svgText(10, 18, shorten(title, 28), "node-name"));
-    var count = node.is_model ? (view.children[node.id] || []).length + " layers, click to open" :
+    var count = node.is_model ? (view.children[node.id] || []).length + " layers" :
       thousands(node.params) + " params";
     group.appendChild(svgText(10, 35, shorten(node.type + " · " + count, 34), "node-type"));
     group.appendChild(svgText(10, 51, shorten(node.output_shape || "", 34), "node-shape"));
