@@ -80,6 +80,30 @@ def residual_net(blocks=2):
     return _architecture("residual", nodes, edges)
 
 
+def branching_net():
+    """An Inception-like block: three parallel branches of different depth, concatenated."""
+    shape = "(None, 28, 28, 8)"
+    nodes = [_node("input_layer", "InputLayer", "(None, 28, 28, 1)", 0, "input")]
+    for node_id, type_name, kind in [("branch1_conv", "Conv2D", "conv"),
+                                     ("branch2_reduce", "Conv2D", "conv"),
+                                     ("branch2_conv", "Conv2D", "conv"),
+                                     ("branch3_pool", "MaxPooling2D", "pool"),
+                                     ("branch3_conv", "Conv2D", "conv")]:
+        nodes.append(_node(node_id, type_name, shape, 80 if kind == "conv" else 0, kind,
+                           has_maps=True, has_filters=kind == "conv"))
+    nodes += [_node("concatenate", "Concatenate", "(None, 28, 28, 24)", 0, "merge", has_maps=True),
+              _node("pool", "GlobalAveragePooling2D", "(None, 24)", 0, "pool"),
+              _node("dense", "Dense", "(None, 10)", 250, "dense", has_filters=True)]
+    edges = [("input_layer", "branch1_conv", "(None, 28, 28, 1)"),
+             ("input_layer", "branch2_reduce", "(None, 28, 28, 1)"),
+             ("input_layer", "branch3_pool", "(None, 28, 28, 1)"),
+             ("branch2_reduce", "branch2_conv", shape), ("branch3_pool", "branch3_conv", shape),
+             ("branch1_conv", "concatenate", shape), ("branch2_conv", "concatenate", shape),
+             ("branch3_conv", "concatenate", shape),
+             ("concatenate", "pool", "(None, 28, 28, 24)"), ("pool", "dense", "(None, 24)")]
+    return _architecture("branching", nodes, edges)
+
+
 def nested_model():
     """An outer model around an inner ``features`` model (its own input, conv, pooling)."""
     nodes = [
@@ -131,6 +155,7 @@ def deep_net(layers=150):
 
 
 SCENARIOS = {"demo": small_cnn, "residual": residual_net, "nested": nested_model,
+             "branching": branching_net,
              "deep": deep_net, "starting": small_cnn, "failed": small_cnn}
 FAILURE_MESSAGE = ("model.keras could not be loaded: the layer class 'MyCustomLayer' is unknown. "
                    "Upload the model together with a custom-objects script that defines it.")

@@ -88,6 +88,29 @@ def test_the_residual_graph_draws_every_layer_and_its_skip_connections(page, fix
     screenshot(page, "explore_architecture_residual")
 
 
+def test_parallel_branches_are_drawn_side_by_side_and_merge(page, fixtures):
+    open_scenario(page, fixtures, "branching")
+    boxes = {name: node(page, name).bounding_box()
+             for name in ("input_layer", "branch1_conv", "branch2_reduce", "branch3_pool",
+                          "concatenate")}
+    firsts = [boxes[name] for name in ("branch1_conv", "branch2_reduce", "branch3_pool")]
+    assert len({box["y"] for box in firsts}) == 1  # one rank
+    assert len({box["x"] for box in firsts}) == 3  # side by side
+    assert boxes["input_layer"]["y"] < firsts[0]["y"] < boxes["concatenate"]["y"]
+    assert len(drawn_edges(page)) == 10
+
+
+@pytest.mark.parametrize("scenario", ["residual", "branching", "nested", "deep"])
+def test_no_two_layers_overlap_in_the_graph(page, fixtures, scenario):
+    open_scenario(page, fixtures, scenario)
+    boxes = page.eval_on_selector_all("#architecture .node", """nodes => nodes.map(n => {
+        const box = n.getBBox(), matrix = n.transform.baseVal.consolidate().matrix;
+        return [matrix.e, matrix.f, box.width, box.height]; })""")
+    for i, (x1, y1, w1, h1) in enumerate(boxes):
+        for x2, y2, w2, h2 in boxes[i + 1:]:
+            assert x1 + w1 <= x2 or x2 + w2 <= x1 or y1 + h1 <= y2 or y2 + h2 <= y1
+
+
 def test_a_nested_model_closes_into_one_node_and_opens_again(page, fixtures):
     open_scenario(page, fixtures, "nested")
     assert node(page, "features/conv2d").count() == 1
