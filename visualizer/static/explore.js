@@ -229,6 +229,8 @@
         byId("explore-content").hidden = false;
         drawPredictions();
         drawArchitecture();
+        var graph = byId("architecture");
+        graph.scrollLeft = (graph.scrollWidth - graph.clientWidth) / 2;  // a wide graph: its middle
       }).catch(function (error) {
         view.loaded = false;
         showStatus("warning", "Could not load the exploration (" + error.message + "); trying again.");
