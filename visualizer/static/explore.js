@@ -803,7 +803,7 @@
 
   function drawMapGrid(maps, data, shape, layer) {
     var count = shape[0], height = shape[1], width = shape[2], size = height * width;
-    var tile = count <= 16 ? 84 : count <= 64 ? 64 : count <= 256 ? 44 : 32;
+    var tile = count <= 16 ? 76 : count <= 64 ? 56 : count <= 256 ? 40 : 30;
     maps.style.setProperty("--tile", tile + "px");
     var fragment = document.createDocumentFragment();
     for (var c = 0; c < count; c++) {
