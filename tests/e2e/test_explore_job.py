@@ -10,7 +10,7 @@ import re
 
 import pytest
 
-from e2e.harness import REPO_ROOT, screenshot, wait_for
+from e2e.harness import REPO_ROOT, Servers, screenshot, wait_for
 
 EXAMPLE = REPO_ROOT / "scripts" / "examples" / "mnist_digits.py"
 SAMPLE_IMAGE = REPO_ROOT / "scripts" / "examples" / "images" / "digit_3.png"
@@ -21,8 +21,20 @@ RUN_TIMEOUT_S = 300
 EXPLORATION_URL = re.compile(r"/explore/\d+$")
 
 
+@pytest.fixture(scope="module")
+def explore_servers(tmp_path_factory):
+    """Servers with the default upload limit (20 MB): the trained example's network is 7 MB,
+    over the 2 MB of the shared ``servers``."""
+    instance = Servers(tmp_path_factory.mktemp("explore-servers"), EPOCHS="2")
+    instance.start()
+    yield instance
+    instance.cleanup()
+
+
 @pytest.mark.slow
-def test_new_user_explores_the_demo_and_then_a_network_they_trained(browser, servers, tmp_path):
+def test_new_user_explores_the_demo_and_then_a_network_they_trained(browser, explore_servers,
+                                                                      tmp_path):
+    servers = explore_servers
     context = browser.new_context(viewport={"width": 1280, "height": 900}, accept_downloads=True)
     context.set_default_timeout(PAGE_TIMEOUT_MS)
     page = context.new_page()
