@@ -273,7 +273,16 @@ def test_a_failed_exploration_shows_its_message_and_what_to_do(page, fixtures):
     screenshot(page, "explore_failed")
 
 
-def test_a_150_layer_network_draws_every_layer(page, fixtures):
+def test_a_150_layer_network_draws_every_layer_and_zooms(page, fixtures):
     open_scenario(page, fixtures, "deep")
     assert page.locator("#architecture .node").count() == len(deep_net()["nodes"]) == 150
     assert len(drawn_edges(page)) == len(deep_net()["edges"])
+    graph, box = page.locator("#architecture svg"), page.locator("#architecture")
+    page.get_by_role("button", name="Whole graph").click()
+    assert graph.bounding_box()["height"] <= box.bounding_box()["height"]
+    page.get_by_role("button", name="Actual size").click()
+    actual = graph.bounding_box()["height"]
+    page.get_by_role("button", name="Zoom out").click()
+    assert graph.bounding_box()["height"] == pytest.approx(actual / 1.25, rel=0.01)
+    node(page, "conv2d_3").click()  # a zoomed graph still opens its layers
+    page.wait_for_selector("#maps canvas")

@@ -19,6 +19,7 @@
   var TOOLTIP_VALUE_CHARS = 60;
   var NODE_W = 210, NODE_H = 64, DUMMY_W = 14, GAP_X = 26, RANK_H = 100, MARGIN = 30;
   var ORDERING_SWEEPS = 6;
+  var ZOOM_STEP = 1.25, ZOOM_MIN = 0.02, ZOOM_MAX = 2;
   var LABEL_ROOM = 120;  // right of the rightmost node: an edge label
   var MODEL_TITLE_ROOM = 200;  // or an open nested model's title
   var TECHNIQUE_NAMES = {deconvolution: "Deconvolution", deep_visualization: "Deep visualization",
@@ -27,7 +28,7 @@
   var view = {
     state: null, loaded: false, images: [], image: null, predictions: null,
     architecture: null, byId: {}, children: {}, expanded: {}, marks: {},
-    node: null, layer: null, filterCounts: {}, nodeBars: {}, layerRequest: 0,
+    node: null, layer: null, filterCounts: {}, nodeBars: {}, layerRequest: 0, zoom: 1,
   };
 
   // ---- small helpers ----------------------------------------------------------------
@@ -465,8 +466,9 @@
     var box = byId("architecture");
     var graph = visibleGraph();
     var placed = layout(graph);
-    var svg = svgEl("svg", {width: placed.width, height: placed.height, "class": "graph",
-                            viewBox: "0 0 " + placed.width + " " + placed.height});
+    var svg = svgEl("svg", {width: placed.width * view.zoom, height: placed.height * view.zoom,
+                            "class": "graph", viewBox: "0 0 " + placed.width + " " + placed.height,
+                            "data-width": placed.width, "data-height": placed.height});
     svg.appendChild(svgEl("defs", {}, [svgEl("marker", {
       id: "arrow", viewBox: "0 0 10 10", refX: 9, refY: 5, markerWidth: 7, markerHeight: 7,
       orient: "auto-start-reverse"}, [svgEl("path", {d: "M0,0 L10,5 L0,10 z", "class": "arrow"})])]));
@@ -625,6 +627,31 @@
   }
 
   function hideTooltip() { byId("node-tooltip").hidden = true; }
+
+  // The graph drawn at `zoom` times its size, the point at the middle of the box kept there.
+  function zoomTo(zoom) {
+    var box = byId("architecture"), svg = box.querySelector("svg");
+    if (!svg) { return; }
+    zoom = Math.max(ZOOM_MIN, Math.min(ZOOM_MAX, zoom));
+    var ratio = zoom / view.zoom;
+    var middleX = (box.scrollLeft + box.clientWidth / 2) * ratio;
+    var middleY = (box.scrollTop + box.clientHeight / 2) * ratio;
+    view.zoom = zoom;
+    svg.setAttribute("width", svg.dataset.width * zoom);
+    svg.setAttribute("height", svg.dataset.height * zoom);
+    box.scrollLeft = middleX - box.clientWidth / 2;
+    box.scrollTop = middleY - box.clientHeight / 2;
+  }
+
+  function wholeGraphZoom() {
+    var box = byId("architecture"), svg = box.querySelector("svg");
+    return Math.min(1, box.clientWidth / svg.dataset.width, box.clientHeight / svg.dataset.height);
+  }
+
+  byId("zoom-in").addEventListener("click", function () { zoomTo(view.zoom * ZOOM_STEP); });
+  byId("zoom-out").addEventListener("click", function () { zoomTo(view.zoom / ZOOM_STEP); });
+  byId("zoom-fit").addEventListener("click", function () { zoomTo(wholeGraphZoom()); });
+  byId("zoom-reset").addEventListener("click", function () { zoomTo(1); });
 
   // Dragging the graph's background scrolls it.
   function enablePanning(box) {
