@@ -27,8 +27,8 @@
 
   var view = {
     state: null, loaded: false, images: [], image: null, predictions: null,
-    architecture: null, byId: {}, children: {}, expanded: {}, marks: {},
-    node: null, layer: null, filterCounts: {}, nodeBars: {}, layerRequest: 0, zoom: 1,
+    architecture: null, nodes: {}, children: {}, expanded: {}, marks: {},
+    node: null, filterCounts: {}, nodeBars: {}, layerRequest: 0, zoom: 1,
   };
 
   // ---- small helpers ----------------------------------------------------------------
@@ -299,10 +299,10 @@
 
   function setArchitecture(architecture) {
     view.architecture = architecture;
-    view.byId = {};
+    view.nodes = {};
     view.children = {};
     architecture.nodes.forEach(function (node) {
-      view.byId[node.id] = node;
+      view.nodes[node.id] = node;
       if (node.parent) { (view.children[node.parent] = view.children[node.parent] || []).push(node.id); }
       if (node.is_model && view.expanded[node.id] === undefined) { view.expanded[node.id] = true; }
     });
@@ -316,14 +316,14 @@
   // The outermost collapsed model containing `id`, or null.
   function collapsedAncestor(id) {
     var found = null;
-    for (var parent = view.byId[id].parent; parent; parent = view.byId[parent].parent) {
+    for (var parent = view.nodes[id].parent; parent; parent = view.nodes[parent].parent) {
       if (!view.expanded[parent]) { found = parent; }
     }
     return found;
   }
 
   function isOpenModel(id) {
-    var node = view.byId[id];
+    var node = view.nodes[id];
     return node.is_model && view.expanded[id] && (view.children[id] || []).length > 0;
   }
 
@@ -336,7 +336,7 @@
     var inner = view.children[id];
     var linked = {};
     edgesInside.forEach(function (edge) {
-      if (view.byId[edge.source].parent === id && view.byId[edge.target].parent === id) {
+      if (view.nodes[edge.source].parent === id && view.nodes[edge.target].parent === id) {
         linked[side === "in" ? edge.target : edge.source] = true;
       }
     });
@@ -353,7 +353,7 @@
     }).map(function (node) { return node.id; });
     var edges = [], seen = {};
     architecture.edges.forEach(function (edge) {
-      if (!view.byId[edge.source] || !view.byId[edge.target]) { return; }
+      if (!view.nodes[edge.source] || !view.nodes[edge.target]) { return; }
       drawnEnds(edge.source, "out", architecture.edges).forEach(function (source) {
         drawnEnds(edge.target, "in", architecture.edges).forEach(function (target) {
           var key = source + "\u0000" + target;
@@ -446,7 +446,7 @@
       });
     });
     Object.keys(items).forEach(function (key) { items[key].x += MARGIN - minX; });
-    var room = graph.nodes.some(function (id) { return view.byId[id].parent; }) ? MODEL_TITLE_ROOM : LABEL_ROOM;
+    var room = graph.nodes.some(function (id) { return view.nodes[id].parent; }) ? MODEL_TITLE_ROOM : LABEL_ROOM;
     return {items: items, routes: routes, width: maxX - minX + 2 * MARGIN + room,
             height: MARGIN * 2 + layers.length * RANK_H};
   }
@@ -496,7 +496,7 @@
     });
 
     view.nodeBars = {};
-    graph.nodes.forEach(function (id) { nodes.appendChild(drawNode(view.byId[id], placed.items[id])); });
+    graph.nodes.forEach(function (id) { nodes.appendChild(drawNode(view.nodes[id], placed.items[id])); });
     drawModelBoxes(boxes, placed);
     clear(box);
     box.appendChild(svg);
@@ -674,7 +674,7 @@
 
   function filterCount(id) {
     if (view.filterCounts[id]) { return view.filterCounts[id]; }
-    var numbers = String(view.byId[id].output_shape || "").match(/\d+/g);
+    var numbers = String(view.nodes[id].output_shape || "").match(/\d+/g);
     return numbers ? Number(numbers[numbers.length - 1]) : 0;
   }
 
@@ -749,7 +749,7 @@
     document.querySelectorAll("#architecture .node").forEach(function (group) {
       group.classList.toggle("selected", group.dataset.node === id);
     });
-    var node = view.byId[id];
+    var node = view.nodes[id];
     byId("layer-placeholder").hidden = true;
     byId("layer-panel").hidden = false;
     byId("layer-title").textContent = node.name;
@@ -775,12 +775,11 @@
 
   function loadLayer(id) {
     var request = ++view.layerRequest;
-    layerMessage("Loading the activations of " + view.byId[id].name + "…");
+    layerMessage("Loading the activations of " + view.nodes[id].name + "…");
     getReady(layerUrl(id), function (message) {
       if (request === view.layerRequest) { layerMessage(message || "Computing this layer…"); }
     }).then(function (layer) {
       if (request !== view.layerRequest) { return; }  // a later click won
-      view.layer = layer;
       layerMessage(null);
       drawLayer(layer);
     }).catch(function (error) {
@@ -978,7 +977,7 @@
   // ---- techniques on demand ---------------------------------------------------------------
 
   function compute(technique, nodeId, unit, target, replace) {
-    var node = nodeId ? view.byId[nodeId] : null;
+    var node = nodeId ? view.nodes[nodeId] : null;
     var heading = TECHNIQUE_NAMES[technique] + (node ? " at " + node.name : "") +
       (unit !== null ? (technique === "grad_cam" ? "" : ", map/unit " + unit) : "") + " · " + view.image;
     var request = el("div", {"class": "compute-request", "data-technique": technique, "aria-live": "polite"},
