@@ -15,6 +15,7 @@ export TF_CPP_MIN_LOG_LEVEL=2
 .venv/bin/python -m benchmarks.health "$@"
 .venv/bin/python -m benchmarks.dashboards
 .venv/bin/python -m benchmarks.compare
+.venv/bin/python -m benchmarks.explore_browser
 .venv/bin/python -m benchmarks.logins
 .venv/bin/python -m benchmarks.hostile_run_folder
 .venv/bin/python -m benchmarks.ray_runner
