@@ -531,7 +531,7 @@ def test_the_explore_settings_come_from_the_environment():
     assert (settings["EXPLORE_IDLE_S"], settings["EXPLORE_MODEL_MB"]) == (30, 50)
     assert config.demo_dir(settings) == "/srv/demo"
     defaults = config.settings_from_env({"VISUALIZER_INSTANCE": "/srv/instance"})
-    assert (defaults["EXPLORE_IDLE_S"], defaults["EXPLORE_MODEL_MB"]) == (600, 200)
+    assert (defaults["EXPLORE_IDLE_S"], defaults["EXPLORE_MODEL_MB"]) == (600, 100)
     assert config.demo_dir(defaults) == "/srv/instance/demo"
     with pytest.raises(ValueError, match="VISUALIZER_EXPLORE_IDLE_S must be positive"):
         config.settings_from_env({"VISUALIZER_EXPLORE_IDLE_S": "0"})

@@ -19,12 +19,14 @@ from urllib.parse import urlsplit
 import waitress
 
 from visualizer import config, create_app
+from visualizer.explore import largest_request_bytes
 from visualizer.runner import RunnerUnavailable
 
 WAITRESS_THREADS = 8
 # Room for a multipart form's fields and boundaries around the largest upload: a body
-# over MAX_CONTENT_LENGTH gets Flask's 413 page, one over this margin too is refused
-# by waitress from its Content-Length (or as it streams in) before being read.
+# over its endpoint's limit gets Flask's 413 page, one over the largest limit and this
+# margin too is refused by waitress from its Content-Length (or as it streams in)
+# before being read.
 REQUEST_BODY_MARGIN = 1024 * 1024
 BOKEH_START_TIMEOUT_S = 60
 BOKEH_STOP_TIMEOUT_S = 10
@@ -99,7 +101,7 @@ def _create_server(app):
     try:
         return waitress.create_server(
             app, host=host, port=port, threads=WAITRESS_THREADS,
-            max_request_body_size=app.config["MAX_CONTENT_LENGTH"] + REQUEST_BODY_MARGIN)
+            max_request_body_size=largest_request_bytes(app) + REQUEST_BODY_MARGIN)
     except OSError as error:
         raise StartError(_port_message(host, port, "VISUALIZER_PORT", error)) from None
 

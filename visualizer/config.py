@@ -27,7 +27,7 @@ VISUALIZER_HTTPS               0 (1: browsers reach the app over HTTPS)    HTTPS
 VISUALIZER_USER_MAX_SCRIPTS    100 (files one user may keep)               USER_MAX_SCRIPTS
 VISUALIZER_USER_STORAGE_MB     10240 (storage of one user, runs included)  USER_STORAGE_MB
 VISUALIZER_EXPLORE_IDLE_S      600 (an exploration's job exits when idle)  EXPLORE_IDLE_S
-VISUALIZER_EXPLORE_MODEL_MB    200 (largest .keras file to explore)        EXPLORE_MODEL_MB
+VISUALIZER_EXPLORE_MODEL_MB    100 (largest .keras file to explore)        EXPLORE_MODEL_MB
 VISUALIZER_DEMO_DIR            <INSTANCE_DIR>/demo (the demo model+images)  DEMO_DIR
 =============================  ==========================================  =====================
 """
@@ -89,7 +89,7 @@ def settings_from_env(environ=None):
         "USER_MAX_SCRIPTS": _number(env, "VISUALIZER_USER_MAX_SCRIPTS", 100),
         "USER_STORAGE_MB": _number(env, "VISUALIZER_USER_STORAGE_MB", 10240),
         "EXPLORE_IDLE_S": _number(env, "VISUALIZER_EXPLORE_IDLE_S", 600),
-        "EXPLORE_MODEL_MB": _number(env, "VISUALIZER_EXPLORE_MODEL_MB", 200),
+        "EXPLORE_MODEL_MB": _number(env, "VISUALIZER_EXPLORE_MODEL_MB", 100),
         "DEMO_DIR": env.get("VISUALIZER_DEMO_DIR"),
     }
 

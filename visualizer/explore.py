@@ -394,8 +394,12 @@ def allow_model_upload():
     Registered on the app before the CSRF check, which reads the form (and so the body).
     """
     if request.endpoint == "explore.new":
-        request.max_content_length = (model_limit_bytes()
-                                      + current_app.config["MAX_CONTENT_LENGTH"])
+        request.max_content_length = largest_request_bytes(current_app)
+
+
+def largest_request_bytes(app):
+    """The largest body the app takes: a new exploration's (a model and the usual uploads)."""
+    return int(app.config["EXPLORE_MODEL_MB"] * storage.MIB) + app.config["MAX_CONTENT_LENGTH"]
 
 
 @bp.route("/new", methods=("POST",))

@@ -40,8 +40,11 @@ def servers(tmp_path_factory):
     Package-scoped like ``playwright``: both end before other tests (which may start
     a Playwright of their own) run.
     """
+    # Request bodies over 2 + 16 MB are refused unread: a trained example network (7 MB) can
+    # be explored, and test_requests' 200 MB bodies are still refused early.
     instance = Servers(tmp_path_factory.mktemp("servers"), VISUALIZER_MAX_RUNS="2",
-                       VISUALIZER_MAX_UPLOAD_MB="2", EPOCHS="2")
+                       VISUALIZER_MAX_UPLOAD_MB="2", VISUALIZER_EXPLORE_MODEL_MB="16",
+                       EPOCHS="2")
     instance.start()
     yield instance
     instance.cleanup()

@@ -92,7 +92,8 @@ def test_a_200_mb_post_to_login_is_refused_before_the_body_is_read(servers, fram
         sent, answer = send_huge_body(servers, "Transfer-Encoding: chunked\r\n",
                                       b"%x\r\n%s\r\n" % (MB, b"x" * MB))
     assert answer.startswith(b"HTTP/1.1 413"), answer[:200]
-    # The servers' limit is VISUALIZER_MAX_UPLOAD_MB=2 plus a margin: far less than was offered.
+    # The servers' limit is VISUALIZER_MAX_UPLOAD_MB=2 + VISUALIZER_EXPLORE_MODEL_MB=16 plus a
+    # margin: far less than was offered.
     assert sent < 40 * MB
     assert servers.rss_kb() - rss_before < 20 * 1024
     with socket.create_connection(("127.0.0.1", servers.port), timeout=10):
