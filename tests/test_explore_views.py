@@ -225,6 +225,29 @@ def test_a_run_without_a_saved_network_says_how_to_get_one(app, client, user):
 
 # --- state and results ---------------------------------------------------------------------------
 
+def test_a_training_run_stops_the_oldest_exploration_job_when_every_run_slot_is_taken(
+        app, client, user):
+    from conftest import upload_script
+    new_exploration(client)
+    new_exploration(client)
+    for job in (1, 2):  # both run slots (MAX_CONCURRENT_RUNS is 2) held by exploration jobs
+        apply_run_update(app, run_update(job, "running", pid=job, started_at=1000.0 + job))
+    upload_script(client, "train.py")
+    client.post("/scripts/1/run", data={"images": "none"}, content_type="multipart/form-data")
+    runner = app.extensions["runner"]
+    assert runner.stopped == [1]
+    assert [started[0] for started in runner.started] == [1, 2, 3]
+
+
+def test_a_training_run_with_a_free_slot_stops_no_exploration_job(app, client, user):
+    from conftest import upload_script
+    new_exploration(client)
+    apply_run_update(app, run_update(1, "running", pid=1))
+    upload_script(client, "train.py")
+    client.post("/scripts/1/run", data={"images": "none"}, content_type="multipart/form-data")
+    assert app.extensions["runner"].stopped == []
+
+
 def test_the_state_follows_the_job_from_starting_to_ready_to_ended(app, client, user):
     new_exploration(client)
     assert client.get("/explore/1/state.json").get_json() == {

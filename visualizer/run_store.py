@@ -8,7 +8,7 @@ alone, whatever made the run.
 import os
 
 from custom_keras import registry, storage
-from visualizer.models import ENDED_STATES, Run, db, utc_from_timestamp
+from visualizer.models import ACTIVE_STATES, ENDED_STATES, Run, db, utc_from_timestamp
 
 
 def script_dir(app, script):
@@ -75,6 +75,22 @@ def alert_count(app, run):
 def exploration_dir(app, exploration):
     """The folder of an exploration: ``<STORAGE_DIR>/<user_id>/explore@<id>``."""
     return storage.run_dir_in(app.config["STORAGE_DIR"], exploration.rel_dir)
+
+
+def free_a_slot_for_training(app, new_run):
+    """Stops the oldest running exploration job when the other runs take every local run
+    slot, so ``new_run`` does not wait for explorations that may sit idle for minutes; a
+    stopped job starts again at the exploration page's next request, its results kept."""
+    if app.config["RUNNER_KIND"] != "local":
+        return None  # Ray queues jobs by the cluster's resources
+    active = Run.query.filter(Run.state.in_(ACTIVE_STATES), Run.id != new_run.id).all()
+    running_jobs = [run for run in active if run.exploration_id is not None
+                    and run.state == storage.RUN_RUNNING]
+    if len(active) < app.config["MAX_CONCURRENT_RUNS"] or not running_jobs:
+        return None
+    oldest = min(running_jobs, key=lambda run: run.started_at or run.created_at)
+    app.extensions["runner"].stop(oldest.id)
+    return oldest
 
 
 def apply_run_update(app, update):

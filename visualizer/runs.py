@@ -17,8 +17,8 @@ from custom_bokeh.auth import embed_script
 from custom_keras import registry, storage
 from visualizer import quotas
 from visualizer.models import Run, db
-from visualizer.run_store import (alert_count, run_folder, run_rel_dir, run_script_path,
-                                  script_path)
+from visualizer.run_store import (alert_count, free_a_slot_for_training, run_folder,
+                                  run_rel_dir, run_script_path, script_path)
 from visualizer.scripts import (chosen_run, mark_seen, owned_run, owned_script, send_run_file,
                                 storage_error_text)
 
@@ -195,6 +195,7 @@ def run(script_id):
               % storage_error_text(error), "error")
         return redirect(overview)
     try:
+        free_a_slot_for_training(current_app, new_run)
         current_app.extensions["runner"].start(
             new_run.id, folder, run_script_path(current_app, new_run),
             disk_limit_mb=quotas.run_disk_limit_mb(script.user_id, folder))
