@@ -18,10 +18,10 @@ from bokeh.layouts import column, row
 from bokeh.models import CustomJS, Div, ImageRGBA, Plot, Select, Slider
 
 from custom_bokeh import attribution, charts
-from custom_bokeh.dashboard import (MAX_HISTORY_ENTRIES, MAX_IMAGE_CHOICES, LiveDashboard,
-                                    TooMuchToDraw, _same, check_drawable, copy_content,
-                                    failure_text, layout_signature, message_div, open_run,
-                                    show_message, switched_off_text, waiting_text)
+from custom_bokeh.dashboard import (MAX_HISTORY_ENTRIES, LiveDashboard, TooMuchToDraw, _same,
+                                    check_drawable, copy_content, failure_text, layout_signature,
+                                    message_div, offer_images, open_run, show_message,
+                                    switched_off_text, waiting_text)
 from custom_keras import registry, storage
 
 TECHNIQUE = registry.get("attribution_methods")
@@ -132,7 +132,7 @@ class AttributionMethodsDashboard(LiveDashboard):
         self._shown_key = self._shown_signature = None
         self._inputs_key, self._inputs = None, ({}, None)
         self._techniques, self._failed = ("unread", {}), ("unread", "")
-        self._choosing_image = False
+        self.choosing_image = False
 
         self.message = message_div()
         self.label = Div(text="", render_as_text=True,
@@ -318,19 +318,8 @@ class AttributionMethodsDashboard(LiveDashboard):
         names = []
         for snapshot in snapshots.values():
             if isinstance(snapshot, dict):
-                names += [n for n in snapshot["images"] if isinstance(n, str) and n not in names]
-        names = names[:MAX_IMAGE_CHOICES]
-        if not names:
-            return None
-        self._choosing_image = True  # setting the Select below must not start another show()
-        try:
-            self.image_select.update(options=names, visible=len(names) > 1)
-            if self.image_select.value not in names:
-                newest = [n for n in storage.list_images(self.run_dir) if n in names]
-                self.image_select.value = newest[-1] if newest else names[-1]
-        finally:
-            self._choosing_image = False
-        return self.image_select.value
+                names += [n for n in snapshot["images"] if n not in names]
+        return offer_images(self, names)
 
     def _read_techniques(self):
         """{key: entry} of techniques.json, read again only when the file changed."""
@@ -370,7 +359,7 @@ class AttributionMethodsDashboard(LiveDashboard):
         return self._inputs[0]
 
     def _on_image(self, attr, old, new):
-        if not self._choosing_image:
+        if not self.choosing_image:
             self.show()
 
     def _on_slider(self, attr, old, new):

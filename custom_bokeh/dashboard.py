@@ -440,6 +440,30 @@ def _settings(model):
     return {name: value for name, value in values.items() if name not in skip}
 
 
+def offer_images(dashboard, names, hidden=False):
+    """Offers ``names`` in ``dashboard.image_select`` and returns the chosen one (or None).
+
+    The user's choice stays while it is offered, else the run's newest visualization image
+    (or the last name) is chosen; ``dashboard.choosing_image`` is True meanwhile, so that the
+    Select's own change callback does not draw again.
+    """
+    names = [name for name in names if isinstance(name, str)][:MAX_IMAGE_CHOICES]
+    if not names:
+        return None
+    select = dashboard.image_select
+    dashboard.choosing_image = True
+    try:
+        images = all(name.lower().endswith(storage.IMAGE_EXTENSIONS) for name in names)
+        select.update(options=names, title="Image" if images else "Input",
+                      visible=len(names) > 1 and not hidden)
+        if select.value not in names:
+            newest = [n for n in storage.list_images(dashboard.run_dir) if n in names]
+            select.value = newest[-1] if newest else names[-1]
+    finally:
+        dashboard.choosing_image = False
+    return select.value
+
+
 class LiveDashboard:
     """What every live dashboard of a run shares: the alert banner, and ``update`` called
     every ``POLL_MS`` until the run has ended.
@@ -510,7 +534,7 @@ class ImageDashboard(LiveDashboard):
         self._index_offset = 0
         self._shown_key = self._shown_signature = None
         self._snapshot_cache = (None, None, None)
-        self._choosing_image = False
+        self.choosing_image = False
         self._input_images, self._input_images_mtime = ({}, None), None
         self._inputs, self._inputs_mtime = ({}, None), None
         self._index_problem = ""
@@ -682,20 +706,7 @@ class ImageDashboard(LiveDashboard):
 
     def _choose_image(self, names):
         """The selected image if the snapshot has it, else the newest visualization image."""
-        names = [name for name in names if isinstance(name, str)][:MAX_IMAGE_CHOICES]
-        if not names:
-            return None
-        self._choosing_image = True  # setting the Select below must not start another show()
-        try:
-            images = all(name.lower().endswith(storage.IMAGE_EXTENSIONS) for name in names)
-            self.image_select.update(options=names, title="Image" if images else "Input",
-                                     visible=len(names) > 1 and not self.one_result_for_every_input)
-            if self.image_select.value not in names:
-                newest = [n for n in storage.list_images(self.run_dir) if n in names]
-                self.image_select.value = newest[-1] if newest else names[-1]
-        finally:
-            self._choosing_image = False
-        return self.image_select.value
+        return offer_images(self, names, hidden=self.one_result_for_every_input)
 
     def _read_input_images(self):
         """{image name: array}, read again only when the file changed; errors are kept too."""
@@ -740,7 +751,7 @@ class ImageDashboard(LiveDashboard):
         self.show()
 
     def _on_image(self, attr, old, new):
-        if not self._choosing_image:
+        if not self.choosing_image:
             self.show()
 
     def _on_play(self, attr, old, playing):

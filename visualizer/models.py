@@ -87,7 +87,19 @@ class Tag(db.Model):
     name = db.Column(db.String(40), nullable=False)
 
 
-class Script(db.Model):
+class HasRuns:
+    """A script or an exploration: something whose ``runs`` (oldest first) the runner runs."""
+
+    @property
+    def last_run(self):
+        return self.runs[-1] if self.runs else None
+
+    @property
+    def is_active(self):
+        return self.last_run is not None and self.last_run.state in ACTIVE_STATES
+
+
+class Script(HasRuns, db.Model):
     """An uploaded training script; its folder is ``<STORAGE_DIR>/<user_id>/<stem>`` and each
     of its runs has one below it (``visualizer.run_store.run_folder``)."""
     __table_args__ = (db.UniqueConstraint("user_id", "filename"),)
@@ -111,14 +123,6 @@ class Script(db.Model):
     def rel_dir(self):
         """The script's folder relative to STORAGE_DIR, e.g. ``"3/mnist_digits"``."""
         return storage.script_rel_dir(self.user_id, self.filename)
-
-    @property
-    def last_run(self):
-        return self.runs[-1] if self.runs else None
-
-    @property
-    def is_active(self):
-        return self.last_run is not None and self.last_run.state in ACTIVE_STATES
 
 
 class Run(db.Model):
@@ -171,7 +175,7 @@ class Run(db.Model):
 EXPLORATION_SOURCES = ("upload", "run", "demo")
 
 
-class Exploration(db.Model):
+class Exploration(HasRuns, db.Model):
     """A trained model and inputs that a job analyses (``custom_keras.explore``).
 
     Its folder is ``<STORAGE_DIR>/<user_id>/explore@<id>`` (``storage.exploration_rel_dir``).
@@ -191,14 +195,6 @@ class Exploration(db.Model):
     @property
     def rel_dir(self):
         return storage.exploration_rel_dir(self.user_id, self.id)
-
-    @property
-    def last_run(self):
-        return self.runs[-1] if self.runs else None
-
-    @property
-    def is_active(self):
-        return self.last_run is not None and self.last_run.state in ACTIVE_STATES
 
 
 FILTER_MARKS = ("good", "bad")
