@@ -20,8 +20,8 @@ from bokeh.models import CustomJS, Div, ImageRGBA, Plot, Select, Slider
 from custom_bokeh import attribution, charts
 from custom_bokeh.dashboard import (MAX_HISTORY_ENTRIES, LiveDashboard, TooMuchToDraw, _same,
                                     check_drawable, copy_content, failure_text, layout_signature,
-                                    message_div, offer_images, open_run, show_message,
-                                    switched_off_text, waiting_text)
+                                    message_div, offer_images, open_run, read_image_snapshot,
+                                    show_message, switched_off_text, waiting_text)
 from custom_keras import registry, storage
 
 TECHNIQUE = registry.get("attribution_methods")
@@ -103,9 +103,7 @@ class MethodHistory:
         key = (path, storage.file_mtime(path))
         if self._cache[0] != key:
             try:
-                snapshot = storage.read_snapshot(self.run_dir, self.technique.results_file, entry)
-                if not (isinstance(snapshot, dict) and isinstance(snapshot.get("images"), dict)):
-                    raise ValueError("a snapshot must be a dict with a dict of images")
+                snapshot = read_image_snapshot(self.run_dir, self.technique.results_file, entry)
                 self._cache = (key, snapshot, None)
             except (OSError, EOFError, pickle.UnpicklingError, ValueError) as error:
                 self._cache = (key, None, error.with_traceback(None))

@@ -440,6 +440,14 @@ def _settings(model):
     return {name: value for name, value in values.items() if name not in skip}
 
 
+def read_image_snapshot(run_dir, results_file, entry):
+    """One snapshot of a history: ``{"images": {name: result}, ...}`` (ValueError if not)."""
+    snapshot = storage.read_snapshot(run_dir, results_file, entry)
+    if not (isinstance(snapshot, dict) and isinstance(snapshot.get("images"), dict)):
+        raise ValueError("a snapshot must be a dict with a dict of images")
+    return snapshot
+
+
 def offer_images(dashboard, names, hidden=False):
     """Offers ``names`` in ``dashboard.image_select`` and returns the chosen one (or None).
 
@@ -688,9 +696,7 @@ class ImageDashboard(LiveDashboard):
         key = (path, storage.file_mtime(path))
         if self._snapshot_cache[0] != key:
             try:
-                snapshot = storage.read_snapshot(self.run_dir, self.technique.results_file, entry)
-                if not (isinstance(snapshot, dict) and isinstance(snapshot.get("images"), dict)):
-                    raise ValueError("a snapshot must be a dict with a dict of images")
+                snapshot = read_image_snapshot(self.run_dir, self.technique.results_file, entry)
                 for name, result in snapshot["images"].items():
                     try:
                         check_drawable(result)
