@@ -171,5 +171,10 @@ def test_the_attribution_example_shows_every_method_and_the_side_by_side_tab(pag
         screenshot(page, "pages_attribution_%s" % technique.key)
     comparison = registry.get("attribution_methods")
     assert page.locator("nav.tabs a", has_text=comparison.title).count() == 1
-    page.goto("%s/scripts/%d/techniques/%s" % (servers.url, script_id, comparison.key))
+    titles = {technique.title for technique in registry.ATTRIBUTION_TECHNIQUES}
+    state = dashboard_texts(page, servers, script_id, comparison,
+                            lambda texts: titles <= set(texts) and any(
+                                text.startswith("step ") for text in texts))
+    assert not [t for t in state["texts"] if t.startswith(("Could not", "Refused"))], state
+    assert page.locator(".dashboard canvas").count() > 0
     screenshot(page, "pages_attribution_methods")
