@@ -43,6 +43,9 @@ def digit(name="digit_3.png"):
 
 @pytest.fixture(scope="module")
 def reference_model():
+    # Layer names (the graph's node ids) count up over the whole process: from a clear
+    # session they are the ones a fresh job sees (conv2d, conv2d_1, ..., dense_1).
+    keras.backend.clear_session()
     keras.utils.set_random_seed(0)
     return build_reference_model()
 
