@@ -126,21 +126,28 @@ def script_name():
 class NetworkSaver(keras.callbacks.Callback):
     """Saves the model to ``networks/<script>.keras`` after every epoch.
 
-    The file is replaced atomically, so a download never gets half a network.
+    The file is replaced atomically, so a download never gets half a network. With
+    ``keep_epochs`` each epoch's network is also kept, as
+    ``networks/epochs/<script>-epoch-<n>.keras`` (a hard link to the same bytes where
+    the file system allows), so any epoch can be explored later.
 
     Args:
         file_folder: should always be ``os.path.dirname(__file__)``.
         record: the run's ``TechniqueRecord``.
+        keep_epochs: keep every epoch's network, not only the newest.
     """
 
     key = "network_saver"
 
-    def __init__(self, file_folder, record=None):
+    def __init__(self, file_folder, record=None, keep_epochs=False):
         super().__init__()
         self.run_dir = storage.resolve_run_dir(file_folder)
-        self.path = os.path.join(storage.networks_dir(self.run_dir), script_name() + ".keras")
+        self.stem = script_name()
+        self.path = os.path.join(self.run_dir, storage.network_file(self.stem))
+        self.keep_epochs = bool(keep_epochs)
         self.record = record or TechniqueRecord.shared(self.run_dir)
-        self.record.register(self.key, "network saver", None, {}, None)
+        self.record.register(self.key, "network saver", None,
+                             {"keep_epochs": self.keep_epochs}, None)
 
     def on_train_begin(self, logs=None):
         self.record.update(self.key, state=storage.TECHNIQUE_ACTIVE)
@@ -154,6 +161,8 @@ class NetworkSaver(keras.callbacks.Callback):
             fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".keras")
             os.close(fd)
             self.model.save(tmp, overwrite=True)
+            if self.keep_epochs:
+                self._keep(tmp, epoch + 1)
             os.replace(tmp, self.path)
         except Exception as error:  # saving must never stop the training
             print("[visualizer] network saver failed at epoch %d: %s" % (epoch + 1, _one_line(error)),
@@ -161,6 +170,15 @@ class NetworkSaver(keras.callbacks.Callback):
         finally:
             if tmp:
                 _remove_files([tmp])
+
+    def _keep(self, saved, epoch):
+        kept = os.path.join(self.run_dir, storage.network_epoch_file(self.stem, epoch))
+        os.makedirs(os.path.dirname(kept), exist_ok=True)
+        _remove_files([kept])  # a second fit of the same script counts epochs from 1 again
+        try:
+            os.link(saved, kept)
+        except OSError:  # a file system without hard links: a copy
+            shutil.copyfile(saved, kept)
 
 
 class TrainingProgress(keras.callbacks.Callback):
@@ -1321,8 +1339,9 @@ class CustomCallbacks:
     def _interval(self, interval):
         return self.base_interval if interval is None else interval
 
-    def register_network_saver(self):
-        self.callback_list.append(NetworkSaver(self.file_folder, record=self.record))
+    def register_network_saver(self, keep_epochs=False):
+        self.callback_list.append(NetworkSaver(self.file_folder, record=self.record,
+                                               keep_epochs=keep_epochs))
 
     def register_training_progress(self, health_checks=True):
         """Loss and metrics per batch; with ``health_checks`` also ``register_health_checks()``."""

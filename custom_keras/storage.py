@@ -18,7 +18,8 @@ folder. Layout of one run folder::
         output.txt                     stdout and stderr of the run
         status.json                    run state written by the web app's runner
         images/                        visualization input image(s)
-        networks/<script>.keras        saved by NetworkSaver
+        networks/<script>.keras        saved by NetworkSaver after every epoch (the newest)
+        networks/epochs/<script>-epoch-<n>.keras  each epoch's, with keep_epochs=True
         results/
             training_progress.txt      "progress accuracy loss" (Appendix D)
             training_progress_val.txt  "epoch val_accuracy val_loss" (Appendix D)
@@ -106,6 +107,7 @@ import io
 import json
 import os
 import pickle
+import re
 import stat
 import tempfile
 import time
@@ -113,6 +115,7 @@ import time
 RESULTS_DIR = "results"
 IMAGES_DIR = "images"
 NETWORKS_DIR = "networks"
+NETWORK_EPOCHS_DIR = "epochs"  # inside NETWORKS_DIR: one network per epoch (keep_epochs)
 OUTPUT_FILE = "output.txt"
 STATUS_FILE = "status.json"
 INPUT_IMAGES_FILE = "input_images.pickle"
@@ -214,6 +217,33 @@ def images_dir(run_dir):
 
 def networks_dir(run_dir):
     return os.path.join(run_dir, NETWORKS_DIR)
+
+
+def network_file(stem):
+    """The network NetworkSaver keeps up to date, relative to the run folder."""
+    return os.path.join(NETWORKS_DIR, stem + ".keras")
+
+
+def network_epoch_file(stem, epoch):
+    """The network as it was after ``epoch`` (counted from 1), kept with ``keep_epochs``."""
+    return os.path.join(NETWORKS_DIR, NETWORK_EPOCHS_DIR, "%s-epoch-%d.keras" % (stem, epoch))
+
+
+def list_network_epochs(run_dir, stem):
+    """The epochs (ascending) whose networks the run kept; links and other files left out."""
+    pattern = re.compile(r"%s-epoch-([1-9][0-9]{0,6})\.keras" % re.escape(stem))
+    try:
+        fd = _open_folder_fd(run_dir, [NETWORKS_DIR, NETWORK_EPOCHS_DIR])
+    except (FileNotFoundError, UnsafeFileError):
+        return []
+    try:
+        with os.scandir(fd) as entries:
+            epochs = [int(match.group(1)) for match in (
+                pattern.fullmatch(entry.name) for entry in entries
+                if entry.is_file(follow_symlinks=False)) if match]
+    finally:
+        os.close(fd)
+    return sorted(epochs)
 
 
 def output_path(run_dir):

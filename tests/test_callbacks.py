@@ -525,6 +525,34 @@ def test_a_technique_failing_at_a_snapshot_is_switched_off_and_training_goes_on(
     assert len(read_rows(storage.results_path(run_dir, "training_progress.txt"))) == 5
 
 
+def test_the_network_saver_keeps_every_epochs_network_when_asked(tmp_path):
+    run_dir = str(tmp_path)
+    x, y = tiny_data(16)
+    model = tiny_model()
+    weights_after = []
+    saver = NetworkSaver(run_dir, keep_epochs=True)
+    record_weights = keras.callbacks.LambdaCallback(
+        on_epoch_end=lambda epoch, logs: weights_after.append(model.get_weights()))
+    model.fit(x, y, batch_size=8, epochs=3, verbose=0, callbacks=[saver, record_weights])
+    stem = saver.stem
+    assert storage.list_network_epochs(run_dir, stem) == [1, 2, 3]
+    for epoch, weights in enumerate(weights_after, start=1):
+        kept = keras.saving.load_model(
+            os.path.join(run_dir, storage.network_epoch_file(stem, epoch)))
+        for saved, expected in zip(kept.get_weights(), weights):
+            np.testing.assert_array_equal(saved, expected)
+    newest = keras.saving.load_model(os.path.join(run_dir, storage.network_file(stem)))
+    np.testing.assert_array_equal(newest.get_weights()[0], weights_after[-1][0])
+
+
+def test_without_keep_epochs_only_the_newest_network_is_kept(tmp_path):
+    x, y = tiny_data(16)
+    saver = NetworkSaver(str(tmp_path))
+    tiny_model().fit(x, y, batch_size=8, epochs=2, verbose=0, callbacks=[saver])
+    assert os.listdir(storage.networks_dir(str(tmp_path))) == [saver.stem + ".keras"]
+    assert storage.list_network_epochs(str(tmp_path), saver.stem) == []
+
+
 def test_a_failing_network_save_prints_one_line_and_training_goes_on(tmp_path, capfd):
     with open(os.path.join(str(tmp_path), "networks"), "w") as f:
         f.write("a file where the networks folder should be")

@@ -205,12 +205,34 @@ def test_the_saved_network_of_a_run_can_be_explored(app, client, user):
     os.makedirs(os.path.dirname(network))
     with open(network, "wb") as f:
         f.write(keras_bytes())
-    assert 'value="1">train.py \u00b7 run 1 (' in client.get("/explore/").get_data(as_text=True)
+    assert ('value="1">train.py \u00b7 run 1, newest (finished)'
+            in client.get("/explore/").get_data(as_text=True))
     response = new_exploration(client, model=False, run_id="1")
     assert response.status_code == 302
     with app.app_context():
         exploration = db.session.get(Exploration, 1)
         assert (exploration.source, exploration.name) == ("run", "train.keras")
+
+
+def test_a_network_kept_after_one_epoch_can_be_explored(app, client, user):
+    from conftest import newest_run_folder, upload_script
+    upload_script(client, "train.py")
+    folder = newest_run_folder(app, 1)
+    for epoch in (1, 2):
+        path = os.path.join(folder, storage.network_epoch_file("train", epoch))
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "wb") as f:
+            f.write(keras_bytes())
+    page = client.get("/explore/").get_data(as_text=True)
+    assert 'value="1:1">train.py \u00b7 run 1, epoch 1' in page
+    assert 'value="1:2">train.py \u00b7 run 1, epoch 2' in page
+    assert new_exploration(client, model=False, run_id="1:2").status_code == 302
+    response = new_exploration(client, model=False, run_id="1:7")
+    assert response.status_code == 400
+    assert ("Run 1 of train.py, epoch 7, has no saved network"
+            in response.get_data(as_text=True))
+    with app.app_context():
+        assert [(e.source, e.name) for e in Exploration.query] == [("run", "train-epoch-2.keras")]
 
 
 def test_a_run_without_a_saved_network_says_how_to_get_one(app, client, user):

@@ -46,3 +46,26 @@ def test_a_run_folder_that_is_not_a_run_of_the_users_own_scripts_is_refused(rel_
 def test_the_run_states_are_queued_running_and_three_ends():
     assert storage.RUN_ACTIVE_STATES == ("queued", "running")
     assert set(storage.RUN_ENDED_STATES) == {"finished", "failed", "stopped"}
+
+
+def test_the_kept_networks_are_listed_by_epoch_without_links_or_strangers(tmp_path):
+    run_dir = str(tmp_path / "run")
+    epochs = os.path.join(run_dir, storage.NETWORKS_DIR, storage.NETWORK_EPOCHS_DIR)
+    os.makedirs(epochs)
+    for name in ("train-epoch-10.keras", "train-epoch-2.keras", "train-epoch-0.keras",
+                 "other-epoch-1.keras", "train-epoch-3.keras.tmp"):
+        open(os.path.join(epochs, name), "w").close()
+    os.symlink("/etc/hostname", os.path.join(epochs, "train-epoch-4.keras"))
+    assert storage.list_network_epochs(run_dir, "train") == [2, 10]
+    assert storage.network_epoch_file("train", 2) == os.path.join(
+        storage.NETWORKS_DIR, storage.NETWORK_EPOCHS_DIR, "train-epoch-2.keras")
+
+
+def test_a_link_in_place_of_the_kept_networks_folder_lists_nothing(tmp_path):
+    run_dir = str(tmp_path / "run")
+    real = tmp_path / "elsewhere"
+    real.mkdir()
+    (real / "train-epoch-1.keras").write_bytes(b"x")
+    os.makedirs(os.path.join(run_dir, storage.NETWORKS_DIR))
+    os.symlink(real, os.path.join(run_dir, storage.NETWORKS_DIR, storage.NETWORK_EPOCHS_DIR))
+    assert storage.list_network_epochs(run_dir, "train") == []

@@ -230,10 +230,16 @@ def check_class_names(upload):
     return names
 
 
-def model_of_run(run_id):
-    """(file name, readable stream) of the network that one of the user's runs saved."""
+def model_of_run(choice):
+    """(file name, readable stream) of a network one of the user's runs saved.
+
+    ``choice`` is "<run id>" (the run's newest network) or "<run id>:<epoch>" (the network
+    it kept after that epoch, ``register_network_saver(keep_epochs=True)``).
+    """
+    run_id, _, epoch = str(choice).partition(":")
     try:
         run = db.session.get(Run, int(run_id))
+        epoch = int(epoch) if epoch else None
     except (TypeError, ValueError):
         run = None
     if run is None or run.script is None or run.script.user_id != current_user.id:
@@ -241,9 +247,12 @@ def model_of_run(run_id):
                           "file.")
     script = run.script
     label = "Run %d of %s" % (run.number or run.id, script.filename)
+    if epoch is not None:
+        label += ", epoch %d," % epoch
+    path = (storage.network_file(script.stem) if epoch is None
+            else storage.network_epoch_file(script.stem, epoch))
     try:
-        data = storage.read_run_file(run_folder(current_app, run), saved_network(script),
-                                     model_limit_bytes())
+        data = storage.read_run_file(run_folder(current_app, run), path, model_limit_bytes())
     except FileNotFoundError:
         raise UploadError("%s has no saved network: run the script with "
                           "callbacks.register_network_saver()." % label) from None
@@ -253,12 +262,24 @@ def model_of_run(run_id):
     except storage.UnsafeFileError as error:
         raise UploadError("The saved network of %s cannot be read: %s." % (label, error)
                           ) from None
-    return script.stem + ".keras", io.BytesIO(data)
+    name = script.stem + (".keras" if epoch is None else "-epoch-%d.keras" % epoch)
+    return name, io.BytesIO(data)
 
 
-def saved_network(script):
-    """The network file that NetworkSaver keeps in a run's folder (replaced every epoch)."""
-    return os.path.join(storage.NETWORKS_DIR, script.stem + ".keras")
+def saved_networks(user_id):
+    """[(choice, label)] of every network the user's runs saved: each run's newest, then the
+    epochs it kept, for the new-exploration form."""
+    choices = []
+    runs = (Run.query.join(Script).filter(Script.user_id == user_id)
+            .order_by(Script.filename, Run.id.desc()))
+    for run in runs:
+        folder, stem = run_folder(current_app, run), run.script.stem
+        label = "%s \u00b7 run %s" % (run.script.filename, run.number or run.id)
+        if storage.is_run_file(folder, storage.network_file(stem)):
+            choices.append((str(run.id), "%s, newest (%s)" % (label, run.state)))
+        choices += [("%d:%d" % (run.id, epoch), "%s, epoch %d" % (label, epoch))
+                    for epoch in storage.list_network_epochs(folder, stem)]
+    return choices
 
 
 def model_limit_bytes():
@@ -377,14 +398,12 @@ def index():
 def _index_page(status=200):
     explorations = (Exploration.query.filter_by(user_id=current_user.id)
                     .order_by(Exploration.created_at.desc(), Exploration.id.desc()).all())
-    runs = [run for run in Run.query.join(Script).filter(Script.user_id == current_user.id)
-            .order_by(Script.filename, Run.id.desc())
-            if storage.is_run_file(run_folder(current_app, run), saved_network(run.script))]
+    networks = saved_networks(current_user.id)
     states = {e.id: exploration_state(e)["state"] for e in explorations}
     demo_ready = os.path.isfile(os.path.join(current_app.config["DEMO_DIR"],
                                              storage.EXPLORE_MODEL_FILE))
     return render_template("explore/index.html", explorations=explorations, states=states,
-                           runs=runs, demo_ready=demo_ready,
+                           networks=networks, demo_ready=demo_ready,
                            model_limit=storage.format_bytes(model_limit_bytes())), status
 
 

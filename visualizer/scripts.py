@@ -415,7 +415,7 @@ def download_network(script_id):
 
 def _network_path(script):
     """The saved network inside the run folder (NetworkSaver's file name)."""
-    return os.path.join(storage.NETWORKS_DIR, script.stem + ".keras")
+    return storage.network_file(script.stem)
 
 
 def send_run_file(run_file, download_name, mimetype):
