@@ -18,10 +18,10 @@ from bokeh.layouts import column, row
 from bokeh.models import CustomJS, Div, ImageRGBA, Plot, Select, Slider
 
 from custom_bokeh import attribution, charts
-from custom_bokeh.dashboard import (MAX_HISTORY_ENTRIES, LiveDashboard, TooMuchToDraw, _same,
-                                    check_drawable, copy_content, failure_text, layout_signature,
-                                    message_div, offer_images, open_run, read_image_snapshot,
-                                    show_message, switched_off_text, waiting_text)
+from custom_bokeh.dashboard import (MAX_HISTORY_ENTRIES, LiveDashboard, SnapshotCache,
+                                    TooMuchToDraw, _same, check_drawable, copy_content,
+                                    failure_text, layout_signature, message_div, offer_images,
+                                    open_run, show_message, switched_off_text, waiting_text)
 from custom_keras import registry, storage
 
 TECHNIQUE = registry.get("attribution_methods")
@@ -68,7 +68,7 @@ class MethodHistory:
         self.entries, self.steps = [], []   # sorted by step
         self.problem = ""
         self._offset = 0
-        self._cache = (None, None, None)
+        self.snapshots = SnapshotCache(run_dir, technique.results_file)
 
     def read_new(self):
         """Reads new index lines; True when the history changed."""
@@ -96,20 +96,6 @@ class MethodHistory:
         """The newest entry taken at or before ``step``, or None."""
         position = bisect.bisect_right(self.steps, step)
         return self.entries[position - 1] if position else None
-
-    def snapshot(self, entry):
-        """(path and mtime, snapshot), read again only when the file changed; errors are kept."""
-        path = storage.snapshot_path(self.run_dir, self.technique.results_file, entry)
-        key = (path, storage.file_mtime(path))
-        if self._cache[0] != key:
-            try:
-                snapshot = read_image_snapshot(self.run_dir, self.technique.results_file, entry)
-                self._cache = (key, snapshot, None)
-            except (OSError, EOFError, pickle.UnpicklingError, ValueError) as error:
-                self._cache = (key, None, error.with_traceback(None))
-        if self._cache[2] is not None:
-            raise self._cache[2].with_traceback(None)
-        return key, self._cache[1]
 
 
 class AttributionMethodsDashboard(LiveDashboard):
@@ -188,7 +174,7 @@ class AttributionMethodsDashboard(LiveDashboard):
             if entry is None:
                 continue
             try:
-                snapshot_key, snapshots[history.technique.key] = history.snapshot(entry)
+                snapshot_key, snapshots[history.technique.key] = history.snapshots.read(entry)
                 key.append(snapshot_key)
             except (OSError, EOFError, pickle.UnpicklingError, ValueError) as error:
                 snapshots[history.technique.key] = error

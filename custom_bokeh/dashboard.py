@@ -448,6 +448,50 @@ def read_image_snapshot(run_dir, results_file, entry):
     return snapshot
 
 
+def drawable_results(snapshot):
+    """The snapshot with every result over a drawing cap replaced by the reason (an error)."""
+    for name, result in snapshot["images"].items():
+        try:
+            check_drawable(result)
+        except TooMuchToDraw as error:  # kept as the reason, not as the result
+            snapshot["images"][name] = error.with_traceback(None)
+    return snapshot
+
+
+class SnapshotCache:
+    """The last snapshot of one technique's history that a dashboard read.
+
+    Read again only when its file changed; a read that failed is kept too and raised
+    again, so a broken file is not read at every poll.
+
+    Args:
+        run_dir: the run folder.
+        results_file: the technique's results file (names its history).
+        prepare: optional function applied to a snapshot once it is read.
+    """
+
+    def __init__(self, run_dir, results_file, prepare=None):
+        self.run_dir, self.results_file, self.prepare = run_dir, results_file, prepare
+        self._cached = (None, None, None)  # (path and mtime, snapshot, error)
+
+    def read(self, entry):
+        """(path and mtime, snapshot) of a history entry; raises what reading it raised."""
+        path = storage.snapshot_path(self.run_dir, self.results_file, entry)
+        key = (path, storage.file_mtime(path))
+        if self._cached[0] != key:
+            try:
+                snapshot = read_image_snapshot(self.run_dir, self.results_file, entry)
+                if self.prepare is not None:
+                    snapshot = self.prepare(snapshot)
+                self._cached = (key, snapshot, None)
+            except (OSError, EOFError, pickle.UnpicklingError, ValueError) as error:
+                self._cached = (key, None, error.with_traceback(None))
+        if self._cached[2] is not None:
+            # without its last traceback, which holds the frames (and data) of the last raise
+            raise self._cached[2].with_traceback(None)
+        return key, self._cached[1]
+
+
 def offer_images(dashboard, names, hidden=False):
     """Offers ``names`` in ``dashboard.image_select`` and returns the chosen one (or None).
 
@@ -541,7 +585,7 @@ class ImageDashboard(LiveDashboard):
         self.follow_latest = True
         self._index_offset = 0
         self._shown_key = self._shown_signature = None
-        self._snapshot_cache = (None, None, None)
+        self._snapshots = SnapshotCache(run_dir, technique.results_file, drawable_results)
         self.choosing_image = False
         self._input_images, self._input_images_mtime = ({}, None), None
         self._inputs, self._inputs_mtime = ({}, None), None
@@ -624,7 +668,7 @@ class ImageDashboard(LiveDashboard):
         entry = self.entries[position]
         self.label.text = self.snapshot_text(entry, position)
         try:
-            snapshot_key, snapshot = self._read_snapshot(entry)
+            snapshot_key, snapshot = self._snapshots.read(entry)
             input_images = self._read_input_images()
             inputs = self._read_inputs()
         except (storage.UnsafePickleError, storage.UnsafeFileError) as error:
@@ -689,26 +733,6 @@ class ImageDashboard(LiveDashboard):
             return "The run failed: %s\nThe snapshots taken before are shown." % failure_text(
                 self.run_dir, status)
         return ""
-
-    def _read_snapshot(self, entry):
-        """(path and mtime, snapshot), read again only when the file changed; errors are kept too."""
-        path = storage.snapshot_path(self.run_dir, self.technique.results_file, entry)
-        key = (path, storage.file_mtime(path))
-        if self._snapshot_cache[0] != key:
-            try:
-                snapshot = read_image_snapshot(self.run_dir, self.technique.results_file, entry)
-                for name, result in snapshot["images"].items():
-                    try:
-                        check_drawable(result)
-                    except TooMuchToDraw as error:  # kept as the reason, not as the result
-                        snapshot["images"][name] = error.with_traceback(None)
-                self._snapshot_cache = (key, snapshot, None)
-            except (OSError, EOFError, pickle.UnpicklingError, ValueError) as error:
-                self._snapshot_cache = (key, None, error.with_traceback(None))
-        if self._snapshot_cache[2] is not None:
-            # without its last traceback, which holds the frames (and data) of the last raise
-            raise self._snapshot_cache[2].with_traceback(None)
-        return key, self._snapshot_cache[1]
 
     def _choose_image(self, names):
         """The selected image if the snapshot has it, else the newest visualization image."""
