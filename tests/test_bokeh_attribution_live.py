@@ -1,14 +1,12 @@
 """In a real browser, the attribution dashboards' opacity slider acts without the server
 and the opacity stays when the stage moves.
 
-Starts a Bokeh server with the applications ``python -m custom_bokeh`` builds and a page that embeds them the way the Flask
-file page does, then drives Debian's chromium with playwright.
+Starts ``python -m custom_bokeh`` and a page that embeds its apps the way the Flask file
+page does, then drives Debian's chromium with playwright.
 """
 import functools
 import http.server
 import os
-import subprocess
-import sys
 import threading
 
 import numpy as np
@@ -17,25 +15,11 @@ import pytest
 from custom_bokeh import attribution_methods, auth
 from custom_keras import storage
 from test_bokeh_attribution import RUN
-from test_bokeh_auth import REPO, SECRET, free_port, stop_server
+from test_bokeh_auth import SECRET, free_port, start_server, stop_server
 from test_bokeh_live import ARTIFACTS, CHROMIUM, PageHandler
 
 sync_api = pytest.importorskip("playwright.sync_api")
 TECHNIQUES = {t.key: t for t in attribution_methods.attribution_techniques()}
-
-SERVE = """
-import sys
-from bokeh.server.server import Server
-from custom_bokeh.__main__ import make_applications
-
-storage_dir, port, origin, secret = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
-server = Server(make_applications(storage_dir, secret), port=port, address="127.0.0.1",
-                allow_websocket_origin=[origin], sign_sessions=True, secret_key=secret.encode(),
-                generate_session_ids=False)
-server.start()
-print("ready", flush=True)
-server.io_loop.start()
-"""
 
 # The opacity of every map overlay shown: of the models reachable from the document's
 # roots (the document keeps models it no longer shows for a while).
@@ -86,10 +70,8 @@ def open_page(tmp_path_factory):
     write_stage(run_dir, "lrp", 15, signed=True)
     storage.write_run_status(run_dir, storage.RUN_FINISHED, 0)
 
-    bokeh_port, page_port = free_port(), free_port()
-    server = subprocess.Popen(
-        [sys.executable, "-c", SERVE, storage_dir, str(bokeh_port), "127.0.0.1:%d" % page_port,
-         SECRET], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    page_port = free_port()
+    server, bokeh_url = start_server(storage_dir, extra_origins=["127.0.0.1:%d" % page_port])
     page_content = {}
     page_server = http.server.ThreadingHTTPServer(("127.0.0.1", page_port),
                                                   functools.partial(PageHandler, page_content))
@@ -100,14 +82,12 @@ def open_page(tmp_path_factory):
 
     def open_app(app):
         page = browser.new_page(viewport={"width": 1200, "height": 900})
-        script = auth.embed_script("http://127.0.0.1:%d" % bokeh_port, SECRET, app, 3,
-                                   RUN)
+        script = auth.embed_script(bokeh_url, SECRET, app, 3, RUN)
         page_content["html"] = "<!doctype html><html><body>%s</body></html>" % script
         page.goto("http://127.0.0.1:%d/" % page_port)
         return page
 
     try:
-        assert server.stdout.readline().strip() == "ready", server.stdout.read()
         yield open_app
     finally:
         browser.close()
