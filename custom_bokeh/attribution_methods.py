@@ -15,13 +15,14 @@ import bisect
 import pickle
 
 from bokeh.layouts import column, row
-from bokeh.models import CustomJS, Div, ImageRGBA, Plot, Select, Slider
+from bokeh.models import CustomJS, Div, ImageRGBA, Plot, Slider
 
 from custom_bokeh import attribution, charts
 from custom_bokeh.dashboard import (MAX_HISTORY_ENTRIES, LiveDashboard, SnapshotCache,
                                     TooMuchToDraw, _same, check_drawable, copy_content,
                                     failure_text, layout_signature, message_div, offer_images,
-                                    open_run, show_message, switched_off_text, waiting_text)
+                                    open_run, show_message, stage_controls, switched_off_text,
+                                    waiting_text)
 from custom_keras import registry, storage
 
 TECHNIQUE = registry.get("attribution_methods")
@@ -119,11 +120,7 @@ class AttributionMethodsDashboard(LiveDashboard):
         self.choosing_image = False
 
         self.message = message_div()
-        self.label = Div(text="", render_as_text=True,
-                         styles={"font-size": "14px", "font-weight": "600"})
-        self.slider = Slider(start=0, end=1, value=0, step=1, title="", show_value=False,
-                             width=360, visible=False)
-        self.image_select = Select(title="Image", options=[], width=220, visible=False)
+        self.label, self.slider, self.image_select = stage_controls()
         self.opacity = Slider(start=0, end=1, step=0.05, value=attribution.DEFAULT_OPACITY,
                               title="Map opacity", width=220)
         self._opacity_callback = CustomJS(args={"overlays": []}, code=attribution.OPACITY_CODE)

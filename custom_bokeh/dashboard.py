@@ -448,6 +448,19 @@ def read_image_snapshot(run_dir, results_file, entry):
     return snapshot
 
 
+def stage_controls():
+    """(caption, stage slider, image choice) of a page over a snapshot history.
+
+    The caption names the stage shown; the slider's own title stays empty, since Bokeh
+    shows a title as "title: value" and a snapshot index means nothing to the user.
+    """
+    caption = Div(text="", render_as_text=True, styles={"font-size": "14px", "font-weight": "600"})
+    slider = Slider(start=0, end=1, value=0, step=1, title="", show_value=False, width=360,
+                    visible=False)
+    image_select = Select(title="Image", options=[], width=220, visible=False)
+    return caption, slider, image_select
+
+
 def drawable_results(snapshot):
     """The snapshot with every result over a drawing cap replaced by the reason (an error)."""
     for name, result in snapshot["images"].items():
@@ -593,16 +606,9 @@ class ImageDashboard(LiveDashboard):
         self._play_callback = None
 
         self.message = message_div()
-        # The label is the slider's caption: it names the shown snapshot (stage, epoch, batch,
-        # "snapshot 4 of 11") and changes as the slider moves and snapshots arrive. The slider's
-        # own title stays empty: Bokeh shows a title as "title: value", and a snapshot index
-        # means nothing to the user.
-        self.label = Div(text="", render_as_text=True,
-                         styles={"font-size": "14px", "font-weight": "600"})
-        self.slider = Slider(start=0, end=1, value=0, step=1, title="", show_value=False,
-                             width=360, visible=False)
+        # the label names the shown snapshot (stage, epoch, batch, "snapshot 4 of 11")
+        self.label, self.slider, self.image_select = stage_controls()
         self.play = Toggle(label="Play", width=80, visible=False)
-        self.image_select = Select(title="Image", options=[], width=220, visible=False)
         # an empty column draws nothing but makes Bokeh warn (EMPTY_LAYOUT): hold a placeholder
         self.content = column(Div(visible=False))
         self.layout = column(self.alerts.div, self.message, self.label,
