@@ -27,7 +27,7 @@ from custom_keras import storage
 from visualizer import quotas
 from visualizer.models import (ACTIVE_STATES, FAILED, FILTER_MARKS, Exploration, FilterMark, Run,
                                Script, db)
-from visualizer.run_store import exploration_dir, run_folder
+from visualizer.run_store import exploration_dir, folder_with_row, run_folder
 from visualizer.runner import _memory_message
 from visualizer.runs import check_images
 from visualizer.scripts import storage_error_text
@@ -311,13 +311,10 @@ def create_exploration(name, source, model_stream, digest, inputs, class_names, 
     exploration = Exploration(user_id=current_user.id, name=name[:MAX_NAME_LENGTH], source=source,
                               model_sha256=digest, notices=json.dumps(list(notices)),
                               class_names=None if class_names is None else json.dumps(class_names))
-    folder = None
-    try:
+    with folder_with_row() as fresh:
         db.session.add(exploration)
         db.session.flush()  # the id names the folder
-        folder = exploration_dir(current_app, exploration)
-        shutil.rmtree(folder, ignore_errors=True)  # a leftover of a database that was reset
-        os.makedirs(folder)
+        folder = fresh(exploration_dir(current_app, exploration))
         with open(os.path.join(folder, storage.EXPLORE_MODEL_FILE), "wb") as f:
             shutil.copyfileobj(model_stream, f, storage.MIB)
         kind, data = inputs
@@ -333,12 +330,6 @@ def create_exploration(name, source, model_stream, digest, inputs, class_names, 
             _write_new(os.path.join(folder, storage.EXPLORE_CLASS_NAMES_FILE),
                        json.dumps(class_names).encode("utf-8"))
         os.makedirs(os.path.join(folder, storage.EXPLORE_REQUESTS_DIR))
-        db.session.commit()
-    except BaseException:
-        db.session.rollback()
-        if folder:
-            shutil.rmtree(folder, ignore_errors=True)
-        raise
     return exploration
 
 

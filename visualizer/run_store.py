@@ -5,10 +5,38 @@ The blueprints and the app factory import these; they import no blueprint. Code 
 needs a run's folder gets it from ``run_folder(app, run)``, a function of the run row
 alone, whatever made the run.
 """
+import contextlib
 import os
+import shutil
 
 from custom_keras import registry, storage
 from visualizer.models import ACTIVE_STATES, ENDED_STATES, Run, db, utc_from_timestamp
+
+
+@contextlib.contextmanager
+def folder_with_row():
+    """All or nothing for a new row and the folder it owns: the block adds the row and calls
+    the yielded ``fresh(folder)``, which makes the folder anew (the database is the truth: a
+    folder without its row is a leftover) and returns it. At the end the session is
+    committed; when anything in the block fails, it is rolled back, the folder made is
+    removed, and the error goes on.
+    """
+    made = []
+
+    def fresh(folder):
+        shutil.rmtree(folder, ignore_errors=True)
+        os.makedirs(folder)
+        made.append(folder)
+        return folder
+
+    try:
+        yield fresh
+        db.session.commit()
+    except BaseException:
+        db.session.rollback()
+        for folder in made:
+            shutil.rmtree(folder, ignore_errors=True)
+        raise
 
 
 def script_dir(app, script):

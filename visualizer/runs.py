@@ -17,8 +17,8 @@ from custom_bokeh.auth import embed_script
 from custom_keras import registry, storage
 from visualizer import quotas
 from visualizer.models import Run, db
-from visualizer.run_store import (alert_count, free_a_slot_for_training, run_folder,
-                                  run_rel_dir, run_script_path, script_path)
+from visualizer.run_store import (alert_count, folder_with_row, free_a_slot_for_training,
+                                  run_folder, run_rel_dir, run_script_path, script_path)
 from visualizer.scripts import (chosen_run, mark_seen, owned_run, owned_script, send_run_file,
                                 storage_error_text)
 
@@ -120,16 +120,12 @@ def create_run(script, source, images):
     numbers = [r.number for r in script.runs if r.number is not None]
     run = Run(script=script, state=storage.RUN_QUEUED, number=max(numbers, default=0) + 1,
               script_sha256=hashlib.sha256(source).hexdigest(), images=[n for n, _ in images])
-    db.session.add(run)
-    folder, created = None, False
-    try:
+    with folder_with_row() as fresh:
+        db.session.add(run)
         db.session.flush()  # the run's id names its folder
         folder = run_folder(current_app, run)
         check_no_links(current_app.config["STORAGE_DIR"], os.path.dirname(folder), script)
-        # The database is the truth: a folder without its run row is left over.
-        shutil.rmtree(folder, ignore_errors=True)
-        os.makedirs(folder)
-        created = True
+        fresh(folder)
         with open(os.path.join(folder, script.filename), "wb") as f:
             f.write(source)
         # Written in order, so the last one is the newest (see storage.list_images).
@@ -139,12 +135,6 @@ def create_run(script, source, images):
             with open(path, "wb") as f:
                 f.write(data)
             os.utime(path, ns=(index, index))
-        db.session.commit()
-    except BaseException:
-        db.session.rollback()
-        if created:
-            shutil.rmtree(folder, ignore_errors=True)
-        raise
     return run, folder
 
 

@@ -15,8 +15,8 @@ from werkzeug.utils import secure_filename
 from custom_keras import storage
 from visualizer import quotas
 from visualizer.models import ENDED_STATES, FAILED, Run, Script, Tag, db, script_tags, utcnow
-from visualizer.run_store import (alert_count, final_metrics, run_folder, script_dir,
-                                  script_path)
+from visualizer.run_store import (alert_count, final_metrics, folder_with_row, run_folder,
+                                  script_dir, script_path)
 
 bp = Blueprint("scripts", __name__)
 
@@ -214,22 +214,11 @@ def save_script(script, source):
         OSError: the storage folder could not be written (full disk, read-only,
             a file where a folder should be); nothing is left behind.
     """
-    folder = script_dir(current_app, script)
-    # The database is the truth: a folder without a script row is left over and unreachable.
-    shutil.rmtree(folder, ignore_errors=True)
-    created = False
-    try:
-        os.makedirs(folder)
-        created = True
+    with folder_with_row() as fresh:
+        fresh(script_dir(current_app, script))
         with open(script_path(current_app, script), "w", encoding="utf-8", newline="") as f:
             f.write(source)
         db.session.add(script)
-        db.session.commit()
-    except BaseException:
-        db.session.rollback()
-        if created:
-            shutil.rmtree(folder, ignore_errors=True)
-        raise
 
 
 def storage_error_text(error):
